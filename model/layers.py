@@ -1,0 +1,80 @@
+"""Dense building blocks: RMSNorm, rotary embedding, grouped-query attention over a paged KV cache.
+
+Legend for shape comments: T = packed new tokens of a step, B = sequences in the step,
+Q = longest new-token run of a sequence, L = longest key run (cached + new), H = query heads,
+Hkv = key/value heads, Dh = head dim, D = hidden size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .step import StepLayout
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and cast back before the scale, as the reference implementation does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for given positions; computed once per step and shared by all layers."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # Frequencies are always float32 (never a parameter, so casting the model cannot round them).
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+        freqs = positions[:, None].float() * inv_freq.to(positions.device)  # [T, Dh/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, Dh]
+        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]  # [T, 1, Dh]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q, kv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        self.split = (q, kv, kv)
+        # q, k and v projections fused into one matmul (loaded from the three HF tensors).
+        self.wqkv = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=False)
+        self.wo = nn.Linear(q, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, layout: StepLayout, rope: tuple[torch.Tensor, torch.Tensor],
+                kv_store: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.wqkv(x).split(self.split, dim=-1)
+        q = apply_rotary(q.view(t, self.n_heads, self.head_dim), *rope)  # [T, H, Dh]
+        k = apply_rotary(k.view(t, self.n_kv, self.head_dim), *rope)  # [T, Hkv, Dh]
+        v = v.view(t, self.n_kv, self.head_dim)
+        if kv_store is None:  # no cache (training, full recompute): keys are this step's tokens
+            k_src, v_src = k, v
+        else:  # write this step's keys into their cache slots, read every key from the cache
+            k_src, v_src = kv_store
+            k_src.index_copy_(0, layout.write_slots, k)
+            v_src.index_copy_(0, layout.write_slots, v)
+        qb = q[layout.q_index].transpose(1, 2)  # [B, H, Q, Dh]
+        kb = k_src[layout.kv_index].transpose(1, 2)  # [B, Hkv, L, Dh]
+        vb = v_src[layout.kv_index].transpose(1, 2)
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=layout.mask, enable_gqa=self.n_kv != self.n_heads)
+        out = out.transpose(1, 2).reshape(-1, self.n_heads * self.head_dim)  # [B*Q, H*Dh]
+        return self.wo(out[layout.unpad_index])  # [T, D]

@@ -1,0 +1,94 @@
+"""Sparse MoE: router → dispatch → experts → combine, with the experts behind one seam.
+
+The MoE block calls `experts(x, weights, idx)` and nothing else. `LocalExperts` (all experts in
+this process) is the reference; remote implementations (actors/) must give the same numbers.
+Legend: T = tokens, D = hidden, F = expert intermediate size, E = experts, K = experts per token.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class Experts(Protocol):
+    """The seam: weighted sum over each token's routed experts."""
+
+    def __call__(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x [T, D], weights [T, K] (float32, rows sum to 1), idx [T, K] expert ids → [T, D]."""
+        ...
+
+
+def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """G(x) = Softmax(TopK(x·Wg)): softmax in float32, keep the top k, renormalise (as HF does)."""
+    probs = torch.softmax(F.linear(x, gate_weight).float(), dim=-1)  # [T, E]
+    weights, idx = torch.topk(probs, top_k, dim=-1)  # [T, K]
+    return weights / weights.sum(dim=-1, keepdim=True), idx
+
+
+def sort_by_expert(idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
+    """Order of the flattened (token, slot) pairs grouped by expert, and each expert's count."""
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    return order, counts
+
+
+def swiglu_grouped(xs: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """Rows of xs [N, D] grouped by expert (counts[e] rows for expert e) → SwiGLU outputs [N, D].
+
+    One matmul per expert over all of its rows: w13 [E, 2F, D] holds w1 (gate) and w3 (up)
+    stacked, w2 [E, D, F] projects down. The loop is over experts, never over tokens.
+    """
+    out = torch.empty_like(xs)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            rows = xs[start:start + n]
+            gate, up = F.linear(rows, w13[e]).chunk(2, dim=-1)
+            out[start:start + n] = F.linear(F.silu(gate) * up, w2[e])
+            start += n
+    return out
+
+
+def combine(out_rows: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, num_tokens: int,
+            top_k: int) -> torch.Tensor:
+    """Weighted scatter-add of expert outputs (rows in `order`) back onto their tokens."""
+    w = weights.reshape(-1)[order]  # float32: the product is rounded once, as in the reference
+    result = torch.zeros(num_tokens, out_rows.shape[-1], dtype=out_rows.dtype, device=out_rows.device)
+    return result.index_add_(0, order // top_k, (out_rows * w[:, None]).to(out_rows.dtype))
+
+
+class LocalExperts(nn.Module):
+    """All of a layer's experts in this process: the reference implementation of the seam."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        top_k = idx.shape[1]
+        order, counts = sort_by_expert(idx, self.num_experts)
+        out_rows = swiglu_grouped(x[order // top_k], counts, self.w13, self.w2)  # [T*K, D]
+        return combine(out_rows, order, weights, x.shape[0], top_k)
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, experts: Experts | None) -> None:
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
+        self.experts = experts  # set later when the experts live elsewhere
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, idx = route(x, self.gate.weight, self.top_k)
+        if self.experts is None:
+            raise RuntimeError("this model was built without experts; attach an Experts implementation")
+        return self.experts(x, weights, idx)

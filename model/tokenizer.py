@@ -1,0 +1,127 @@
+"""Sentencepiece tokenizer (Mixtral's `tokenizer.model` format) and streaming detokenization.
+
+`IncrementalDecoder` turns a growing list of token ids into text deltas without ever emitting a
+broken multi-byte character (byte-fallback pieces are held until they complete) and with the
+right leading spaces (each delta is decoded in the context of the tokens before it).
+`TextStream` adds stop strings on top: text that could still become a stop string is held back.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Iterable
+
+import sentencepiece as spm
+
+CONTEXT_TOKENS = 6  # prompt tokens decoded before the first output token, for its leading space
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+class Tokenizer:
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.model"
+        if not path.exists():
+            raise TokenizerError(f"{path.parent}: no tokenizer.model (a sentencepiece model is needed for text)")
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(path))
+        except Exception as e:  # sentencepiece raises OSError/RuntimeError on a corrupt file
+            raise TokenizerError(f"{path}: not a sentencepiece model ({e})") from None
+        self.path = path
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.vocab_size = self.sp.GetPieceSize()
+
+    def encode(self, text: str, *, bos: bool = True) -> list[int]:
+        ids = self.sp.EncodeAsIds(text)
+        return [self.bos_id, *ids] if bos and self.bos_id >= 0 else ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        # A model's embedding table may be padded past the tokenizer; such ids have no text.
+        return self.sp.DecodeIds([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
+
+    def piece(self, token_id: int) -> str:
+        return self.sp.IdToPiece(int(token_id))
+
+
+class IncrementalDecoder:
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int]) -> None:
+        self.tok = tokenizer
+        self.ids = [i for i in prompt_ids[-CONTEXT_TOKENS:] if i != tokenizer.bos_id]
+        self.prefix = 0  # ids[prefix:read] is the context already turned into text
+        self.read = len(self.ids)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        if self.read == len(self.ids):
+            return ""
+        before = self.tok.decode(self.ids[self.prefix:self.read])
+        after = self.tok.decode(self.ids[self.prefix:])
+        if len(after) <= len(before) and not final:
+            return ""
+        if after.endswith("\ufffd") and not final:  # an incomplete UTF-8 sequence: wait for its bytes
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before):]
+
+
+class TextStream:
+    """Detokenize one sequence's output, cutting it at the first stop string (which is not shown)."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: Iterable[str] = ()) -> None:
+        self.decoder = IncrementalDecoder(tokenizer, prompt_ids)
+        self.stop = [s for s in stop if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.text = ""  # all text decoded so far (before stop-string truncation)
+        self.sent = 0  # characters of self.text already returned
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        """Text newly safe to show; sets `stopped` once a stop string appears."""
+        if self.stopped:
+            return ""
+        self.text += self.decoder.push(token_id)
+        return self._emit(final=False)
+
+    def finish(self) -> str:
+        """The rest of the text, at the end of the sequence."""
+        if self.stopped:
+            return ""
+        self.text += self.decoder.flush()
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        start = max(0, self.sent - self.hold)
+        cut = min((p for p in (self.text.find(s, start) for s in self.stop) if p >= 0), default=-1)
+        if cut >= 0:
+            self.stopped, self.text = True, self.text[:cut]
+            end = cut
+        else:
+            end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
+        delta, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return delta
+
+
+def train_tokenizer(lines: Iterable[str], out_path: str | Path, vocab_size: int) -> Tokenizer:
+    """Train a Mixtral-style sentencepiece model (BPE, byte fallback, <unk>=0 <s>=1 </s>=2)."""
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.Train(
+        sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        character_coverage=1.0, hard_vocab_limit=False, num_threads=2, minloglevel=2,
+        add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        max_sentence_length=16384,
+    )
+    Path(out_path).write_bytes(buf.getvalue())
+    return Tokenizer(out_path)
