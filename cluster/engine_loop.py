@@ -1,0 +1,155 @@
+"""The engine on its own thread, fed by asyncio callers: the scheduler side of the front replica.
+
+The Engine (model/engine.py) is single-threaded and steps synchronously (a step may wait on expert
+actors). EngineLoop owns it on a background thread; coroutines submit requests and receive
+per-token chunks through asyncio queues. A cancelled coroutine (client gone, deadline passed)
+aborts its sequence, which frees its KV cache at the next step. A failed step (e.g. experts
+unreachable) ends the sequences that were in it with that error; the loop itself keeps going.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import queue
+import threading
+from typing import AsyncIterator
+
+from model.completion import CompletionTracker
+from model.engine import Engine
+from model.sampling import SamplingParams
+from model.tokenizer import Tokenizer
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class Chunk:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]]
+    finish_reason: str | None
+    completion_tokens: int
+
+
+class _Request:
+    def __init__(self, loop: asyncio.AbstractEventLoop, prompt_ids: list[int], params: SamplingParams,
+                 tracker: CompletionTracker) -> None:
+        self.loop, self.prompt_ids, self.params, self.tracker = loop, prompt_ids, params, tracker
+        self.out: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
+
+    def send(self, item: Chunk | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, tokenizer: Tokenizer | None, *, max_queue: int = 256) -> None:
+        self.engine, self.tokenizer, self.max_queue = engine, tokenizer, max_queue
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._requests: dict[int, _Request] = {}  # touched only by the loop thread
+        self._ids = itertools.count()
+        self._stopped = False
+        self.num_waiting = 0  # queued for admission (approximate outside the loop thread)
+        self.num_running = 0
+        self._thread = threading.Thread(target=self._run, name="raymoe-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       stop: list[str]) -> AsyncIterator[Chunk]:
+        """Yield one chunk per new token; the last carries finish_reason. Raises ValueError for a bad
+        request, QueueFull when too many are waiting, or the error that ended the sequence."""
+        self.engine.check(prompt_ids, params)
+        if self.num_waiting + self._inbox.qsize() >= self.max_queue:
+            raise QueueFull(f"server busy: {self.max_queue} requests already waiting; retry later")
+        seq_id = next(self._ids)
+        req = _Request(asyncio.get_running_loop(), prompt_ids, params,
+                       CompletionTracker(prompt_ids, self.tokenizer, stop))
+        self._post(("add", seq_id, req))
+        finished = False
+        try:
+            while True:
+                item = await req.out.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:  # cancelled, deadline passed, or the consumer stopped reading
+                self._post(("abort", seq_id, None))
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopped
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _post(self, msg: tuple) -> None:
+        self._inbox.put(msg)
+        self._wake.set()
+
+    # --- the loop thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopped:
+            self._drain_inbox()
+            if not self.engine.has_work():
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as e:  # noqa: BLE001 — the step's sequences fail; the server lives on
+                self._fail_running(e)
+                continue
+            for ev in events:
+                req = self._requests.get(ev.seq_id)
+                if req is None:
+                    continue
+                text, done = req.tracker.on_token(ev)
+                c = req.tracker.completion
+                if done and ev.finish_reason is None:  # a stop string ended it
+                    self.engine.abort(ev.seq_id, "stop")
+                if done:
+                    self._requests.pop(ev.seq_id)
+                req.send(Chunk(text, [ev.token_id], [ev.logprob], [ev.top], c.finish_reason if done else None,
+                               len(c.token_ids)))
+            self._update_counts()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, seq_id, req = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                try:
+                    self.engine.add(seq_id, req.prompt_ids, req.params)
+                    self._requests[seq_id] = req
+                except ValueError as e:
+                    req.send(e)
+            elif seq_id in self._requests:  # abort
+                self._requests.pop(seq_id)
+                self.engine.abort(seq_id, "cancelled")
+        self._update_counts()
+
+    def _fail_running(self, error: Exception) -> None:
+        for seq_id in list(self.engine.running):
+            self.engine.abort(seq_id, "error")
+            req = self._requests.pop(seq_id, None)
+            if req is not None:
+                req.send(error)
+        self._update_counts()
+
+    def _update_counts(self) -> None:
+        self.num_waiting, self.num_running = len(self.engine.waiting), len(self.engine.running)

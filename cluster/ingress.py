@@ -1,0 +1,104 @@
+"""The front deployment: gRPC methods (named as the RPCs) over the engine loop.
+
+Each method is thin: proto → domain (cluster/protocol.py), call, domain → proto. Errors become a
+gRPC status with a message the client can act on; no traceback text ever reaches the client, and
+a bad request never harms the replica or other requests.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import AsyncIterator
+
+import grpc
+
+from protos import generator_pb2 as pb
+
+from . import protocol
+from .engine_loop import EngineLoop, QueueFull
+from .settings import ServeSettings
+
+log = logging.getLogger("ray.serve")
+
+
+class StreamFailed(Exception):
+    """Ends a stream whose status code has been set on the gRPC context."""
+
+
+def _status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(error, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    if isinstance(error, QueueFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+    if type(error).__name__ == "ExpertsUnavailable":
+        return grpc.StatusCode.UNAVAILABLE, str(error)
+    log.exception("request failed", exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the replica's log"
+
+
+class Generator:
+    def __init__(self, settings: dict) -> None:
+        from .replica import build_engine_loop
+
+        self.settings = ServeSettings.from_dict(settings)
+        self.loop, self.info = build_engine_loop(self.settings)
+        self.tokenizer = self.loop.tokenizer
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
+        chunks = []
+        try:
+            prompt_ids, params, stop = protocol.parse_request(request, self.tokenizer)
+            async for chunk in self.loop.generate(prompt_ids, params, stop):
+                chunks.append(chunk)
+        except Exception as e:  # noqa: BLE001 — every failure becomes a status
+            return self._fail(grpc_context, e, pb.GenerateResponse())
+        return protocol.chunk_response(protocol.merge_chunks(chunks), prompt_ids, params.logprobs > 0)
+
+    async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            prompt_ids, params, stop = protocol.parse_request(request, self.tokenizer)
+            first = True
+            async for chunk in self.loop.generate(prompt_ids, params, stop):
+                yield protocol.chunk_response(chunk, prompt_ids if first else None, params.logprobs > 0)
+                first = False
+        except Exception as e:  # noqa: BLE001
+            self._fail(grpc_context, e, None)
+            # A stream carries its status only when it ends in an exception; the code and details set
+            # above are what the client sees (Serve keeps a status set before the raise).
+            raise StreamFailed(str(grpc_context.details() if grpc_context else e)) from None
+
+    async def Tokenize(self, request: pb.TokenizeRequest, grpc_context=None) -> pb.TokenizeResponse:
+        if self.tokenizer is None:
+            return self._fail(grpc_context, ValueError("this model has no tokenizer"), pb.TokenizeResponse())
+        ids = self.tokenizer.encode(request.text, bos=request.add_bos)
+        return pb.TokenizeResponse(token_ids=ids, pieces=[self.tokenizer.piece(i) for i in ids])
+
+    async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context=None) -> pb.ModelInfoResponse:
+        engine = self.loop.engine
+        return pb.ModelInfoResponse(
+            model=self.info["checkpoint"], config=protocol.config_message(engine.cfg, self.settings.dtype),
+            expert_actors=[pb.ExpertActorInfo(**a) for a in self.info["actors"]()],
+            max_batch_tokens=engine.max_batch_tokens, max_running=engine.max_running,
+            kv_cache_tokens=engine.cache.num_blocks * engine.cache.block_size,
+            load=pb.Load(running=self.loop.num_running, waiting=self.loop.num_waiting,
+                         kv_cache_used_tokens=engine.cache.used_blocks * engine.cache.block_size))
+
+    async def Check(self, request, grpc_context=None):
+        from grpc_health.v1 import health_pb2
+
+        serving = self.loop.alive
+        return health_pb2.HealthCheckResponse(
+            status=health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def __del__(self) -> None:
+        loop = getattr(self, "loop", None)
+        if loop is not None:
+            loop.stop()
+
+    @staticmethod
+    def _fail(grpc_context, error: BaseException, response):
+        code, message = _status_for(error)
+        if grpc_context is not None:
+            grpc_context.set_code(code)
+            grpc_context.set_details(message)
+        return response

@@ -1,0 +1,113 @@
+"""`raymoe serve` (start or join a Ray cluster, deploy, run until Ctrl-C) and `raymoe generate` (client)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+
+from .settings import APP_NAME, SERVICER_FUNCTIONS, ServeSettings
+
+
+def init_ray(address: str | None, logical_cpus: float = 0) -> None:
+    """Join `address`, or start a local Ray with enough logical CPUs for what we will place."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local cluster on loopback; see README to enable
+    import ray
+
+    if address:
+        ray.init(address=address, namespace="raymoe", log_to_driver=False)
+    else:
+        cpus = max(os.cpu_count() or 1, int(logical_cpus + 0.999) + 1)
+        ray.init(num_cpus=cpus, namespace="raymoe", include_dashboard=False, log_to_driver=False)
+
+
+def deploy(settings: ServeSettings, http_port: int = 8000) -> None:
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from .app import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port},
+                grpc_options=gRPCOptions(port=settings.grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS,
+                                         request_timeout_s=settings.request_timeout_s))
+    serve.run(build_app(settings.to_dict()), name=APP_NAME, route_prefix="/")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = ServeSettings(checkpoint=args.checkpoint, dtype=args.dtype, expert_actors=args.expert_actors,
+                             replicas=args.replicas, grpc_port=args.grpc_port, max_running=args.max_running,
+                             kv_cache_tokens=args.kv_cache_tokens, max_queue=args.max_queue)
+    import ray
+    from ray import serve
+
+    needed = settings.replicas * settings.replica_num_cpus + settings.expert_actors * settings.expert_num_cpus
+    init_ray(args.address, needed)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        deploy(settings, args.http_port)
+        target = f"127.0.0.1:{settings.grpc_port}"
+        print(f"raymoe: serving {settings.checkpoint or 'the default model'} on {target} (gRPC); Ctrl-C stops\n"
+              f"  try: raymoe generate --target {target} --prompt '123+456=' --stream", flush=True)
+        stop.wait()
+    finally:
+        print("raymoe: shutting down", file=sys.stderr, flush=True)
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from protos import generator_pb2 as pb
+
+    from .client import Client, completion_json
+
+    request = pb.GenerateRequest(max_tokens=args.max_tokens, top_k=args.top_k, logprobs=args.logprobs,
+                                 stop=args.stop, ignore_eos=args.ignore_eos, temperature=args.temperature,
+                                 top_p=args.top_p)
+    if args.seed is not None:
+        request.seed = args.seed
+    if args.prompt_ids is not None:
+        from .commands import UserError
+
+        try:
+            request.prompt_token_ids.extend(int(t) for t in args.prompt_ids.replace(" ", "").split(",") if t)
+        except ValueError:
+            raise UserError(f"--prompt-ids must be comma-separated integers (got {args.prompt_ids!r})") from None
+    else:
+        request.prompt = args.prompt
+    with Client(args.target) as client:
+        try:
+            if args.wait_ready:
+                client.wait_ready(args.wait_ready)
+            if args.stream:
+                chunks = []
+                for chunk in client.stream(request, timeout=args.timeout):
+                    chunks.append(chunk)
+                    if not args.json:
+                        print(chunk.text, end="", flush=True)
+                responses = chunks
+            else:
+                responses = [client.generate(request, timeout=args.timeout)]
+        except grpc.RpcError as e:
+            print(f"\nraymoe: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+        except TimeoutError as e:
+            print(f"raymoe: {e}", file=sys.stderr)
+            return 1
+    result = completion_json(responses)
+    if args.json:
+        print(json.dumps(result))
+    elif args.stream:
+        print()
+    else:
+        print(result["text"])
+    return 0

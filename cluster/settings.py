@@ -1,0 +1,84 @@
+"""Serving settings: one dataclass, parsed once at the entry point (CLI flags or Serve config args).
+
+The same object builds the Serve application (cluster/app.py) whether it comes from
+`raymoe serve` or from the `serveConfigV2` of a Kubernetes RayService, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+APP_NAME = "raymoe"
+DEPLOYMENT_NAME = "Generator"
+SERVICER_FUNCTIONS = [
+    "protos.generator_pb2_grpc.add_GeneratorServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSettings:
+    checkpoint: str | None = None  # None → the default (demo) model
+    dtype: str = "float32"
+    expert_actors: int = 0  # 0 → experts inside each front replica
+    expert_replicas: int = 1  # copies of each expert across the actors
+    expert_num_cpus: float = 0.5  # CPU share of each expert actor when there are no GPUs
+    expert_timeout_s: float = 30.0  # bound on every wait for an expert actor
+    replicas: int = 1  # front replicas (ignored when autoscaling is on)
+    autoscale_max_replicas: int = 0  # > replicas turns on Serve autoscaling between the two
+    target_ongoing_requests: int = 16
+    max_batch_tokens: int = 2048
+    max_running: int = 64  # sequences decoded together
+    kv_cache_tokens: int = 32768  # KV cache size per front replica, in tokens
+    max_queue: int = 256  # requests waiting for admission before RESOURCE_EXHAUSTED
+    replica_num_cpus: float = 1.0
+    grpc_port: int = 9000
+    request_timeout_s: float = 600.0  # covers a whole stream
+
+    def __post_init__(self) -> None:
+        for name in ("expert_actors", "max_batch_tokens", "max_running", "kv_cache_tokens", "max_queue"):
+            if getattr(self, name) < (0 if name == "expert_actors" else 1):
+                raise ValueError(f"{name} must be positive (got {getattr(self, name)})")
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be at least 1 (got {self.replicas})")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16 (got {self.dtype!r})")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "ServeSettings":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown setting(s): {', '.join(unknown)}")
+        return cls(**raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Options of the front deployment (`Deployment.options`, and `deployments:` in a Serve config)."""
+        opts: dict[str, Any] = {
+            "ray_actor_options": {"num_cpus": self.replica_num_cpus},
+            "max_ongoing_requests": self.max_running + self.max_queue,
+        }
+        if self.autoscale_max_replicas > self.replicas:
+            opts["autoscaling_config"] = {"min_replicas": self.replicas, "max_replicas": self.autoscale_max_replicas,
+                                          "target_ongoing_requests": self.target_ongoing_requests}
+        else:
+            opts["num_replicas"] = self.replicas
+        return opts
+
+    def serve_config(self) -> dict[str, Any]:
+        """A Serve config (the `serveConfigV2` of a RayService) deploying exactly this."""
+        return {
+            "grpc_options": {"port": self.grpc_port, "grpc_servicer_functions": SERVICER_FUNCTIONS,
+                             "request_timeout_s": self.request_timeout_s},
+            "applications": [{
+                "name": APP_NAME,
+                "route_prefix": "/",
+                "import_path": "cluster.app:build_app",
+                "args": self.to_dict(),
+                "deployments": [{"name": DEPLOYMENT_NAME, **self.deployment_options()}],
+            }],
+        }
