@@ -82,5 +82,6 @@ def _draw(logits: torch.Tensor, params: list[SamplingParams], generators: list[t
     probs = probs.masked_fill(before >= top_p, 0.0)  # keeps the smallest set reaching top_p (≥ 1 token)
     cdf = torch.cumsum(probs, dim=-1)
     u = torch.cat([torch.rand(1, generator=g) for g in generators])[:, None] * cdf[:, -1:]
-    pick = torch.searchsorted(cdf, u, right=True).clamp(max=logits.shape[-1] - 1)
+    last_kept = (probs > 0).sum(dim=-1, keepdim=True) - 1  # kept tokens are a prefix of the sorted order
+    pick = torch.minimum(torch.searchsorted(cdf, u, right=True), last_kept)  # u may round up to the total
     return sorted_ids.gather(1, pick)[:, 0]

@@ -36,10 +36,12 @@ class Checkpoint:
         index = self.dir / "model.safetensors.index.json"
         single = self.dir / "model.safetensors"
         if index.exists():
-            self._files = {name: f for name, f in json.loads(index.read_text())["weight_map"].items()}
-        elif single.exists():
-            with safe_open(str(single), framework="pt") as f:
-                self._files = {name: single.name for name in f.keys()}
+            try:
+                self._files = dict(json.loads(index.read_text())["weight_map"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index (needs a weight_map; {e!r})") from None
+        elif single.exists():  # opened through _handle, so a corrupt file is a CheckpointError
+            self._files = {name: single.name for name in self._handle(single.name).keys()}
         else:
             pickles = sorted(p.name for p in self.dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
             hint = f" (found {', '.join(pickles)}: pickle files are never loaded; convert them to safetensors)" \
@@ -52,7 +54,10 @@ class Checkpoint:
     def tensor(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         if name not in self._files:
             raise CheckpointError(f"{self.dir}: missing tensor {name}")
-        t = self._handle(self._files[name]).get_tensor(name)
+        try:
+            t = self._handle(self._files[name]).get_tensor(name)
+        except Exception as e:  # listed in the index but absent from (or unreadable in) its shard
+            raise CheckpointError(f"{self.dir}: cannot read tensor {name} from {self._files[name]} ({e})") from None
         self.reads.append(name)
         if tuple(t.shape) != tuple(shape):
             raise CheckpointError(f"{self.dir}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")

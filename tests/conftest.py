@@ -1,0 +1,82 @@
+"""Shared fixtures: small checkpoints and models, and a cache-free reference decoder.
+
+Everything here is tiny (hidden 64, 2 layers) so the whole suite runs in well under a minute on
+two CPU cores. Session-scoped fixtures are read-only: tests that modify a checkpoint copy it first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from model.presets import PRESETS, init_checkpoint, random_model
+from model.step import build_layout
+from model.tokenizer import Tokenizer
+from model.transformer import Mixtral
+from model.weights import load_model
+
+torch.set_num_threads(1)  # tiny shapes gain nothing from threads; spinning ones slow a shared machine
+
+# Weights with std 0.15 give varied greedy continuations (std 0.02 quickly falls into loops).
+ACTIVE_STD = 0.15
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The `tiny` preset checkpoint exactly as `raymoe init-model` writes it (with tokenizer.model)."""
+    return init_checkpoint("tiny", tmp_path_factory.mktemp("tiny") / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    return load_model(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_dir):
+    return Tokenizer(tiny_dir)
+
+
+def make_model(seed: int = 1, **overrides) -> Mixtral:
+    """An in-memory tiny-shaped model with livelier weights; overrides replace config fields."""
+    cfg = dataclasses.replace(PRESETS["tiny"], **overrides)
+    return random_model(cfg, seed, std=ACTIVE_STD)
+
+
+@pytest.fixture(scope="session")
+def model():
+    return make_model()
+
+
+@pytest.fixture(scope="session")
+def sliding_model():
+    return make_model(seed=2, sliding_window=8)
+
+
+def full_logits(model: Mixtral, ids: list[int]) -> torch.Tensor:
+    """Logits [T, V] of every position, recomputed from scratch with no KV cache."""
+    layout = build_layout([len(ids)], [0], sliding_window=model.cfg.sliding_window)
+    with torch.inference_mode():
+        return model.logits(model(torch.tensor(ids, dtype=torch.long), layout))
+
+
+def greedy_reference(model: Mixtral, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
+    """n greedy tokens, recomputing the whole sequence at every step; also each step's last logits."""
+    ids, logits = list(prompt), []
+    for _ in range(n):
+        last = full_logits(model, ids)[-1]
+        logits.append(last)
+        ids.append(int(torch.argmax(last)))
+    return ids[len(prompt):], logits
+
+
+@pytest.fixture(scope="session")
+def ref():
+    """The reference helpers, as a fixture so tests need not import conftest."""
+    class Ref:
+        full_logits = staticmethod(full_logits)
+        greedy = staticmethod(greedy_reference)
+        make_model = staticmethod(make_model)
+    return Ref

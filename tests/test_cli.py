@@ -1,0 +1,143 @@
+"""The `raymoe` command line, in-process through `cluster.cli.main` and once as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster.cli import main
+from model.engine import Engine
+from model.sampling import SamplingParams
+from model.weights import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {"prompt_ids", "token_ids", "logprobs", "text", "finish_reason"}
+
+
+def run_json(capsys, *args) -> dict:
+    assert main(["run", *args, "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1  # exactly one JSON object, nothing else on stdout
+    return json.loads(out[0])
+
+
+def engine_greedy(model, prompt, **kw):
+    [seq] = Engine(model, kv_cache_tokens=64).generate([prompt], SamplingParams(**kw))
+    return seq
+
+
+def assert_user_error(capsys, argv, *fragments):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("raymoe: ") and "\n" not in err, err
+    assert "Traceback" not in captured.err + captured.out
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_run_prompt_ids_json(capsys, tiny_dir, tiny_model, ref):
+    result = run_json(capsys, "--checkpoint", str(tiny_dir), "--prompt-ids", "1,2,3", "--max-tokens", "8")
+    assert KEYS <= result.keys()
+    assert result["prompt_ids"] == [1, 2, 3]
+    seq = engine_greedy(tiny_model, [1, 2, 3], max_tokens=8)
+    assert result["token_ids"] == seq.output_ids and result["finish_reason"] == seq.finish_reason
+    tokens, logits = ref.greedy(tiny_model, [1, 2, 3], 8)  # independent of the engine's cache
+    assert result["token_ids"] == tokens[:len(result["token_ids"])]
+    expected = [float(torch.log_softmax(lg, -1)[t]) for lg, t in zip(logits, result["token_ids"])]
+    assert result["logprobs"] == pytest.approx(expected, abs=1e-4)
+    assert isinstance(result["text"], str)
+
+
+def test_run_prompt_text_and_options(capsys, tiny_dir, tiny_model, tokenizer):
+    text = "The cluster sends two numbers"
+    result = run_json(capsys, "--checkpoint", str(tiny_dir), "--prompt", text, "--max-tokens", "6", "--ignore-eos",
+                      "--logprobs", "2")
+    prompt = tokenizer.encode(text)
+    assert result["prompt_ids"] == prompt
+    seq = engine_greedy(tiny_model, prompt, max_tokens=6, ignore_eos=True)
+    assert result["token_ids"] == seq.output_ids and result["finish_reason"] == "length"
+    assert result["text"] == tokenizer.decode(prompt + seq.output_ids)[len(tokenizer.decode(prompt)):]
+    assert [row[0]["token_id"] for row in result["top_logprobs"]] == seq.output_ids
+    assert all(len(row) == 2 for row in result["top_logprobs"])
+
+
+def test_run_seeded_sampling_reproducible(capsys, tiny_dir):
+    args = ["--checkpoint", str(tiny_dir), "--prompt-ids", "1,5,9", "--max-tokens", "6", "--temperature", "1.0",
+            "--top-k", "50", "--seed", "3", "--ignore-eos"]
+    assert run_json(capsys, *args)["token_ids"] == run_json(capsys, *args)["token_ids"]
+
+
+def test_run_streams_text(capsys, tiny_dir):
+    assert main(["run", "--checkpoint", str(tiny_dir), "--prompt", "hello", "--max-tokens", "4"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+
+
+def test_run_without_checkpoint_uses_default(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("model.default.PACKAGED", tmp_path / "no-demo")
+    monkeypatch.setenv("RAYMOE_CACHE", str(tmp_path / "cache"))
+    result = run_json(capsys, "--prompt-ids", "1,2", "--max-tokens", "2", "--ignore-eos")
+    assert len(result["token_ids"]) == 2
+    assert (tmp_path / "cache" / "default-tiny" / "config.json").exists()
+
+
+@pytest.mark.parametrize("extra", [[], ["--old-config"], ["--shard-mb", "0.5"]], ids=["plain", "old-config", "sharded"])
+def test_init_model(capsys, tmp_path, extra, tiny_model):
+    out = tmp_path / "m"
+    assert main(["init-model", "--preset", "tiny", "--out", str(out), *extra]) == 0
+    assert str(out) in capsys.readouterr().out
+    raw = json.loads((out / "config.json").read_text())
+    assert ("rope_parameters" in raw) == ("--old-config" not in extra)
+    assert ("rope_theta" in raw) == ("--old-config" in extra)
+    if "--shard-mb" in extra:
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) > 1
+    assert (out / "tokenizer.model").exists()
+    model = load_model(out)
+    for (name, a), (_, b) in zip(model.state_dict().items(), tiny_model.state_dict().items()):
+        assert torch.equal(a, b), name  # same preset and seed as the conftest checkpoint
+
+
+def test_bad_input_nonexistent_checkpoint(capsys, tmp_path):
+    assert_user_error(capsys, ["run", "--checkpoint", str(tmp_path / "nope"), "--prompt-ids", "1,2"], "not found")
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--prompt-ids", "1,x,3"], ["--prompt-ids", "integers"]),
+    (["--prompt-ids", "1,2", "--temperature", "-1"], ["temperature"]),
+    (["--prompt-ids", "1,2", "--top-p", "2"], ["top_p"]),
+    (["--prompt-ids", "1,99999"], ["99999", "vocabulary"]),
+    (["--prompt-ids", ","], ["empty"]),
+    (["--prompt", ""], ["empty"]),
+    (["--prompt-ids", "1,2", "--max-tokens", "5000"], ["context"]),
+])
+def test_bad_input_exits_2(capsys, tiny_dir, args, fragments):
+    assert_user_error(capsys, ["run", "--checkpoint", str(tiny_dir), *args], *fragments)
+
+
+def test_prompt_text_needs_tokenizer(capsys, tmp_path, tiny_dir):
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((tiny_dir / name).read_bytes())
+    assert_user_error(capsys, ["run", "--checkpoint", str(tmp_path), "--prompt", "hi"], "tokenizer.model")
+    result = run_json(capsys, "--checkpoint", str(tmp_path), "--prompt-ids", "1,2", "--max-tokens", "2")
+    assert result["text"] == ""  # ids work without a tokenizer; there is no text
+
+
+def test_subprocess(tiny_dir, capsys):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    ok = cli("run", "--checkpoint", str(tiny_dir), "--prompt-ids", "1,2,3", "--max-tokens", "8", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout) == run_json(capsys, "--checkpoint", str(tiny_dir), "--prompt-ids", "1,2,3",
+                                             "--max-tokens", "8")
+    bad = cli("run", "--checkpoint", str(tiny_dir), "--prompt-ids", "1,2", "--temperature", "-1")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.startswith("raymoe: ") and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr

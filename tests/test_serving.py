@@ -1,0 +1,195 @@
+"""The gRPC server end to end: real Ray, real Serve, real gRPC on loopback, against the in-process engine."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import socket
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cluster.client import Client, completion_json
+from cluster.settings import ServeSettings
+from model.completion import complete
+from model.engine import Engine
+from model.sampling import SamplingParams
+from model.tokenizer import Tokenizer
+from model.weights import load_model
+from protos import generator_pb2 as pb
+
+MAX_RUNNING, MAX_QUEUE = 16, 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir):
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray
+    from ray import serve
+
+    from cluster.serve_cmd import deploy
+
+    ray.init(num_cpus=4, include_dashboard=False, namespace="raymoe-test-serving", log_to_driver=False)
+    settings = ServeSettings(checkpoint=str(tiny_dir), grpc_port=free_port(), max_running=MAX_RUNNING,
+                             max_queue=MAX_QUEUE, kv_cache_tokens=8192)
+    try:
+        deploy(settings, http_port=free_port())
+        client = Client(f"127.0.0.1:{settings.grpc_port}")
+        client.wait_ready(60)
+        yield client
+        client.close()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir):
+    """Runs one request alone through the in-process engine: the expected answer."""
+    model, tok = load_model(tiny_dir), Tokenizer(tiny_dir)
+
+    def run(prompt_ids, params, stop=()):
+        engine = Engine(model, kv_cache_tokens=4096)
+        return complete(engine, tok, [prompt_ids], [params], [list(stop)])[0]
+    return run
+
+
+def request(**kw) -> pb.GenerateRequest:
+    return pb.GenerateRequest(**kw)
+
+
+def load(client: Client) -> pb.Load:
+    return client.stub.ModelInfo(pb.ModelInfoRequest()).load
+
+
+def wait_idle(client: Client, timeout: float = 10) -> pb.Load:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = load(client)
+        if (info.running == 0 and info.kv_cache_used_tokens == 0) or time.monotonic() > deadline:
+            return info
+        time.sleep(0.1)
+
+
+def test_unary_and_stream_equal_in_process(server, reference, tokenizer):
+    prompt = "The cluster sends"
+    ref = reference(tokenizer.encode(prompt), SamplingParams(max_tokens=12, ignore_eos=True, logprobs=2))
+    unary = server.generate(request(prompt=prompt, max_tokens=12, ignore_eos=True, logprobs=2))
+    chunks = list(server.stream(request(prompt=prompt, max_tokens=12, ignore_eos=True, logprobs=2)))
+    for got in (completion_json([unary]), completion_json(chunks)):
+        assert got["prompt_ids"] == ref.prompt_ids
+        assert got["token_ids"] == ref.token_ids
+        assert got["text"] == ref.text
+        assert got["finish_reason"] == "length"
+        assert got["logprobs"] == pytest.approx(ref.logprobs, abs=1e-5)
+        assert [[a["token_id"] for a in row] for row in got["top_logprobs"]] == \
+            [[t for t, _ in row] for row in ref.top_logprobs]
+    assert len(chunks) == 12 and chunks[-1].usage.completion_tokens == 12
+    assert unary.usage.prompt_tokens == len(ref.prompt_ids)
+
+
+def test_concurrent_streams_equal_each_alone(server, reference):
+    cases = []
+    for i in range(16):
+        params = dict(max_tokens=6 + i % 5, ignore_eos=True)
+        if i % 3:
+            params.update(temperature=0.5 + 0.1 * (i % 4), top_p=0.9, top_k=50, seed=100 + i)
+        cases.append(([1] + [(7 * i + 13 * j) % 500 + 3 for j in range(3 + i % 7)], params))
+
+    def run(case):
+        ids, params = case
+        return completion_json(list(server.stream(request(prompt_token_ids=ids, **params))))
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(run, cases))
+    for (ids, params), got in zip(cases, results):
+        sp = SamplingParams(**{k: v for k, v in params.items()})
+        ref = reference(ids, sp)
+        assert got["token_ids"] == ref.token_ids, (ids, params)
+        assert got["logprobs"] == pytest.approx(ref.logprobs, abs=1e-4)
+
+
+def test_stop_strings_and_stop_tokens(server, reference, tokenizer):
+    ref = reference(tokenizer.encode("Hello"), SamplingParams(max_tokens=10, ignore_eos=True))
+    assert len(ref.text) > 4
+    stop = ref.text[2:4]
+    got = server.generate(request(prompt="Hello", max_tokens=10, ignore_eos=True, stop=[stop]))
+    assert got.finish_reason == "stop" and got.text == ref.text[:ref.text.find(stop)]
+    got = server.generate(request(prompt="Hello", max_tokens=10, ignore_eos=True, stop_token_ids=[ref.token_ids[3]]))
+    assert got.finish_reason == "stop" and list(got.token_ids) == ref.token_ids[:ref.token_ids.index(ref.token_ids[3]) + 1]
+
+
+@pytest.mark.parametrize("kw, fragment", [
+    (dict(), "prompt is empty"),
+    (dict(prompt="hi", prompt_token_ids=[1, 2]), "exactly one"),
+    (dict(prompt_token_ids=[1, 99999]), "outside the vocabulary"),
+    (dict(prompt_token_ids=[1, -5]), "outside the vocabulary"),
+    (dict(prompt_token_ids=[1, 2], max_tokens=100000), "context"),
+    (dict(prompt="hi", temperature=-1.0), "temperature"),
+    (dict(prompt="hi", temperature=float("nan")), "temperature"),
+    (dict(prompt="hi", top_p=0.0), "top_p"),
+    (dict(prompt="hi", top_p=1.5), "top_p"),
+    (dict(prompt="hi", stop=["a"] * 9), "stop strings"),
+    (dict(prompt="hi", stop=["x" * 500]), "stop string"),
+    (dict(prompt="hi", logprobs=50), "logprobs"),
+])
+def test_invalid_arguments(server, kw, fragment):
+    for call in (server.generate, lambda r: list(server.stream(r))):
+        with pytest.raises(grpc.RpcError) as err:
+            call(request(**kw))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert fragment in err.value.details()
+        assert "Traceback" not in err.value.details()
+    assert server.generate(request(prompt="hi", max_tokens=2)).finish_reason in ("stop", "length")
+
+
+def test_cancelled_stream_frees_its_sequence(server):
+    stream = server.stream(request(prompt_token_ids=[1, 5, 9], max_tokens=1500, ignore_eos=True))
+    next(stream), next(stream)
+    assert load(server).running >= 1 and load(server).kv_cache_used_tokens > 0
+    stream.cancel()
+    info = wait_idle(server)
+    assert info.running == 0 and info.kv_cache_used_tokens == 0
+
+
+def test_deadline_exceeded_frees_its_sequence(server):
+    with pytest.raises(grpc.RpcError) as err:
+        list(server.stream(request(prompt_token_ids=[1, 5, 9], max_tokens=1500, ignore_eos=True), timeout=0.5))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    info = wait_idle(server)
+    assert info.running == 0 and info.kv_cache_used_tokens == 0
+
+
+def test_queue_overflow_is_resource_exhausted(server):
+    def run(_):
+        try:
+            server.generate(request(prompt_token_ids=[1, 2, 3], max_tokens=200, ignore_eos=True))
+            return "ok"
+        except grpc.RpcError as e:
+            return e.code()
+
+    with concurrent.futures.ThreadPoolExecutor(48) as pool:
+        codes = list(pool.map(run, range(48)))
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) > 0
+    assert codes.count("ok") >= MAX_RUNNING
+    assert set(codes) <= {"ok", grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert wait_idle(server).running == 0
+    assert server.generate(request(prompt="hi", max_tokens=3)).usage.completion_tokens >= 1
+
+
+def test_tokenize_model_info_and_health(server, tokenizer):
+    tok = server.stub.Tokenize(pb.TokenizeRequest(text="Hello world", add_bos=True))
+    assert list(tok.token_ids) == tokenizer.encode("Hello world") and len(tok.pieces) == len(tok.token_ids)
+    info = server.stub.ModelInfo(pb.ModelInfoRequest())
+    assert info.config.num_local_experts == 8 and info.config.num_hidden_layers == 2
+    assert info.max_running == MAX_RUNNING and info.kv_cache_tokens >= 8192
+    health = health_pb2_grpc.HealthStub(server.channel)
+    assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
