@@ -33,6 +33,35 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint", help="Hugging Face Mixtral directory (default: the demo model)")
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     _add_sampling(run)
+    remote = run.add_argument_group("remote experts (Ray actors)")
+    remote.add_argument("--expert-actors", type=int, default=None, metavar="N",
+                        help="run the experts on N Ray actors (a local Ray instance unless --address)")
+    remote.add_argument("--expert-replicas", type=int, default=1, metavar="R",
+                        help="copies of each expert, on different actors; their tokens are split")
+    remote.add_argument("--actor-cpus", type=float, default=None,
+                        help="CPUs per expert actor without GPUs (default: the free CPUs but one, shared)")
+    remote.add_argument("--expert-timeout", type=float, default=60.0,
+                        help="seconds to wait for an expert layer before failing (covers actor restarts)")
+    remote.add_argument("--address", help="join this Ray cluster (e.g. auto or HOST:6379) instead of starting one")
+
+    srv = sub.add_parser("serve", help="serve the model over gRPC on a local (or existing) Ray cluster")
+    srv.add_argument("--checkpoint", help="Hugging Face Mixtral directory (default: the demo model)")
+    srv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    srv.add_argument("--expert-actors", type=int, default=0, help="host the experts on N Ray actors")
+    srv.add_argument("--replicas", type=int, default=1, help="front replicas (attention, batching, sampling)")
+    srv.add_argument("--grpc-port", type=int, default=9000)
+    srv.add_argument("--http-port", type=int, default=8000, help="Serve's HTTP proxy port (unused by raymoe)")
+    srv.add_argument("--address", help="join this Ray cluster instead of starting one (e.g. auto)")
+    srv.add_argument("--max-running", type=int, default=64, help="sequences decoded together per replica")
+    srv.add_argument("--kv-cache-tokens", type=int, default=32768, help="KV cache size per replica")
+    srv.add_argument("--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED")
+
+    gen = sub.add_parser("generate", help="send a request to a running server (gRPC client)")
+    gen.add_argument("--target", default="127.0.0.1:9000", help="HOST:PORT of the server")
+    gen.add_argument("--stream", action="store_true", help="print text as it is generated")
+    gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    gen.add_argument("--wait-ready", type=float, default=0, help="first wait up to N s for the server")
+    _add_sampling(gen)
 
     init = sub.add_parser("init-model", help="write a random checkpoint of a named shape")
     init.add_argument("--preset", choices=["tiny", "small"], default="tiny")
@@ -40,6 +69,22 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--old-config", action="store_true", help="write rope_theta at the top level")
     init.add_argument("--shard-mb", type=float, default=None, help="split weights into shards of this size")
+
+    train = sub.add_parser("train-demo", help="train the demo model (a tiny Mixtral that adds numbers)")
+    train.add_argument("--out", required=True, help="checkpoint directory to write")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--steps", type=int, default=None, help="optimizer steps (default: as the shipped model)")
+    train.add_argument("--batch-size", type=int, default=None, help="problems per step")
+    train.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    train.add_argument("--log-every", type=int, default=None, help="print progress every N steps")
+    train.add_argument("--eval-n", type=int, default=500, help="held-out problems scored at the end (0: skip)")
+
+    ev = sub.add_parser("eval-demo", help="exact-match accuracy of the demo model on held-out additions")
+    ev.add_argument("--checkpoint", help="checkpoint directory (default: the demo model)")
+    ev.add_argument("--n", type=int, default=500, help="number of held-out problems")
+    ev.add_argument("--seed", type=int, default=None, help="seed of the held-out problem stream")
+    ev.add_argument("--batch-size", type=int, default=64, help="prompts generated together")
     return parser
 
 

@@ -18,7 +18,10 @@ def run_command(args: argparse.Namespace) -> int:
     from model.tokenizer import TokenizerError
     from model.weights import CheckpointError
 
-    handlers = {"run": cmd_run, "init-model": cmd_init_model}
+    from .serve_cmd import cmd_generate, cmd_serve
+
+    handlers = {"run": cmd_run, "init-model": cmd_init_model, "serve": cmd_serve, "generate": cmd_generate,
+                "train-demo": cmd_train_demo, "eval-demo": cmd_eval_demo}
     try:
         return handlers[args.command](args)
     except (UserError, ConfigError, CheckpointError, TokenizerError, ValueError) as e:
@@ -72,10 +75,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     params = sampling_from_args(args)
     tokenizer = load_tokenizer(ckpt.dir, required=args.prompt is not None)
     prompt = prompt_from_args(args, tokenizer)
-    model = load_model(ckpt, dtype=getattr(torch, DTYPES[args.dtype]))
-    engine = Engine(model, kv_cache_tokens=len(prompt) + params.max_tokens)
-    stream = None if args.json or tokenizer is None else (lambda i, text: print(text, end="", flush=True))
-    [result] = complete(engine, tokenizer, [prompt], [params], [args.stop], on_text=stream)
+    from .remote_session import experts_factory_from_args
+
+    with experts_factory_from_args(args, ckpt.dir) as factory:  # None: every expert in this process
+        model = load_model(ckpt, dtype=getattr(torch, DTYPES[args.dtype]), experts_factory=factory)
+        # Sized for this one request, but never past the context: an oversized request is then
+        # refused by Engine.check with its message instead of allocating a huge cache.
+        engine = Engine(model, kv_cache_tokens=min(len(prompt) + params.max_tokens, ckpt.config.max_position_embeddings))
+        stream = None if args.json or tokenizer is None else (lambda i, text: print(text, end="", flush=True))
+        [result] = complete(engine, tokenizer, [prompt], [params], [args.stop], on_text=stream)
     if args.json:
         print(json.dumps(result.to_json()))
     elif tokenizer is None:
@@ -93,3 +101,41 @@ def cmd_init_model(args: argparse.Namespace) -> int:
                           max_shard_bytes=shard)
     print(f"wrote {args.preset} checkpoint to {out}")
     return 0
+
+
+def cmd_train_demo(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from model.demo import TrainConfig, evaluate, train_demo
+
+    overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "threads", "log_every")
+                 if getattr(args, k) is not None}
+    for k, v in overrides.items():
+        if v <= 0:
+            raise UserError(f"--{k.replace('_', '-')} must be positive (got {v})")
+    tc = dataclasses.replace(TrainConfig(seed=args.seed), **overrides)
+    result = train_demo(args.out, tc, log=lambda line: print(line, flush=True))
+    print(f"trained {result.steps} steps in {result.seconds:.0f}s, final loss {result.final_loss:.4f}; "
+          f"wrote {args.out}", flush=True)
+    if args.eval_n > 0:
+        print_eval(evaluate(args.out, n=args.eval_n))
+    return 0
+
+
+def cmd_eval_demo(args: argparse.Namespace) -> int:
+    from model.default import default_checkpoint
+    from model.demo import EVAL_SEED, evaluate
+
+    if args.n < 1 or args.batch_size < 1:
+        raise UserError("--n and --batch-size must be positive")
+    checkpoint = args.checkpoint or default_checkpoint()
+    print_eval(evaluate(checkpoint, n=args.n, seed=EVAL_SEED if args.seed is None else args.seed,
+                        batch_size=args.batch_size))
+    return 0
+
+
+def print_eval(result) -> None:
+    for prompt, expected, got in result.errors[:5]:
+        print(f"  wrong: {prompt}{got.strip()!r} (expected {expected})")
+    print(f"accuracy {result.accuracy:.1%} ({result.correct}/{result.n} held-out problems, exact match) "
+          f"in {result.seconds:.1f}s")

@@ -1,0 +1,141 @@
+"""The expert actor: one Ray process holding some experts of some layers, computing them on request.
+
+It reads its own experts from the checkpoint path (every node must see the checkpoint at that
+path), so weights never pass through the driver or the object store. `forward` is a pure function
+of its arguments (no request state), which makes it safe to retry after a restart and lets any
+number of callers share the actor. A payload is one numpy byte array (`pack`): it arrives
+zero-copy (read-only) and `unpack` views it as tensors without a copy.
+
+Legend: n = distinct tokens sent to this actor, P = (token, expert) pairs routed here, D = hidden.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from model.moe import swiglu_grouped
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def to_wire(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as numpy for the object store (bfloat16 travels as its int16 bit pattern)."""
+    t = t.detach().contiguous().cpu()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def from_wire(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of to_wire, zero-copy. Arrays from the object store are read-only; callers only read
+    the tensor (gather, index_add source), so torch's warning about that is silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+
+
+def pack(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> np.ndarray:
+    """One layer's payload for one actor as a single byte array (one object per call is cheaper
+    for Ray to serialise than four): int32 header [n, P] | int32 route [3, P] = (row into x,
+    global expert id, router weight's float32 bits) | x [n, D] in the model dtype (4-byte aligned)."""
+    n, p = x.shape[0], rows.numel()
+    xb = x.detach().contiguous().cpu().view(-1).view(torch.uint8)
+    buf = torch.empty(8 + 12 * p + xb.numel(), dtype=torch.uint8)
+    head = buf[:8 + 12 * p].view(torch.int32)
+    head[0], head[1] = n, p
+    route = head[2:].view(3, p)
+    route[0], route[1], route[2] = rows, experts, weights.float().view(torch.int32)
+    buf[8 + 12 * p:] = xb
+    return buf.numpy()
+
+
+def unpack(payload: np.ndarray, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Inverse of pack, zero-copy: x [n, D], rows [P] int32, experts [P] int32, weights [P] float32."""
+    buf = from_wire(payload, torch.uint8)
+    n, p = buf[:8].view(torch.int32).tolist()
+    route = buf[8:8 + 12 * p].view(torch.int32).view(3, p)
+    x = buf[8 + 12 * p:].view(dtype).view(n, -1) if n else torch.empty(0, 0, dtype=dtype)
+    return x, route[0], route[1], route[2].view(torch.float32)
+
+
+class ExpertActor:
+    """Hosts `experts` (global ids) for each of `layers`; see ExpertPool for how it is started."""
+
+    def __init__(self, checkpoint: str, experts: Sequence[int], layers: Sequence[int], *, dtype: str = "float32",
+                 device: str = "cpu", num_threads: int = 1, name: str = "") -> None:
+        from model.weights import Checkpoint
+
+        torch.set_num_threads(max(1, num_threads))  # one process per core share: no oversubscription
+        self.name = name
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype]
+        self.experts, self.layers = tuple(experts), tuple(layers)
+        t0 = time.perf_counter()
+        ckpt = Checkpoint(checkpoint)
+        self.num_experts = ckpt.config.num_local_experts
+        self.weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer in self.layers:
+            w13, w2 = ckpt.experts(layer, self.experts, self.dtype)
+            self.weights[layer] = (w13.to(self.device), w2.to(self.device))
+        self.load_s = time.perf_counter() - t0
+        # global expert id → slot in this actor's stacked weights (-1: not hosted here)
+        self.slot = torch.full((self.num_experts,), -1, dtype=torch.long)
+        self.slot[list(self.experts)] = torch.arange(len(self.experts))
+        self.tokens = 0  # (token, expert) pairs computed since this process started
+        self.calls = 0
+        self.busy_s = 0.0  # time spent inside forward (the rest of a call's latency is transport)
+
+    def __repr__(self) -> str:  # the Ray dashboard and log prefixes show this
+        return f"ExpertActor({self.name})"
+
+    def forward(self, layer: int, payload: np.ndarray) -> np.ndarray:
+        """payload (see `pack`) → [n, D] (wire format): per token, the router-weighted sum of its
+        experts hosted here."""
+        t0 = time.perf_counter()
+        x, rows, experts, weights = unpack(payload, self.dtype)
+        out = to_wire(self.compute(layer, x, rows, experts, weights))
+        self.tokens += int(rows.shape[0])
+        self.calls += 1
+        self.busy_s += time.perf_counter() - t0
+        return out
+
+    def compute(self, layer: int, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+        """x [n, D], rows [P] into x, experts [P] global ids, weights [P] float32 → [n, D] on CPU."""
+        if layer not in self.weights:
+            raise ValueError(f"{self.name}: layer {layer} is not hosted here (layers {self.layers})")
+        w13, w2 = self.weights[layer]
+        local = self.slot[experts.long()]  # [P]
+        if bool((local < 0).any()):
+            raise ValueError(f"{self.name}: experts {sorted(set(experts[local < 0].tolist()))} are not hosted here")
+        order = torch.argsort(local, stable=True)  # pairs grouped by expert
+        counts = torch.bincount(local, minlength=len(self.experts)).tolist()
+        row = rows.long()[order].to(self.device)
+        w = weights[order].to(self.device)  # float32, as in model.moe.combine
+        xt = x.to(self.device, non_blocking=True)
+        out_rows = swiglu_grouped(xt[row], counts, w13, w2)  # one matmul per expert over its rows
+        return torch.zeros_like(xt).index_add_(0, row, (out_rows * w[:, None]).to(xt.dtype)).cpu()
+
+    def stats(self) -> dict[str, Any]:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        with warnings.catch_warnings():  # Ray's own property warns about an API it calls internally
+            warnings.simplefilter("ignore")
+            reconstructed = bool(ctx.was_current_actor_reconstructed)
+        weight_bytes = sum(t.numel() * t.element_size() for pair in self.weights.values() for t in pair)
+        return {"name": self.name, "experts": list(self.experts), "layers": list(self.layers),
+                "weight_bytes": weight_bytes, "tokens": self.tokens, "calls": self.calls, "busy_s": self.busy_s,
+                "device": str(self.device), "threads": torch.get_num_threads(), "node_id": ctx.get_node_id(),
+                "host": socket.gethostname(), "pid": os.getpid(), "load_s": round(self.load_s, 3),
+                "reconstructed": reconstructed}
+
+    def ping(self) -> str:
+        return self.name
+

@@ -1,0 +1,209 @@
+"""ExpertPool: starts the expert actors of a placement on a Ray cluster and holds their handles.
+
+One placement-group bundle per actor reserves its share (num_gpus=1 when the cluster has GPUs,
+else a real num_cpus share plus any custom resources such as {"expert_host": 1}); the group's
+strategy spreads the actors over nodes, and `pin_nodes` additionally pins each bundle to the node
+chosen by cluster.placement.assign_nodes (so replicas of an expert never share a node). Actors
+restart without limit and their calls are retried (forward is idempotent); every wait here and in
+RemoteExperts has a timeout, after which `ExpertsUnavailable` names the experts that are missing.
+
+A pool pickles (handles, placement, config), so other processes such as Serve replicas can build
+RemoteExperts on it; only its creator should call `shutdown()`. Actors live as long as the
+process that created the pool (they are not detached).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.placement import Placement, assign_nodes, plan_placement
+from model.config import ModelConfig
+
+from .expert_actor import ExpertActor
+
+
+class ExpertsUnavailable(RuntimeError):
+    """Some experts could not be reached in time (actor dead, restarting with nowhere to go, hung)."""
+
+    def __init__(self, layer: int | None, experts: Sequence[int], reason: str) -> None:
+        self.layer, self.experts, self.reason = layer, sorted(set(experts)), reason
+        where = "" if layer is None else f"layer {layer}: "
+        super().__init__(f"{where}experts {self.experts} unavailable: {reason}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolConfig:
+    num_actors: int | None = 2  # per layer group; None → derived from experts_per_actor
+    replicas: int = 1
+    experts_per_actor: int | None = None
+    layer_groups: int = 1  # >1: each contiguous group of layers gets its own actors
+    num_cpus: float | None = None  # per actor on CPU; None → the cluster's CPUs minus one, shared
+    num_threads: int | None = None  # torch threads per actor; None → max(1, int(num_cpus))
+    use_gpu: bool | None = None  # None → one GPU per actor when the cluster has GPUs
+    resources: Mapping[str, float] = dataclasses.field(default_factory=dict)  # extra, per actor
+    strategy: str = "SPREAD"  # placement group strategy: SPREAD | STRICT_SPREAD | PACK | STRICT_PACK
+    pin_nodes: bool = False  # pin bundles to the nodes assign_nodes picks
+    dtype: str = "float32"
+    call_timeout_s: float = 60.0  # longest wait for one layer's experts (covers an actor restart)
+    start_timeout_s: float = 120.0  # longest wait for the reservation and the actors' weights
+
+
+@dataclasses.dataclass
+class DispatchMetrics:
+    """Front-side counters for benchmarks: per-layer timings (µs) and bytes over the wire."""
+
+    dispatch_us: list[float] = dataclasses.field(default_factory=list)  # group + serialise + submit
+    wait_us: list[float] = dataclasses.field(default_factory=list)  # until every actor answered
+    combine_us: list[float] = dataclasses.field(default_factory=list)  # sum of the partial outputs
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    calls: int = 0  # actor calls
+
+    def reset(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRoute:
+    """How one layer's experts map to actor handles: owner[e, r] = r-th actor (pool index) of expert e."""
+
+    owner: torch.Tensor  # [E, Rmax] long
+    num_owners: torch.Tensor  # [E] long
+    replicated: bool
+
+
+def layer_route(placement: Placement, layer: int) -> LayerRoute:
+    owners = placement.owners(layer)
+    missing = [e for e, o in enumerate(owners) if not o]
+    if missing:
+        raise ValueError(f"layer {layer}: experts {missing} have no actor")
+    rmax = max(len(o) for o in owners)
+    # explicit device: the model may be built under torch.device("meta")
+    table = torch.tensor([list(o) + [o[0]] * (rmax - len(o)) for o in owners], dtype=torch.long, device="cpu")
+    return LayerRoute(table, torch.tensor([len(o) for o in owners], device="cpu"), rmax > 1)
+
+
+class ExpertPool:
+    def __init__(self, checkpoint: str | Path, config: PoolConfig | None = None) -> None:
+        if not ray.is_initialized():
+            raise RuntimeError("ExpertPool needs a Ray connection: call ray.init() first")
+        self.config = config = config or PoolConfig()
+        self.checkpoint = str(Path(checkpoint).resolve())
+        self.model_config = cfg = ModelConfig.from_file(Path(self.checkpoint) / "config.json")
+        self.placement: Placement = plan_placement(
+            cfg.num_local_experts, cfg.num_hidden_layers, config.num_actors, config.replicas,
+            config.experts_per_actor, config.layer_groups)
+        n = len(self.placement.actors)
+        self.bundle = self._bundle(n)
+        self.device = "cuda" if self.bundle.get("GPU") else "cpu"
+        self.nodes: tuple[str, ...] | None = None
+        selectors = None
+        if config.pin_nodes:
+            self.nodes = assign_nodes(self.placement, self._eligible_nodes())
+            selectors = [{"ray.io/node-id": node} for node in self.nodes]
+        self.pg = placement_group([dict(self.bundle) for _ in range(n)], strategy=config.strategy,
+                                  bundle_label_selector=selectors)
+        self.metrics = DispatchMetrics()
+        self.actors: list[Any] = []
+        self._routes: dict[int, LayerRoute] = {}
+        every = list(range(cfg.num_local_experts))
+        try:
+            ray.get(self.pg.ready(), timeout=config.start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.pg)
+            raise ExpertsUnavailable(None, every, f"could not reserve {n} × {self.bundle} for the expert actors "
+                                     f"within {config.start_timeout_s:g} s (cluster has "
+                                     f"{ray.cluster_resources()})") from None
+        tag = uuid.uuid4().hex[:6]
+        threads = config.num_threads or max(1, int(self.bundle.get("CPU", 1)))
+        remote_class = ray.remote(ExpertActor)
+        for spec in self.placement.actors:
+            options = dict(name=f"{spec.name}#{spec.index}.{tag}", num_cpus=self.bundle.get("CPU", 0),
+                           num_gpus=self.bundle.get("GPU", 0),
+                           resources={k: v for k, v in self.bundle.items() if k not in ("CPU", "GPU")},
+                           max_restarts=-1, max_task_retries=-1,
+                           scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, spec.index))
+            self.actors.append(remote_class.options(**options).remote(
+                self.checkpoint, spec.experts, spec.layers, dtype=config.dtype, device=self.device,
+                num_threads=threads, name=spec.name))
+        try:
+            ray.get([a.ping.remote() for a in self.actors], timeout=config.start_timeout_s)
+        except Exception as e:
+            self.shutdown()
+            raise ExpertsUnavailable(None, every, f"expert actors failed to start: {e}") from None
+
+    # --- resources ---------------------------------------------------------------------------
+
+    def _bundle(self, num_actors: int) -> dict[str, float]:
+        c, total = self.config, ray.cluster_resources()
+        use_gpu = c.use_gpu if c.use_gpu is not None else total.get("GPU", 0) >= 1
+        extra = {k: float(v) for k, v in c.resources.items()}
+        if use_gpu:
+            return {"GPU": 1.0, "CPU": c.num_cpus if c.num_cpus is not None else 1.0, **extra}
+        cpus = c.num_cpus
+        if cpus is None:  # leave one core to the driver (attention, routing), share what is free
+            cpus = max(0.25, (ray.available_resources().get("CPU", 1) - 1) / num_actors)
+        return {"CPU": float(cpus), **extra}
+
+    def _eligible_nodes(self) -> list[str]:
+        nodes = [n for n in ray.nodes() if n.get("Alive")
+                 and all(n["Resources"].get(k, 0) >= v for k, v in self.bundle.items())]
+        if not nodes:
+            raise ExpertsUnavailable(None, range(self.model_config.num_local_experts),
+                                     f"no alive node offers {self.bundle} for an expert actor")
+        return sorted(n["NodeID"] for n in nodes)
+
+    # --- lookups -----------------------------------------------------------------------------
+
+    def route(self, layer: int) -> LayerRoute:
+        if layer not in self._routes:
+            self._routes[layer] = layer_route(self.placement, layer)
+        return self._routes[layer]
+
+    def actor_id(self, actor: int) -> str | None:
+        """Ray's hex id of the actor at pool index `actor` (errors carry it)."""
+        try:
+            return self.actors[actor]._actor_id.hex()
+        except (AttributeError, IndexError):
+            return None
+
+    def hosted(self, actor: int, layer: int) -> tuple[int, ...]:
+        spec = self.placement.actors[actor]
+        return spec.experts if layer in spec.layers else ()
+
+    def stats(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
+        return ray.get([a.stats.remote() for a in self.actors], timeout=timeout_s or self.config.call_timeout_s)
+
+    def describe(self) -> str:
+        return ", ".join(f"{s.name}" for s in self.placement.actors)
+
+    # --- lifetime ----------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # already gone
+                pass
+        self.actors = []
+        if self.pg is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:
+                pass
+            self.pg = None
+
+    def __enter__(self) -> "ExpertPool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+

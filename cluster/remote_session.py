@@ -1,0 +1,68 @@
+"""Remote experts for a command: join (or start) Ray, start the expert pool, tear down what we started.
+
+Used by `raymoe run --expert-actors N [--replicas R] [--actor-cpus C] [--address ADDR]`. Without
+--address a local Ray instance is started for the command (token auth off unless RAY_AUTH_MODE is
+set, no dashboard, actor logs kept out of our stdout so --json output stays one object) and shut
+down at the end; with --address the command joins that cluster and leaves it running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+from model.transformer import ExpertsFactory
+
+
+@contextlib.contextmanager
+def ray_connection(address: str | None, num_cpus: int | None = None) -> Iterator[bool]:
+    """Connect to Ray for the duration; yields whether this call started the connection."""
+    import ray
+
+    if ray.is_initialized():  # e.g. a test or a notebook already connected: reuse, leave it be
+        yield False
+        return
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError) as e:
+            from cluster.commands import UserError
+
+            raise UserError(f"cannot join the Ray cluster at {address}: {e}") from None
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, loopback-only instance
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        yield True
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def experts_factory_from_args(args: argparse.Namespace, checkpoint: str | Path) -> Iterator[ExpertsFactory | None]:
+    """None (every expert in this process) unless --expert-actors is given; else remote experts."""
+    from cluster.commands import UserError
+
+    num_actors = getattr(args, "expert_actors", None)
+    if num_actors is None:
+        if getattr(args, "address", None):
+            raise UserError("--address joins a Ray cluster for remote experts; also give --expert-actors N")
+        yield None
+        return
+    from actors.pool import ExpertPool, ExpertsUnavailable, PoolConfig
+    from actors.remote_experts import remote_experts_factory
+
+    if num_actors < 1:
+        raise UserError(f"--expert-actors must be at least 1 (got {num_actors})")
+    try:
+        config = PoolConfig(num_actors=num_actors, replicas=getattr(args, "expert_replicas", 1) or 1,
+                            num_cpus=getattr(args, "actor_cpus", None), dtype=getattr(args, "dtype", "float32"),
+                            call_timeout_s=getattr(args, "expert_timeout", None) or 60.0)
+        with ray_connection(getattr(args, "address", None)):
+            with ExpertPool(checkpoint, config) as pool:
+                yield remote_experts_factory(pool)
+    except ExpertsUnavailable as e:
+        raise UserError(str(e)) from None

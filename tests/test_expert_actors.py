@@ -1,0 +1,187 @@
+"""Expert actors on a single-node Ray instance: numerics against LocalExperts and the in-process
+engine, the split dispatch/result API, stats, the CLI, and faults (a killed actor costs no
+generation; a dead one is named in a bounded time). Tests that kill actors come last."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from actors.expert_actor import ExpertActor, from_wire, pack, unpack  # noqa: E402
+from actors.pool import ExpertPool, ExpertsUnavailable, PoolConfig  # noqa: E402
+from actors.remote_experts import RemoteExperts, remote_experts_factory  # noqa: E402
+from expert_helpers import assert_same_generation, generate, reference, write_checkpoint  # noqa: E402
+from model.moe import LocalExperts, route  # noqa: E402
+from model.weights import Checkpoint, load_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("experts") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def want(ckpt):
+    return reference(ckpt)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pool(cluster, ckpt):
+    """3 actors (does not divide 8 experts) × 2 replicas: 16 copies as 6 + 5 + 5."""
+    with ExpertPool(ckpt, PoolConfig(num_actors=3, replicas=2, num_cpus=0.25, call_timeout_s=60)) as p:
+        yield p
+
+
+def local_layer(ckpt, layer: int, dtype=torch.float32) -> LocalExperts:
+    c = Checkpoint(ckpt)
+    cfg = c.config
+    experts = LocalExperts(cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size).to(dtype)
+    w13, w2 = c.experts(layer, range(cfg.num_local_experts), dtype)
+    with torch.no_grad():
+        experts.w13.copy_(w13)
+        experts.w2.copy_(w2)
+    return experts
+
+
+def routed(cfg, tokens: int, seed: int, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, cfg.hidden_size, generator=g).to(dtype)
+    gate = torch.randn(cfg.num_local_experts, cfg.hidden_size, generator=g).to(dtype)
+    weights, idx = route(x, gate, cfg.num_experts_per_tok)
+    return x, weights, idx
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_payload_round_trips_through_pack(dtype):
+    x = torch.randn(5, 6).to(dtype)
+    rows, experts, w = torch.tensor([0, 4, 4, 2]), torch.tensor([7, 1, 3, 0]), torch.rand(4)
+    got = unpack(pack(x, rows, experts, w), dtype)
+    for a, b in zip(got, (x, rows.int(), experts.int(), w)):
+        assert torch.equal(a, b)
+
+
+def test_actor_class_without_ray_sums_its_experts_per_token(ckpt):
+    """The actor's math in-process: two actors' partial outputs add up to LocalExperts."""
+    cfg = Checkpoint(ckpt).config
+    x, w, idx = routed(cfg, 13, seed=1)
+    halves = [ExpertActor(str(ckpt), ids, [1]) for ids in ([0, 1, 2, 3], [4, 5, 6, 7])]
+    rows = torch.arange(13).repeat_interleave(2)
+    total = torch.zeros_like(x)
+    for actor in halves:
+        mine = torch.isin(idx.reshape(-1), torch.tensor(actor.experts))
+        total += from_wire(actor.forward(1, pack(x, rows[mine], idx.reshape(-1)[mine], w.reshape(-1)[mine])),
+                           torch.float32)
+    torch.testing.assert_close(total, local_layer(ckpt, 1)(x, w, idx), atol=1e-6, rtol=1e-5)
+    assert halves[0].tokens + halves[1].tokens == 26
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 64])
+def test_layer_output_matches_local_experts(pool, ckpt, tokens):
+    cfg = pool.model_config
+    for layer in range(cfg.num_hidden_layers):
+        x, w, idx = routed(cfg, tokens, seed=tokens + layer)
+        got = RemoteExperts(layer, pool)(x, w, idx)
+        torch.testing.assert_close(got, local_layer(ckpt, layer)(x, w, idx), atol=1e-6, rtol=1e-5)
+
+
+def test_dispatch_returns_at_once_and_results_come_in_any_order(pool, ckpt):
+    cfg = pool.model_config
+    calls = [(layer, *routed(cfg, 9, seed=40 + layer)) for layer in range(cfg.num_hidden_layers)]
+    pending = [RemoteExperts(layer, pool).dispatch(x, w, idx) for layer, x, w, idx in calls]
+    for (layer, x, w, idx), p in reversed(list(zip(calls, pending))):
+        torch.testing.assert_close(p.result(), local_layer(ckpt, layer)(x, w, idx), atol=1e-6, rtol=1e-5)
+
+
+def test_generation_matches_in_process_engine(pool, ckpt, want):
+    model = load_model(ckpt, experts_factory=remote_experts_factory(pool))
+    assert_same_generation(generate(model), want)
+
+
+def test_stats_report_hosting_bytes_and_tokens(pool):
+    cfg = pool.model_config
+    before = pool.stats()
+    RemoteExperts(1, pool)(*routed(cfg, 11, seed=7))
+    after = pool.stats()
+    per_expert = 3 * cfg.hidden_size * cfg.intermediate_size * 4  # w1, w3, w2 in fp32
+    for spec, s in zip(pool.placement.actors, after):
+        assert s["name"] == spec.name and s["experts"] == list(spec.experts) and s["layers"] == [0, 1]
+        assert s["weight_bytes"] == per_expert * len(spec.experts) * cfg.num_hidden_layers
+        assert s["device"] == "cpu" and s["threads"] == 1 and s["node_id"]
+    # every (token, expert) pair is computed exactly once, by one of its expert's replicas
+    assert sum(a["tokens"] - b["tokens"] for a, b in zip(after, before)) == 11 * cfg.num_experts_per_tok
+
+
+def test_bfloat16_travels_as_bit_patterns(cluster, ckpt):
+    cfg = Checkpoint(ckpt).config
+    x, w, idx = routed(cfg, 6, seed=3, dtype=torch.bfloat16)
+    with ExpertPool(ckpt, PoolConfig(num_actors=1, num_cpus=0.25, dtype="bfloat16")) as p:
+        got = RemoteExperts(0, p)(x, w, idx)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, local_layer(ckpt, 0, torch.bfloat16)(x, w, idx), atol=2e-2, rtol=2e-2)
+
+
+def test_cli_run_with_expert_actors_prints_the_same_json(cluster, ckpt, capsys):
+    from cluster.cli import main
+
+    argv = ["run", "--checkpoint", str(ckpt), "--prompt-ids", "1,17,42,99", "--max-tokens", "6",
+            "--ignore-eos", "--json"]
+    assert main(argv) == 0
+    local = json.loads(capsys.readouterr().out)
+    assert main(argv + ["--expert-actors", "2", "--actor-cpus", "0.25"]) == 0
+    remote = json.loads(capsys.readouterr().out)
+    assert remote.pop("token_ids") == local.pop("token_ids")
+    torch.testing.assert_close(torch.tensor(remote.pop("logprobs")), torch.tensor(local.pop("logprobs")),
+                               atol=1e-5, rtol=0)
+    assert remote == local
+    assert ray.is_initialized()  # an existing connection is reused and left alone
+
+
+def test_pool_that_cannot_be_placed_fails_fast_naming_experts(cluster, ckpt):
+    t0 = time.monotonic()
+    with pytest.raises(ExpertsUnavailable, match=r"experts \[0, 1, 2, 3, 4, 5, 6, 7\].*could not reserve"):
+        ExpertPool(ckpt, PoolConfig(num_actors=2, resources={"no_such_host": 1}, start_timeout_s=2))
+    assert time.monotonic() - t0 < 20
+
+
+def test_actor_killed_mid_generation_is_restarted_and_the_call_retried(pool, ckpt, want):
+    killed = []
+
+    class KillingExperts(RemoteExperts):
+        def dispatch(self, x, weights, idx):
+            pending = super().dispatch(x, weights, idx)
+            if len(killed) == 0 and self.layer == 1 and x.shape[0] == 3:  # a decode step, call in flight
+                killed.append(pending.actors[0])
+                ray.kill(self.pool.actors[pending.actors[0]], no_restart=False)
+            return pending
+
+    model = load_model(ckpt, experts_factory=lambda layer: KillingExperts(layer, pool))
+    assert_same_generation(generate(model), want)
+    assert killed
+    stats = pool.stats()
+    assert stats[killed[0]]["reconstructed"]  # Ray restarted it and it reloaded its experts
+    assert not any(s["reconstructed"] for i, s in enumerate(stats) if i != killed[0])
+
+
+def test_dead_actor_is_named_in_bounded_time(pool):
+    cfg = pool.model_config
+    victim = 1
+    ray.kill(pool.actors[victim], no_restart=True)
+    t0 = time.monotonic()
+    with pytest.raises(ExpertsUnavailable) as err:
+        for seed in range(20):  # until a call routes to the dead actor
+            RemoteExperts(0, pool)(*routed(cfg, 16, seed=seed))
+    assert time.monotonic() - t0 < 30
+    assert err.value.layer == 0 and err.value.experts == list(pool.placement.actors[victim].experts)
+    assert pool.placement.actors[victim].name in str(err.value)

@@ -1,0 +1,105 @@
+"""cluster.placement (pure) and the replica split of RemoteExperts.assign, without Ray."""
+
+from __future__ import annotations
+
+import collections
+import types
+
+import pytest
+import torch
+
+from actors.pool import layer_route
+from actors.remote_experts import RemoteExperts
+from cluster.placement import assign_nodes, plan_placement, ranges
+
+
+def copies(p, layer=0):
+    return collections.Counter(e for a in p.actors_for_layer(layer) for e in a.experts)
+
+
+@pytest.mark.parametrize("experts,actors,replicas", [(8, 1, 1), (8, 2, 1), (8, 3, 1), (8, 5, 1), (8, 8, 1),
+                                                     (8, 3, 2), (8, 4, 2), (6, 4, 3), (7, 7, 7), (8, 16, 2)])
+def test_every_expert_has_replicas_copies_on_distinct_actors(experts, actors, replicas):
+    p = plan_placement(experts, 4, actors, replicas=replicas)
+    assert len(p.actors) == actors
+    assert copies(p) == {e: replicas for e in range(experts)}
+    for a in p.actors:
+        assert len(set(a.experts)) == len(a.experts) > 0  # never the same expert twice on one actor
+        assert a.layers == (0, 1, 2, 3)
+    sizes = [len(a.experts) for a in p.actors]
+    assert max(sizes) - min(sizes) <= 1  # balanced even when actors do not divide experts
+    for e, owners in enumerate(p.owners(2)):
+        assert len(set(owners)) == replicas and all(e in p.actors[o].experts for o in owners)
+
+
+def test_non_dividing_split_and_names():
+    p = plan_placement(8, 32, 3)
+    assert [a.experts for a in p.actors] == [(0, 1, 2), (3, 4, 5), (6, 7)]
+    assert [a.name for a in p.actors] == ["experts[0-2]@layers[0-31]", "experts[3-5]@layers[0-31]",
+                                          "experts[6-7]@layers[0-31]"]
+    assert plan_placement(8, 4, 3, replicas=2).actors[1].name == "experts[0-2,6-7]@layers[0-3]"
+    assert ranges([5, 0, 1, 2, 7, 8]) == "0-2,5,7-8" and ranges([3]) == "3"
+
+
+def test_experts_per_actor_derives_or_checks_the_actor_count():
+    p = plan_placement(8, 2, experts_per_actor=3)
+    assert [len(a.experts) for a in p.actors] == [3, 3, 2]
+    assert len(plan_placement(8, 2, experts_per_actor=4, replicas=2).actors) == 4
+    assert len(plan_placement(8, 2, 5, experts_per_actor=2).actors) == 5
+    with pytest.raises(ValueError, match="cannot hold"):
+        plan_placement(8, 2, 2, experts_per_actor=3)
+
+
+def test_layer_groups_give_each_group_its_own_actors():
+    p = plan_placement(8, 5, 2, layer_groups=2)
+    assert [(a.experts, a.layers) for a in p.actors] == [
+        ((0, 1, 2, 3), (0, 1, 2)), ((4, 5, 6, 7), (0, 1, 2)), ((0, 1, 2, 3), (3, 4)), ((4, 5, 6, 7), (3, 4))]
+    assert [a.index for a in p.actors_for_layer(3)] == [2, 3]
+    assert p.owners(4)[5] == (3,)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(num_actors=0), "at least 1"), (dict(num_actors=2, replicas=3), "need at least 3 actors"),
+    (dict(num_actors=9), "leave an actor empty"), (dict(num_actors=2, replicas=0), "replicas"),
+    (dict(num_actors=2, layer_groups=5), "layer_groups"), (dict(), "give num_actors"),
+    (dict(experts_per_actor=9), "experts_per_actor")])
+def test_impossible_requests_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        plan_placement(8, 4, **kwargs)
+
+
+def test_assign_nodes_keeps_replicas_apart_and_balances():
+    p = plan_placement(8, 4, 4, replicas=2)  # actors 0,2 hold experts 0-3; 1,3 hold 4-7
+    nodes = assign_nodes(p, ["a", "b"])
+    assert nodes == ("a", "b", "b", "a")  # each node: one copy of every expert
+    for owners in p.owners(0):
+        assert len({nodes[o] for o in owners}) == 2
+    assert assign_nodes(plan_placement(8, 4, 6), ["a", "b", "c"]) == ("a", "b", "c", "a", "b", "c")
+    assert assign_nodes(plan_placement(8, 4, 3), ["only"]) == ("only",) * 3
+    with pytest.raises(ValueError):
+        assign_nodes(p, [])
+
+
+def fake_layer(placement, layer=0):
+    pool = types.SimpleNamespace(route=lambda layer: layer_route(placement, layer),
+                                 model_config=types.SimpleNamespace(num_local_experts=placement.num_experts))
+    return RemoteExperts(layer, pool)
+
+
+def test_replicated_expert_tokens_alternate_between_copies():
+    p = plan_placement(4, 1, 2, replicas=2)  # both actors hold all four experts
+    idx = torch.tensor([[0, 1], [0, 2], [0, 1], [3, 0], [1, 2]])
+    actor = fake_layer(p).assign(idx).reshape(idx.shape)
+    # expert 0's pairs in token order go to actor 0, 1, 0, 1; expert 1's to 0, 1, 0
+    assert actor[:, 0].tolist()[:3] == [0, 1, 0] and actor[3, 1] == 1
+    assert actor[0, 1] == 0 and actor[2, 1] == 1 and actor[4, 0] == 0
+    again = fake_layer(p).assign(idx).reshape(idx.shape)
+    assert torch.equal(actor, again)  # deterministic
+
+
+def test_unreplicated_experts_go_to_their_only_owner():
+    p = plan_placement(8, 2, 3)
+    idx = torch.randint(0, 8, (50, 2))
+    actor = fake_layer(p, 1).assign(idx)
+    for e, a in zip(idx.reshape(-1).tolist(), actor.tolist()):
+        assert e in p.actors[a].experts
