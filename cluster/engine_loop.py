@@ -64,7 +64,8 @@ class EngineLoop:
         """Yield one chunk per new token; the last carries finish_reason. Raises ValueError for a bad
         request, QueueFull when too many are waiting, or the error that ended the sequence."""
         self.engine.check(prompt_ids, params)
-        if self.num_waiting + self._inbox.qsize() >= self.max_queue:
+        free_slots = self.engine.max_running - self.num_running  # requests that can start right away
+        if self.num_waiting + self._inbox.qsize() >= self.max_queue + max(0, free_slots):
             raise QueueFull(f"server busy: {self.max_queue} requests already waiting; retry later")
         seq_id = next(self._ids)
         req = _Request(asyncio.get_running_loop(), prompt_ids, params,

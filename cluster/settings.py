@@ -60,7 +60,10 @@ class ServeSettings:
         """Options of the front deployment (`Deployment.options`, and `deployments:` in a Serve config)."""
         opts: dict[str, Any] = {
             "ray_actor_options": {"num_cpus": self.replica_num_cpus},
-            "max_ongoing_requests": self.max_running + self.max_queue,
+            # Room above our own bounded queue, so a full queue answers RESOURCE_EXHAUSTED at once
+            # (from the replica, with our message) instead of waiting in Serve's queue.
+            "max_ongoing_requests": self.max_running + self.max_queue + 16,
+            "max_queued_requests": self.max_queue,
         }
         if self.autoscale_max_replicas > self.replicas:
             opts["autoscaling_config"] = {"min_replicas": self.replicas, "max_replicas": self.autoscale_max_replicas,
