@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--checkpoint", help="Hugging Face Mixtral directory (default: the demo model)")
     srv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     srv.add_argument("--expert-actors", type=int, default=0, help="host the experts on N Ray actors")
+    srv.add_argument("--expert-replicas", type=int, default=1, help="copies of each expert, on different actors")
     srv.add_argument("--replicas", type=int, default=1, help="front replicas (attention, batching, sampling)")
     srv.add_argument("--grpc-port", type=int, default=9000)
     srv.add_argument("--http-port", type=int, default=8000, help="Serve's HTTP proxy port (unused by raymoe)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -16,17 +16,35 @@ from .settings import ServeSettings
 
 
 def build_engine_loop(s: ServeSettings) -> tuple[EngineLoop, dict[str, Any]]:
+    torch.set_num_threads(max(1, int(s.replica_num_cpus)))  # the replica's CPU share, not the host's cores
     ckpt = Checkpoint(s.checkpoint or default_checkpoint())
     tokenizer = Tokenizer(ckpt.dir) if (ckpt.dir / "tokenizer.model").exists() else None
-    factory, actors = None, _no_actors
+    factory, actors = None, (lambda: [])
+    pool_config = s.pool_config()
+    if pool_config is not None:
+        from actors.pool_host import shared_pool
+        from actors.remote_experts import remote_experts_factory
+
+        pool = shared_pool(str(ckpt.dir.resolve()), pool_config)
+        factory, actors = remote_experts_factory(pool), (lambda: actor_infos(pool))
     model = load_model(ckpt, dtype=getattr(torch, s.dtype), experts_factory=factory)
     engine = Engine(model, kv_cache_tokens=s.kv_cache_tokens, max_batch_tokens=s.max_batch_tokens,
                     max_running=s.max_running)
     return EngineLoop(engine, tokenizer, max_queue=s.max_queue), {"checkpoint": str(ckpt.dir), "actors": actors}
 
 
-def _no_actors() -> list[dict[str, Any]]:
-    return []
+def actor_infos(pool) -> list[dict[str, Any]]:
+    """Each expert actor as ModelInfo reports it; an actor that does not answer is UNREACHABLE."""
+    import ray
 
-
-ActorsInfo = Callable[[], list[dict[str, Any]]]
+    out = []
+    for spec, actor in zip(pool.placement.actors, pool.actors):
+        info = {"name": spec.name, "experts": list(spec.experts), "layers": list(spec.layers), "state": "UNREACHABLE"}
+        try:
+            st = ray.get(actor.stats.remote(), timeout=5)
+            info.update(state="ALIVE", node_id=st["node_id"],
+                        weight_bytes=st["weight_bytes"], tokens_processed=st["tokens"], device=st["device"])
+        except Exception:  # noqa: BLE001 — dead, restarting or hung: report, never fail ModelInfo
+            pass
+        out.append(info)
+    return out

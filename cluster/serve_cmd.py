@@ -36,9 +36,21 @@ def deploy(settings: ServeSettings, http_port: int = 8000) -> None:
     serve.run(build_app(settings.to_dict()), name=APP_NAME, route_prefix="/")
 
 
+def release_pool(settings: ServeSettings) -> None:
+    """Stop the expert actors the deployment started (they outlive replicas by design)."""
+    config = settings.pool_config()
+    if config is not None:
+        from pathlib import Path
+
+        from actors.pool_host import release_shared_pool
+        from model.default import default_checkpoint
+
+        release_shared_pool(str(Path(settings.checkpoint or default_checkpoint()).resolve()), config)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(checkpoint=args.checkpoint, dtype=args.dtype, expert_actors=args.expert_actors,
-                             replicas=args.replicas, grpc_port=args.grpc_port, max_running=args.max_running,
+                             expert_replicas=args.expert_replicas, replicas=args.replicas, grpc_port=args.grpc_port, max_running=args.max_running,
                              kv_cache_tokens=args.kv_cache_tokens, max_queue=args.max_queue)
     import ray
     from ray import serve
@@ -58,6 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("raymoe: shutting down", file=sys.stderr, flush=True)
         try:
             serve.shutdown()
+            release_pool(settings)
         finally:
             ray.shutdown()
     return 0

@@ -25,6 +25,7 @@ class ServeSettings:
     expert_replicas: int = 1  # copies of each expert across the actors
     expert_num_cpus: float = 0.5  # CPU share of each expert actor when there are no GPUs
     expert_timeout_s: float = 30.0  # bound on every wait for an expert actor
+    expert_resources: dict[str, float] = dataclasses.field(default_factory=dict)  # custom Ray resources per actor
     replicas: int = 1  # front replicas (ignored when autoscaling is on)
     autoscale_max_replicas: int = 0  # > replicas turns on Serve autoscaling between the two
     target_ongoing_requests: int = 16
@@ -55,6 +56,16 @@ class ServeSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def pool_config(self):
+        """The expert pool these settings ask for (None: experts inside each front replica)."""
+        if not self.expert_actors:
+            return None
+        from actors.pool import PoolConfig
+
+        return PoolConfig(num_actors=self.expert_actors, replicas=self.expert_replicas, num_cpus=self.expert_num_cpus,
+                          resources=dict(self.expert_resources), dtype=self.dtype,
+                          call_timeout_s=self.expert_timeout_s)
 
     def deployment_options(self) -> dict[str, Any]:
         """Options of the front deployment (`Deployment.options`, and `deployments:` in a Serve config)."""

@@ -1,0 +1,78 @@
+"""Serving with the experts on Ray actors shared by the front replicas, over real gRPC on loopback."""
+
+from __future__ import annotations
+
+import os
+
+import grpc
+import pytest
+
+from cluster.client import Client, completion_json
+from cluster.settings import ServeSettings
+from model.completion import complete
+from model.engine import Engine
+from model.sampling import SamplingParams
+from model.tokenizer import Tokenizer
+from model.weights import load_model
+from protos import generator_pb2 as pb
+from test_serving import free_port
+
+
+@pytest.fixture(scope="module")
+def remote_server(tiny_dir):
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray
+    from ray import serve
+
+    from cluster.serve_cmd import deploy, release_pool
+
+    ray.init(num_cpus=4, include_dashboard=False, namespace="raymoe-test-remote", log_to_driver=False)
+    settings = ServeSettings(checkpoint=str(tiny_dir), grpc_port=free_port(), expert_actors=3,
+                             expert_num_cpus=0.5, expert_timeout_s=10, replicas=2, replica_num_cpus=0.5)
+    try:
+        deploy(settings, http_port=free_port())
+        client = Client(f"127.0.0.1:{settings.grpc_port}")
+        client.wait_ready(120)
+        yield client, ray
+        client.close()
+    finally:
+        serve.shutdown()
+        release_pool(settings)
+        ray.shutdown()
+
+
+def test_remote_experts_equal_in_process(remote_server, tiny_dir):
+    client, _ = remote_server
+    tok = Tokenizer(tiny_dir)
+    engine = Engine(load_model(tiny_dir), kv_cache_tokens=1024)
+    for prompt in ("The cluster sends", "123+456=", "Hello"):
+        ref = complete(engine, tok, [tok.encode(prompt)], [SamplingParams(max_tokens=10, ignore_eos=True)])[0]
+        got = completion_json(list(client.stream(pb.GenerateRequest(prompt=prompt, max_tokens=10, ignore_eos=True))))
+        assert got["token_ids"] == ref.token_ids and got["text"] == ref.text
+        assert got["logprobs"] == pytest.approx(ref.logprobs, abs=1e-5)
+
+
+def test_model_info_reports_placement(remote_server):
+    client, _ = remote_server
+    info = client.stub.ModelInfo(pb.ModelInfoRequest())
+    assert len(info.expert_actors) == 3
+    assert sorted(e for a in info.expert_actors for e in a.experts) == list(range(8))
+    for a in info.expert_actors:
+        assert a.state == "ALIVE" and a.weight_bytes > 0 and list(a.layers) == [0, 1]
+        assert a.name.startswith("experts[") and a.node_id
+
+
+def test_unreachable_experts_give_unavailable(remote_server):
+    """Last in the module: it breaks the pool for good."""
+    client, ray = remote_server
+    info = client.stub.ModelInfo(pb.ModelInfoRequest())
+    victim = info.expert_actors[0]
+    actor = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["name"].startswith(victim.name + "#"))
+    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+    for _ in range(2):  # the server stays up and answers every request with the same clear status
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate(pb.GenerateRequest(prompt_token_ids=[1, 2, 3], max_tokens=4), timeout=60)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "experts" in err.value.details() and "Traceback" not in err.value.details()
+    assert list(client.stub.Tokenize(pb.TokenizeRequest(text="hi")).token_ids)
