@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--wait-ready", type=float, default=0, help="first wait up to N s for the server")
     _add_sampling(gen)
 
+    st = sub.add_parser("status", help="expert actors, their health and load, and routing balance of a server")
+    st.add_argument("--target", default="127.0.0.1:9000", help="HOST:PORT of the server")
+    st.add_argument("--timeout", type=float, default=30.0)
+
     init = sub.add_parser("init-model", help="write a random checkpoint of a named shape")
     init.add_argument("--preset", choices=["tiny", "small"], default="tiny")
     init.add_argument("--out", required=True)

@@ -14,12 +14,16 @@ import dataclasses
 import itertools
 import queue
 import threading
-from typing import AsyncIterator
+import time
+from typing import TYPE_CHECKING, AsyncIterator
 
 from model.completion import CompletionTracker
 from model.engine import Engine
 from model.sampling import SamplingParams
 from model.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .metrics import ServingMetrics
 
 
 class QueueFull(Exception):
@@ -41,14 +45,19 @@ class _Request:
                  tracker: CompletionTracker) -> None:
         self.loop, self.prompt_ids, self.params, self.tracker = loop, prompt_ids, params, tracker
         self.out: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
+        self.t_last = time.perf_counter()  # arrival, then each token's time (TTFT / ITL)
+        self.first = True
 
     def send(self, item: Chunk | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, tokenizer: Tokenizer | None, *, max_queue: int = 256) -> None:
-        self.engine, self.tokenizer, self.max_queue = engine, tokenizer, max_queue
+    def __init__(self, engine: Engine, tokenizer: Tokenizer | None, *, max_queue: int = 256,
+                 metrics: ServingMetrics | None = None) -> None:
+        self.engine, self.tokenizer, self.max_queue, self.metrics = engine, tokenizer, max_queue, metrics
+        if metrics is not None:
+            engine.model.set_route_observer(metrics.observe_route)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._requests: dict[int, _Request] = {}  # touched only by the loop thread
@@ -105,14 +114,18 @@ class EngineLoop:
         while not self._stopped:
             self._drain_inbox()
             if not self.engine.has_work():
+                self._observe(0.0, (0, 0))
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue
+            t0 = time.perf_counter()
             try:
                 events = self.engine.step()
             except Exception as e:  # noqa: BLE001 — the step's sequences fail; the server lives on
                 self._fail_running(e)
                 continue
+            now = time.perf_counter()
+            self._observe(now - t0, self.engine.last_batch)
             for ev in events:
                 req = self._requests.get(ev.seq_id)
                 if req is None:
@@ -123,6 +136,9 @@ class EngineLoop:
                     self.engine.abort(ev.seq_id, "stop")
                 if done:
                     self._requests.pop(ev.seq_id)
+                if self.metrics is not None:
+                    (self.metrics.ttft if req.first else self.metrics.itl).observe(now - req.t_last)
+                req.first, req.t_last = False, now
                 req.send(Chunk(text, [ev.token_id], [ev.logprob], [ev.top], c.finish_reason if done else None,
                                len(c.token_ids)))
             self._update_counts()
@@ -151,6 +167,13 @@ class EngineLoop:
             if req is not None:
                 req.send(error)
         self._update_counts()
+
+    def _observe(self, step_seconds: float, batch: tuple[int, int]) -> None:
+        if self.metrics is not None:
+            cache = self.engine.cache
+            self.metrics.observe_step(*batch, step_seconds, len(self.engine.waiting),
+                                      len(self.engine.running), cache.used_blocks * cache.block_size,
+                                      cache.num_blocks * cache.block_size)
 
     def _update_counts(self) -> None:
         self.num_waiting, self.num_running = len(self.engine.waiting), len(self.engine.running)

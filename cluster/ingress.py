@@ -7,6 +7,7 @@ a bad request never harms the replica or other requests.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import AsyncIterator
 
@@ -50,8 +51,12 @@ class Generator:
             prompt_ids, params, stop = protocol.parse_request(request, self.tokenizer)
             async for chunk in self.loop.generate(prompt_ids, params, stop):
                 chunks.append(chunk)
+        except asyncio.CancelledError:
+            self._count("cancelled")
+            raise
         except Exception as e:  # noqa: BLE001 — every failure becomes a status
             return self._fail(grpc_context, e, pb.GenerateResponse())
+        self._count("ok")
         return protocol.chunk_response(protocol.merge_chunks(chunks), prompt_ids, params.logprobs > 0)
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator[pb.GenerateResponse]:
@@ -61,11 +66,15 @@ class Generator:
             async for chunk in self.loop.generate(prompt_ids, params, stop):
                 yield protocol.chunk_response(chunk, prompt_ids if first else None, params.logprobs > 0)
                 first = False
+        except (asyncio.CancelledError, GeneratorExit):
+            self._count("cancelled")
+            raise
         except Exception as e:  # noqa: BLE001
             self._fail(grpc_context, e, None)
             # A stream carries its status only when it ends in an exception; the code and details set
             # above are what the client sees (Serve keeps a status set before the raise).
             raise StreamFailed(str(grpc_context.details() if grpc_context else e)) from None
+        self._count("ok")
 
     async def Tokenize(self, request: pb.TokenizeRequest, grpc_context=None) -> pb.TokenizeResponse:
         if self.tokenizer is None:
@@ -81,7 +90,16 @@ class Generator:
             max_batch_tokens=engine.max_batch_tokens, max_running=engine.max_running,
             kv_cache_tokens=engine.cache.num_blocks * engine.cache.block_size,
             load=pb.Load(running=self.loop.num_running, waiting=self.loop.num_waiting,
-                         kv_cache_used_tokens=engine.cache.used_blocks * engine.cache.block_size))
+                         kv_cache_used_tokens=engine.cache.used_blocks * engine.cache.block_size),
+            routing=[pb.LayerRouting(layer=i, tokens_per_expert=row) for i, row in enumerate(self._routing())])
+
+    def _routing(self) -> list[list[int]]:
+        m = self.loop.metrics
+        return [] if m is None else m.counts.tolist()
+
+    def _count(self, status: str) -> None:
+        if self.loop.metrics is not None:
+            self.loop.metrics.requests.inc(tags={"status": status})
 
     async def Check(self, request, grpc_context=None):
         from grpc_health.v1 import health_pb2
@@ -95,9 +113,9 @@ class Generator:
         if loop is not None:
             loop.stop()
 
-    @staticmethod
-    def _fail(grpc_context, error: BaseException, response):
+    def _fail(self, grpc_context, error: BaseException, response):
         code, message = _status_for(error)
+        self._count(code.name.lower())
         if grpc_context is not None:
             grpc_context.set_code(code)
             grpc_context.set_details(message)

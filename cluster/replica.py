@@ -12,6 +12,7 @@ from model.tokenizer import Tokenizer
 from model.weights import Checkpoint, load_model
 
 from .engine_loop import EngineLoop
+from .metrics import ServingMetrics
 from .settings import ServeSettings
 
 
@@ -30,7 +31,9 @@ def build_engine_loop(s: ServeSettings) -> tuple[EngineLoop, dict[str, Any]]:
     model = load_model(ckpt, dtype=getattr(torch, s.dtype), experts_factory=factory)
     engine = Engine(model, kv_cache_tokens=s.kv_cache_tokens, max_batch_tokens=s.max_batch_tokens,
                     max_running=s.max_running)
-    return EngineLoop(engine, tokenizer, max_queue=s.max_queue), {"checkpoint": str(ckpt.dir), "actors": actors}
+    metrics = ServingMetrics(model.cfg.num_hidden_layers, model.cfg.num_local_experts)
+    loop = EngineLoop(engine, tokenizer, max_queue=s.max_queue, metrics=metrics)
+    return loop, {"checkpoint": str(ckpt.dir), "actors": actors}
 
 
 def actor_infos(pool) -> list[dict[str, Any]]:

@@ -62,6 +62,7 @@ class Engine:
         self.max_batch_tokens, self.max_running = max_batch_tokens, max_running
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: dict[Hashable, Sequence] = {}
+        self.last_batch = (0, 0)  # (sequences, tokens) of the latest step, for metrics
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -132,6 +133,7 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
         batch = self._schedule()
+        self.last_batch = (len(batch), sum(len(c) for _, c in batch))
         if not batch:
             return []
         layout = build_layout([len(c) for _, c in batch], [s.num_cached for s, _ in batch],

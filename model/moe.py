@@ -7,7 +7,7 @@ Legend: T = tokens, D = hidden, F = expert intermediate size, E = experts, K = e
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -85,15 +85,21 @@ class LocalExperts(nn.Module):
         return combine(out_rows, order, weights, x.shape[0], top_k)
 
 
+RouteObserver = Callable[[int, torch.Tensor], None]  # (layer, idx [T, K]) — e.g. metrics, never math
+
+
 class MoEBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, experts: Experts | None) -> None:
+    def __init__(self, cfg: ModelConfig, experts: Experts | None, layer: int = 0) -> None:
         super().__init__()
-        self.top_k = cfg.num_experts_per_tok
+        self.top_k, self.layer = cfg.num_experts_per_tok, layer
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
         self.experts = experts  # set later when the experts live elsewhere
+        self.observer: RouteObserver | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, idx = route(x, self.gate.weight, self.top_k)
+        if self.observer is not None:
+            self.observer(self.layer, idx)
         if self.experts is None:
             raise RuntimeError("this model was built without experts; attach an Experts implementation")
         return self.experts(x, weights, idx)

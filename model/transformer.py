@@ -14,7 +14,7 @@ from torch import nn
 from .config import ModelConfig
 from .kv_cache import PagedKVCache
 from .layers import Attention, RMSNorm, Rotary
-from .moe import Experts, LocalExperts, MoEBlock
+from .moe import Experts, LocalExperts, MoEBlock, RouteObserver
 from .step import StepLayout
 
 ExpertsFactory = Callable[[int], Experts | None]  # layer index → that layer's experts
@@ -25,12 +25,12 @@ def local_experts_factory(cfg: ModelConfig) -> ExpertsFactory:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, experts: Experts | None) -> None:
+    def __init__(self, cfg: ModelConfig, experts: Experts | None, layer: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.moe = MoEBlock(cfg, experts)
+        self.moe = MoEBlock(cfg, experts, layer)
 
     def forward(self, x: torch.Tensor, layout: StepLayout, rope: tuple[torch.Tensor, torch.Tensor],
                 kv_store: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -45,7 +45,7 @@ class Mixtral(nn.Module):
         self.cfg = cfg
         factory = experts_factory or local_experts_factory(cfg)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, factory(i)) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, factory(i), i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -63,6 +63,11 @@ class Mixtral(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, layout, rope, None if cache is None else cache.store(i))
         return self.norm(x)
+
+    def set_route_observer(self, observer: RouteObserver | None) -> None:
+        """Call `observer(layer, idx)` with every MoE layer's routing decisions (for metrics)."""
+        for layer in self.layers:
+            layer.moe.observer = observer
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -1,0 +1,53 @@
+"""`raymoe status`: the expert actors and routing balance of a running server, for a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def imbalance(tokens_per_expert: list[int]) -> float:
+    """max / mean tokens per expert (1.0 = perfectly even; 0 when nothing was routed)."""
+    total = sum(tokens_per_expert)
+    return max(tokens_per_expert) * len(tokens_per_expert) / total if total else 0.0
+
+
+def render(info) -> str:
+    c = info.config
+    lines = [f"model     {info.model}",
+             f"shape     {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_local_experts} experts "
+             f"top-{c.num_experts_per_tok}, {c.num_attention_heads}/{c.num_key_value_heads} heads, {c.dtype}",
+             f"replica   running {info.load.running}/{info.max_running}, waiting {info.load.waiting}, "
+             f"KV cache {info.load.kv_cache_used_tokens}/{info.kv_cache_tokens} tokens"]
+    if info.expert_actors:
+        lines.append("")
+        lines.append(f"{'expert actor':<28} {'state':<12} {'node':<14} {'device':<7} {'weights':>9} {'tokens':>10}")
+        for a in info.expert_actors:
+            lines.append(f"{a.name:<28} {a.state:<12} {a.node_id[:12]:<14} {a.device or '-':<7} "
+                         f"{a.weight_bytes / 2**20:>7.1f}MB {a.tokens_processed:>10}")
+    else:
+        lines.append("experts   inside the front replica (no expert actors)")
+    if info.routing:
+        lines.append("")
+        lines.append(f"{'layer':>5} {'routed':>9} {'max/mean':>9}  tokens per expert")
+        for r in info.routing:
+            counts = list(r.tokens_per_expert)
+            lines.append(f"{r.layer:>5} {sum(counts):>9} {imbalance(counts):>9.2f}  {' '.join(map(str, counts))}")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import grpc
+
+    from protos import generator_pb2 as pb
+
+    from .client import Client
+
+    with Client(args.target) as client:
+        try:
+            info = client.stub.ModelInfo(pb.ModelInfoRequest(), timeout=args.timeout)
+        except grpc.RpcError as e:
+            print(f"raymoe: {args.target}: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    print(render(info))
+    return 0

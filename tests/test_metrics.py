@@ -1,0 +1,93 @@
+"""Metrics after a known workload: scraped from Ray's Prometheus endpoint, the counts add up."""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cluster.client import Client
+from cluster.settings import ServeSettings
+from cluster.status_cmd import imbalance, render
+from protos import generator_pb2 as pb
+from test_serving import free_port
+
+WORKLOAD = [([1, 5, 9, 14], 6), ([1, 2, 3, 4, 5, 6, 7, 8, 9], 3), ([1, 77], 10)]  # (prompt ids, max_tokens)
+
+
+def scrape(port: int) -> dict[str, list]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+@pytest.fixture(scope="module")
+def metered_server(tiny_dir):
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray
+    from ray import serve
+
+    from cluster.serve_cmd import deploy
+
+    metrics_port = free_port()
+    ray.init(num_cpus=4, include_dashboard=False, namespace="raymoe-test-metrics", log_to_driver=False,
+             _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 500})
+    settings = ServeSettings(checkpoint=str(tiny_dir), grpc_port=free_port())
+    try:
+        deploy(settings, http_port=free_port())
+        client = Client(f"127.0.0.1:{settings.grpc_port}")
+        client.wait_ready(60)
+        yield client, metrics_port
+        client.close()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_routed_tokens_add_up(metered_server):
+    client, port = metered_server
+    for ids, n in WORKLOAD:
+        list(client.stream(pb.GenerateRequest(prompt_token_ids=ids, max_tokens=n, ignore_eos=True)))
+    with pytest.raises(Exception):
+        client.generate(pb.GenerateRequest(prompt="x", temperature=-1))
+    layers, top_k = 2, 2
+    # every prompt token and every generated token but the last goes through every layer
+    tokens = sum(len(ids) + n - 1 for ids, n in WORKLOAD)
+    expected = tokens * top_k * layers
+    deadline, routed, samples = time.monotonic() + 40, 0, {}
+    while time.monotonic() < deadline:
+        samples = scrape(port)
+        routed = sum(s.value for s in samples.get("ray_raymoe_routed_tokens", []) if s.name.endswith("_total"))
+        statuses = {s.labels["status"]: s.value for s in samples.get("ray_raymoe_requests", [])
+                    if s.name.endswith("_total")}
+        if routed >= expected and statuses.get("ok", 0) >= 3 and statuses.get("invalid_argument", 0) >= 1:
+            break
+        time.sleep(1)
+    assert routed == expected
+    per_layer = {}
+    for s in samples["ray_raymoe_routed_tokens"]:
+        if s.name.endswith("_total"):
+            per_layer[s.labels["layer"]] = per_layer.get(s.labels["layer"], 0) + s.value
+    assert per_layer == {"0": tokens * top_k, "1": tokens * top_k}
+    assert statuses["ok"] == 3 and statuses["invalid_argument"] == 1
+    ttft = [s for s in samples["ray_raymoe_time_to_first_token_seconds"] if s.name.endswith("_count")]
+    assert sum(s.value for s in ttft) == 3
+    itl = [s for s in samples["ray_raymoe_inter_token_latency_seconds"] if s.name.endswith("_count")]
+    assert sum(s.value for s in itl) == sum(n - 1 for _, n in WORKLOAD)
+    for name in ("ray_raymoe_batch_tokens", "ray_raymoe_queue_depth", "ray_raymoe_running_sequences",
+                 "ray_raymoe_kv_cache_used_tokens", "ray_raymoe_step_seconds"):
+        assert name in samples, name
+
+    # The same counts reach `raymoe status` through ModelInfo.
+    info = client.stub.ModelInfo(pb.ModelInfoRequest())
+    assert [sum(r.tokens_per_expert) for r in info.routing] == [tokens * top_k] * layers
+    text = render(info)
+    assert "max/mean" in text and "no expert actors" in text
+
+
+def test_imbalance():
+    assert imbalance([5, 5, 5, 5]) == 1.0
+    assert imbalance([8, 0, 0, 0]) == 4.0
+    assert imbalance([0, 0]) == 0.0
