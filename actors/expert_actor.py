@@ -90,6 +90,17 @@ class ExpertActor:
         self.tokens = 0  # (token, expert) pairs computed since this process started
         self.calls = 0
         self.busy_s = 0.0  # time spent inside forward (the rest of a call's latency is transport)
+        from ray.util.metrics import Counter, Histogram
+
+        from cluster.metrics import LATENCY_BUCKETS
+
+        tags = {"actor": name}
+        self.compute_hist = Histogram("raymoe_expert_compute_seconds", "Time an expert actor spends in one "
+                                      "layer call", boundaries=LATENCY_BUCKETS, tag_keys=("actor",))
+        self.compute_hist.set_default_tags(tags)
+        self.pairs_counter = Counter("raymoe_expert_pairs", "(token, expert) pairs computed by an actor",
+                                     tag_keys=("actor",))
+        self.pairs_counter.set_default_tags(tags)
 
     def __repr__(self) -> str:  # the Ray dashboard and log prefixes show this
         return f"ExpertActor({self.name})"
@@ -102,7 +113,10 @@ class ExpertActor:
         out = to_wire(self.compute(layer, x, rows, experts, weights))
         self.tokens += int(rows.shape[0])
         self.calls += 1
-        self.busy_s += time.perf_counter() - t0
+        busy = time.perf_counter() - t0
+        self.busy_s += busy
+        self.compute_hist.observe(busy)
+        self.pairs_counter.inc(int(rows.shape[0]))
         return out
 
     def compute(self, layer: int, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor,

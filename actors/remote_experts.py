@@ -24,6 +24,22 @@ from .expert_actor import from_wire, pack
 from .pool import ExpertPool, ExpertsUnavailable
 
 
+_CALL_HISTOGRAM = None
+
+
+def _call_histogram():
+    """Front-side latency of one layer's expert calls, dispatch to combined output (created on first use)."""
+    global _CALL_HISTOGRAM
+    if _CALL_HISTOGRAM is None:
+        from ray.util.metrics import Histogram
+
+        from cluster.metrics import LATENCY_BUCKETS
+
+        _CALL_HISTOGRAM = Histogram("raymoe_expert_layer_seconds", "Dispatch to combine of one MoE layer's "
+                                    "expert actor calls", boundaries=LATENCY_BUCKETS, tag_keys=("layer",))
+    return _CALL_HISTOGRAM
+
+
 class Pending:
     """One layer's expert calls in flight; `result()` waits (bounded) and combines."""
 
@@ -31,6 +47,7 @@ class Pending:
                  rows: list[torch.Tensor], like: torch.Tensor) -> None:
         self.owner, self.refs, self.actors, self.rows = owner, refs, actors, rows  # rows: tokens per actor
         self.shape, self.dtype, self.device = tuple(like.shape), like.dtype, like.device
+        self.started = time.perf_counter()  # calls submitted
 
     def result(self, timeout_s: float | None = None) -> torch.Tensor:
         """The layer's expert output [T, D] on the input's device; ExpertsUnavailable after the timeout."""
@@ -57,6 +74,7 @@ class Pending:
             out.index_add_(0, rows, from_wire(part, self.dtype))
             received += part.nbytes
         t2 = time.perf_counter()
+        _call_histogram().observe(t2 - self.started, tags={"layer": str(self.owner.layer)})
         m = pool.metrics
         m.wait_us.append((t1 - t0) * 1e6)
         m.combine_us.append((t2 - t1) * 1e6)
