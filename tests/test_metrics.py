@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -34,7 +37,7 @@ def metered_server(tiny_dir):
     metrics_port = free_port()
     ray.init(num_cpus=4, include_dashboard=False, namespace="raymoe-test-metrics", log_to_driver=False,
              _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 500})
-    settings = ServeSettings(checkpoint=str(tiny_dir), grpc_port=free_port())
+    settings = ServeSettings(checkpoint=str(tiny_dir), grpc_port=free_port(), expert_actors=2, expert_num_cpus=0.5)
     try:
         deploy(settings, http_port=free_port())
         client = Client(f"127.0.0.1:{settings.grpc_port}")
@@ -62,7 +65,9 @@ def test_routed_tokens_add_up(metered_server):
         routed = sum(s.value for s in samples.get("ray_raymoe_routed_tokens", []) if s.name.endswith("_total"))
         statuses = {s.labels["status"]: s.value for s in samples.get("ray_raymoe_requests", [])
                     if s.name.endswith("_total")}
-        if routed >= expected and statuses.get("ok", 0) >= 3 and statuses.get("invalid_argument", 0) >= 1:
+        pairs = sum(s.value for s in samples.get("ray_raymoe_expert_pairs", []) if s.name.endswith("_total"))
+        if routed >= expected and pairs >= expected and statuses.get("ok", 0) >= 3 \
+                and statuses.get("invalid_argument", 0) >= 1:
             break
         time.sleep(1)
     assert routed == expected
@@ -84,7 +89,15 @@ def test_routed_tokens_add_up(metered_server):
     info = client.stub.ModelInfo(pb.ModelInfoRequest())
     assert [sum(r.tokens_per_expert) for r in info.routing] == [tokens * top_k] * layers
     text = render(info)
-    assert "max/mean" in text and "no expert actors" in text
+    assert "max/mean" in text and "ALIVE" in text
+
+    # Every series the Grafana dashboard charts is exported (names as Prometheus shows them).
+    dashboard = json.loads((Path(__file__).parent.parent / "k8s" / "grafana-dashboard.json").read_text())
+    charted = {re.sub(r"_(total|bucket|sum|count)$", "", name)
+               for panel in dashboard["panels"] for t in panel["targets"]
+               for name in re.findall(r"ray_raymoe_\w+", t["expr"])}
+    assert charted and charted <= set(samples), charted - set(samples)
+    assert pairs == expected  # the actors computed every routed (token, expert) pair once
 
 
 def test_imbalance():
