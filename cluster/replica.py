@@ -30,7 +30,7 @@ def build_engine_loop(s: ServeSettings) -> tuple[EngineLoop, dict[str, Any]]:
         factory, actors = remote_experts_factory(pool), (lambda: actor_infos(pool))
     model = load_model(ckpt, dtype=getattr(torch, s.dtype), experts_factory=factory)
     engine = Engine(model, kv_cache_tokens=s.kv_cache_tokens, max_batch_tokens=s.max_batch_tokens,
-                    max_running=s.max_running)
+                    max_running=s.max_running, micro_batches=s.effective_micro_batches)
     metrics = ServingMetrics(model.cfg.num_hidden_layers, model.cfg.num_local_experts)
     loop = EngineLoop(engine, tokenizer, max_queue=s.max_queue, metrics=metrics)
     return loop, {"checkpoint": str(ckpt.dir), "actors": actors}

@@ -30,6 +30,7 @@ class ServeSettings:
     autoscale_max_replicas: int = 0  # > replicas turns on Serve autoscaling between the two
     target_ongoing_requests: int = 16
     max_batch_tokens: int = 2048
+    micro_batches: int = 0  # split each step in N parts to overlap attention with remote experts; 0 = auto
     max_running: int = 64  # sequences decoded together
     kv_cache_tokens: int = 32768  # KV cache size per front replica, in tokens
     max_queue: int = 256  # requests waiting for admission before RESOURCE_EXHAUSTED
@@ -56,6 +57,11 @@ class ServeSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def effective_micro_batches(self) -> int:
+        """2 with expert actors (attention of one half overlaps the experts of the other), else 1."""
+        return self.micro_batches or (2 if self.expert_actors else 1)
 
     def pool_config(self):
         """The expert pool these settings ask for (None: experts inside each front replica)."""

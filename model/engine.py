@@ -17,7 +17,7 @@ import torch
 
 from .kv_cache import PagedKVCache
 from .sampling import SamplingParams, sample
-from .step import build_layout
+from .step import StepLayout, build_layout
 from .transformer import Mixtral
 
 
@@ -56,10 +56,12 @@ class TokenEvent:
 
 class Engine:
     def __init__(self, model: Mixtral, *, kv_cache_tokens: int = 16384, block_size: int = 16,
-                 max_batch_tokens: int = 2048, max_running: int = 64) -> None:
+                 max_batch_tokens: int = 2048, max_running: int = 64, micro_batches: int = 1) -> None:
+        """micro_batches > 1 splits each step's batch so that, with remote experts, the attention of
+        one part runs while another part's experts compute (see Mixtral.forward_micro)."""
         self.model, self.cfg = model, model.cfg
         self.cache = PagedKVCache(self.cfg, kv_cache_tokens, block_size=block_size, dtype=model.dtype)
-        self.max_batch_tokens, self.max_running = max_batch_tokens, max_running
+        self.max_batch_tokens, self.max_running, self.micro_batches = max_batch_tokens, max_running, micro_batches
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: dict[Hashable, Sequence] = {}
         self.last_batch = (0, 0)  # (sequences, tokens) of the latest step, for metrics
@@ -136,17 +138,18 @@ class Engine:
         self.last_batch = (len(batch), sum(len(c) for _, c in batch))
         if not batch:
             return []
-        layout = build_layout([len(c) for _, c in batch], [s.num_cached for s, _ in batch],
-                              block_tables=[self.cache.table(s.seq_id) for s, _ in batch],
-                              block_size=self.cache.block_size, sliding_window=self.cfg.sliding_window)
-        tokens = torch.tensor([t for _, c in batch for t in c], dtype=torch.long)
-        hidden = self.model(tokens, layout, self.cache)
+        parts = [self._inputs(part) for part in self._split(batch)]
+        if len(parts) == 1:
+            hiddens = [self.model(*parts[0], self.cache)]
+        else:  # micro-batches: attention of one overlaps the (remote) experts of another
+            hiddens = self.model.forward_micro(parts, self.cache)
+        last = torch.cat([h[layout.last_index] for h, (_, layout) in zip(hiddens, parts)])  # [B, D], batch order
         for seq, chunk in batch:
             seq.num_cached += len(chunk)
         ready = [b for b, (s, _) in enumerate(batch) if s.num_cached == s.num_tokens]
         if not ready:
             return []
-        logits = self.model.logits(hidden[layout.last_index[ready]])
+        logits = self.model.logits(last[ready])
         seqs = [batch[b][0] for b in ready]
         out = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         events = []
@@ -161,6 +164,25 @@ class Engine:
                 self.cache.release(seq.seq_id)
             events.append(TokenEvent(seq.seq_id, token, out.logprobs[i], out.top[i], seq.finish_reason))
         return events
+
+    def _split(self, batch: list[tuple[Sequence, list[int]]]) -> list[list[tuple[Sequence, list[int]]]]:
+        """Contiguous parts of about equal token counts (one part unless micro-batching applies)."""
+        n = min(self.micro_batches, len(batch))
+        if n <= 1:
+            return [batch]
+        total, parts, acc = sum(len(c) for _, c in batch), [[]], 0
+        for item in batch:
+            if acc >= total * len(parts) / n and len(parts) < n:
+                parts.append([])
+            parts[-1].append(item)
+            acc += len(item[1])
+        return parts
+
+    def _inputs(self, part: list[tuple[Sequence, list[int]]]) -> tuple[torch.Tensor, StepLayout]:
+        layout = build_layout([len(c) for _, c in part], [s.num_cached for s, _ in part],
+                              block_tables=[self.cache.table(s.seq_id) for s, _ in part],
+                              block_size=self.cache.block_size, sliding_window=self.cfg.sliding_window)
+        return torch.tensor([t for _, c in part for t in c], dtype=torch.long), layout
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         if token in seq.params.stop_token_ids or (not seq.params.ignore_eos and token in self.cfg.eos_token_ids):

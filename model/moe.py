@@ -97,9 +97,29 @@ class MoEBlock(nn.Module):
         self.observer: RouteObserver | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.start(x).result()
+
+    def start(self, x: torch.Tensor) -> "PendingExperts":
+        """Route and start the experts; `.result()` gives [T, D]. Experts with a split API (remote
+        ones: `dispatch(x, weights, idx) -> pending`) run meanwhile; others compute right here."""
         weights, idx = route(x, self.gate.weight, self.top_k)
         if self.observer is not None:
             self.observer(self.layer, idx)
         if self.experts is None:
             raise RuntimeError("this model was built without experts; attach an Experts implementation")
-        return self.experts(x, weights, idx)
+        dispatch = getattr(self.experts, "dispatch", None)
+        return dispatch(x, weights, idx) if dispatch is not None else Done(self.experts(x, weights, idx))
+
+
+class PendingExperts(Protocol):
+    def result(self) -> torch.Tensor: ...
+
+
+class Done:
+    """An expert result computed synchronously, behind the same `.result()` as a remote one."""
+
+    def __init__(self, out: torch.Tensor) -> None:
+        self.out = out
+
+    def result(self) -> torch.Tensor:
+        return self.out

@@ -34,8 +34,13 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: StepLayout, rope: tuple[torch.Tensor, torch.Tensor],
                 kv_store: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        h = x + self.attn(self.input_layernorm(x), layout, rope, kv_store)
+        h = self.attend(x, layout, rope, kv_store)
         return h + self.moe(self.post_attention_layernorm(h))
+
+    def attend(self, x: torch.Tensor, layout: StepLayout, rope: tuple[torch.Tensor, torch.Tensor],
+               kv_store: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """The attention half (with its residual); the MoE half is `moe.start(post_attention_layernorm(h))`."""
+        return x + self.attn(self.input_layernorm(x), layout, rope, kv_store)
 
 
 class Mixtral(nn.Module):
@@ -63,6 +68,27 @@ class Mixtral(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, layout, rope, None if cache is None else cache.store(i))
         return self.norm(x)
+
+    def forward_micro(self, parts: list[tuple[torch.Tensor, StepLayout]], cache: PagedKVCache | None = None
+                      ) -> list[torch.Tensor]:
+        """Several micro-batches, pipelined layer by layer: while one part's experts run (on expert
+        actors), the next part's attention runs here. Same math as `forward` on each part alone.
+
+        Order for parts A, B: attend A0 → start A0's experts → attend B0 → start B0 → finish A0 →
+        attend A1 (B0's experts still running) → start A1 → finish B0 → attend B1 → ...
+        """
+        xs = [self.embed_tokens(tokens) for tokens, _ in parts]
+        ropes = [self.rotary(layout.positions, x.dtype) for x, (_, layout) in zip(xs, parts)]
+        hs: list[torch.Tensor | None] = [None] * len(parts)
+        pending: list = [None] * len(parts)
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else cache.store(i)
+            for j, (_, layout) in enumerate(parts):
+                if pending[j] is not None:  # finish part j's previous layer
+                    xs[j] = hs[j] + pending[j].result()
+                hs[j] = layer.attend(xs[j], layout, ropes[j], kv)
+                pending[j] = layer.moe.start(layer.post_attention_layernorm(hs[j]))
+        return [self.norm(h + p.result()) for h, p in zip(hs, pending)]
 
     def set_route_observer(self, observer: RouteObserver | None) -> None:
         """Call `observer(layer, idx)` with every MoE layer's routing decisions (for metrics)."""

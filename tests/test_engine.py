@@ -173,3 +173,15 @@ def test_duplicate_sequence_id_rejected(model):
     engine.add("r", [1, 2], GREEDY)
     with pytest.raises(ValueError, match="already in use"):
         engine.add("r", [1, 3], GREEDY)
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+def test_micro_batches_equal_one_batch(model, parts):
+    """Splitting each step into micro-batches (the overlap path for remote experts) changes nothing."""
+    prompts = [[1, 5, 9], [1, 2, 3, 4, 5, 6, 7], [1, 40], [1, 8, 8, 8, 8], [1, 30, 31]]
+    params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=2)
+    one = Engine(model, kv_cache_tokens=512).generate(prompts, params)
+    split = Engine(model, kv_cache_tokens=512, micro_batches=parts).generate(prompts, params)
+    for a, b in zip(one, split):
+        assert a.output_ids == b.output_ids
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)

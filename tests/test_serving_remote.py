@@ -52,6 +52,22 @@ def test_remote_experts_equal_in_process(remote_server, tiny_dir):
         assert got["logprobs"] == pytest.approx(ref.logprobs, abs=1e-5)
 
 
+def test_concurrent_requests_equal_in_process(remote_server, tiny_dir):
+    """Batched steps are split into two micro-batches with remote experts: answers do not change."""
+    import concurrent.futures
+
+    client, _ = remote_server
+    engine = Engine(load_model(tiny_dir), kv_cache_tokens=2048)
+    prompts = [[1] + [(11 * i + 7 * j) % 500 + 3 for j in range(2 + i)] for i in range(6)]
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(lambda ids: client.generate(pb.GenerateRequest(
+            prompt_token_ids=ids, max_tokens=8, ignore_eos=True)), prompts))
+    for ids, response in zip(prompts, got):
+        ref = engine.generate([ids], SamplingParams(max_tokens=8, ignore_eos=True))[0]
+        assert list(response.token_ids) == ref.output_ids
+        assert list(response.logprobs) == pytest.approx(ref.logprobs, abs=1e-5)
+
+
 def test_model_info_reports_placement(remote_server):
     client, _ = remote_server
     info = client.stub.ModelInfo(pb.ModelInfoRequest())
