@@ -35,6 +35,7 @@ class ServeSettings:
     kv_cache_tokens: int = 32768  # KV cache size per front replica, in tokens
     max_queue: int = 256  # requests waiting for admission before RESOURCE_EXHAUSTED
     replica_num_cpus: float = 1.0
+    replica_resources: dict[str, float] = dataclasses.field(default_factory=dict)  # custom Ray resources per replica
     grpc_port: int = 9000
     request_timeout_s: float = 600.0  # covers a whole stream
 
@@ -76,7 +77,8 @@ class ServeSettings:
     def deployment_options(self) -> dict[str, Any]:
         """Options of the front deployment (`Deployment.options`, and `deployments:` in a Serve config)."""
         opts: dict[str, Any] = {
-            "ray_actor_options": {"num_cpus": self.replica_num_cpus},
+            "ray_actor_options": {"num_cpus": self.replica_num_cpus,
+                                  **({"resources": dict(self.replica_resources)} if self.replica_resources else {})},
             # Room above our own bounded queue, so a full queue answers RESOURCE_EXHAUSTED at once
             # (from the replica, with our message) instead of waiting in Serve's queue.
             "max_ongoing_requests": self.max_running + self.max_queue + 16,

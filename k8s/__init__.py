@@ -1,0 +1,1 @@
+"""Kubernetes (KubeRay) manifests for raymoe; `python -m k8s.render` writes their Serve configs."""
