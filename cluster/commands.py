@@ -19,9 +19,10 @@ def run_command(args: argparse.Namespace) -> int:
     from model.weights import CheckpointError
 
     from .serve_cmd import cmd_generate, cmd_serve
+    from .status_cmd import cmd_status
 
     handlers = {"run": cmd_run, "init-model": cmd_init_model, "serve": cmd_serve, "generate": cmd_generate,
-                "train-demo": cmd_train_demo, "eval-demo": cmd_eval_demo}
+                "train-demo": cmd_train_demo, "eval-demo": cmd_eval_demo, "status": cmd_status}
     try:
         return handlers[args.command](args)
     except (UserError, ConfigError, CheckpointError, TokenizerError, ValueError) as e:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 import urllib.request
@@ -12,11 +11,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.client import Client
-from cluster.settings import ServeSettings
 from cluster.status_cmd import imbalance, render
 from protos import generator_pb2 as pb
-from test_serving import free_port
+from serving_helpers import free_port, running_server
 
 WORKLOAD = [([1, 5, 9, 14], 6), ([1, 2, 3, 4, 5, 6, 7, 8, 9], 3), ([1, 77], 10)]  # (prompt ids, max_tokens)
 
@@ -28,25 +25,11 @@ def scrape(port: int) -> dict[str, list]:
 
 @pytest.fixture(scope="module")
 def metered_server(tiny_dir):
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    import ray
-    from ray import serve
-
-    from cluster.serve_cmd import deploy
-
     metrics_port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, namespace="raymoe-test-metrics", log_to_driver=False,
-             _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 500})
-    settings = ServeSettings(checkpoint=str(tiny_dir), grpc_port=free_port(), expert_actors=2, expert_num_cpus=0.5)
-    try:
-        deploy(settings, http_port=free_port())
-        client = Client(f"127.0.0.1:{settings.grpc_port}")
-        client.wait_ready(60)
+    ray_options = dict(_metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 500})
+    with running_server("raymoe-test-metrics", ray_options=ray_options, checkpoint=str(tiny_dir),
+                        expert_actors=2, expert_num_cpus=0.5) as client:
         yield client, metrics_port
-        client.close()
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def test_routed_tokens_add_up(metered_server):

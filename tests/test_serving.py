@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import os
-import socket
 import time
 
 import grpc
@@ -12,43 +10,22 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.client import Client, completion_json
-from cluster.settings import ServeSettings
 from model.completion import complete
 from model.engine import Engine
 from model.sampling import SamplingParams
 from model.tokenizer import Tokenizer
 from model.weights import load_model
 from protos import generator_pb2 as pb
+from serving_helpers import running_server
 
 MAX_RUNNING, MAX_QUEUE = 16, 8
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    import ray
-    from ray import serve
-
-    from cluster.serve_cmd import deploy
-
-    ray.init(num_cpus=4, include_dashboard=False, namespace="raymoe-test-serving", log_to_driver=False)
-    settings = ServeSettings(checkpoint=str(tiny_dir), grpc_port=free_port(), max_running=MAX_RUNNING,
-                             max_queue=MAX_QUEUE, kv_cache_tokens=8192)
-    try:
-        deploy(settings, http_port=free_port())
-        client = Client(f"127.0.0.1:{settings.grpc_port}")
-        client.wait_ready(60)
+    with running_server("raymoe-test-serving", checkpoint=str(tiny_dir), max_running=MAX_RUNNING,
+                        max_queue=MAX_QUEUE, kv_cache_tokens=8192) as client:
         yield client
-        client.close()
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

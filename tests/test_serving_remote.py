@@ -2,43 +2,27 @@
 
 from __future__ import annotations
 
-import os
 
 import grpc
 import pytest
 
-from cluster.client import Client, completion_json
-from cluster.settings import ServeSettings
+from cluster.client import completion_json
 from model.completion import complete
 from model.engine import Engine
 from model.sampling import SamplingParams
 from model.tokenizer import Tokenizer
 from model.weights import load_model
 from protos import generator_pb2 as pb
-from test_serving import free_port
+from serving_helpers import running_server
 
 
 @pytest.fixture(scope="module")
 def remote_server(tiny_dir):
-    os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
-    from ray import serve
 
-    from cluster.serve_cmd import deploy, release_pool
-
-    ray.init(num_cpus=4, include_dashboard=False, namespace="raymoe-test-remote", log_to_driver=False)
-    settings = ServeSettings(checkpoint=str(tiny_dir), grpc_port=free_port(), expert_actors=3,
-                             expert_num_cpus=0.5, expert_timeout_s=10, replicas=2, replica_num_cpus=0.5)
-    try:
-        deploy(settings, http_port=free_port())
-        client = Client(f"127.0.0.1:{settings.grpc_port}")
-        client.wait_ready(120)
+    with running_server("raymoe-test-remote", checkpoint=str(tiny_dir), expert_actors=3, expert_num_cpus=0.5,
+                        expert_timeout_s=10, replicas=2, replica_num_cpus=0.5) as client:
         yield client, ray
-        client.close()
-    finally:
-        serve.shutdown()
-        release_pool(settings)
-        ray.shutdown()
 
 
 def test_remote_experts_equal_in_process(remote_server, tiny_dir):
