@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=None, help="peak learning rate")
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     train.add_argument("--log-every", type=int, default=None, help="print progress every N steps")
+    train.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="stored weight type")
     train.add_argument("--eval-n", type=int, default=500, help="held-out problems scored at the end (0: skip)")
 
     ev = sub.add_parser("eval-demo", help="exact-match accuracy of the demo model on held-out additions")
@@ -90,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n", type=int, default=500, help="number of held-out problems")
     ev.add_argument("--seed", type=int, default=None, help="seed of the held-out problem stream")
     ev.add_argument("--batch-size", type=int, default=64, help="prompts generated together")
+    where = ev.add_mutually_exclusive_group()
+    where.add_argument("--target", help="score a running server at HOST:PORT instead (gRPC)")
+    where.add_argument("--expert-actors", type=int, default=None, metavar="N",
+                       help="run the experts on N Ray actors (a local Ray instance unless --address)")
+    ev.add_argument("--address", help="with --expert-actors: join this Ray cluster")
+    ev.add_argument("--actor-cpus", type=float, default=None, help="CPUs per expert actor without GPUs")
     return parser
 
 

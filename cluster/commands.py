@@ -107,6 +107,8 @@ def cmd_init_model(args: argparse.Namespace) -> int:
 def cmd_train_demo(args: argparse.Namespace) -> int:
     import dataclasses
 
+    import torch
+
     from model.demo import TrainConfig, evaluate, train_demo
 
     overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "threads", "log_every")
@@ -115,7 +117,8 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
         if v <= 0:
             raise UserError(f"--{k.replace('_', '-')} must be positive (got {v})")
     tc = dataclasses.replace(TrainConfig(seed=args.seed), **overrides)
-    result = train_demo(args.out, tc, log=lambda line: print(line, flush=True))
+    result = train_demo(args.out, tc, dtype=getattr(torch, DTYPES[args.dtype]),
+                        log=lambda line: print(line, flush=True))
     print(f"trained {result.steps} steps in {result.seconds:.0f}s, final loss {result.final_loss:.4f}; "
           f"wrote {args.out}", flush=True)
     if args.eval_n > 0:
@@ -130,8 +133,18 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
     if args.n < 1 or args.batch_size < 1:
         raise UserError("--n and --batch-size must be positive")
     checkpoint = args.checkpoint or default_checkpoint()
-    print_eval(evaluate(checkpoint, n=args.n, seed=EVAL_SEED if args.seed is None else args.seed,
-                        batch_size=args.batch_size))
+    seed = EVAL_SEED if args.seed is None else args.seed
+    if args.target:
+        from .demo_eval import server_generate
+
+        print_eval(evaluate(checkpoint, n=args.n, seed=seed, generate=server_generate(args.target)))
+    elif args.expert_actors is not None:
+        from .demo_eval import remote_experts_generate
+
+        with remote_experts_generate(checkpoint, args, batch_size=args.batch_size) as generate:
+            print_eval(evaluate(checkpoint, n=args.n, seed=seed, generate=generate))
+    else:
+        print_eval(evaluate(checkpoint, n=args.n, seed=seed, batch_size=args.batch_size))
     return 0
 
 

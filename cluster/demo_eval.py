@@ -1,0 +1,43 @@
+"""Answer the demo's held-out problems through the distributed paths, for `raymoe eval-demo`.
+
+model/demo.py scores any `prompts → answers` function; these are the two that leave the process:
+a running gRPC server (`--target`) and experts on Ray actors (`--expert-actors`). All greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+from pathlib import Path
+from typing import Callable, Iterator
+
+GenerateFn = Callable[[list[str]], list[str]]
+MAX_TOKENS = 6  # the longest answer (4 digits) plus EOS, with room to spare
+
+
+def server_generate(target: str, concurrency: int = 32, timeout: float = 120.0) -> GenerateFn:
+    """Each prompt as its own Generate call, `concurrency` at a time (the server batches them)."""
+    from protos import generator_pb2 as pb
+
+    from .client import Client
+
+    def generate(prompts: list[str]) -> list[str]:
+        with Client(target) as client, concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+            client.wait_ready(timeout)
+            return list(pool.map(lambda p: client.generate(
+                pb.GenerateRequest(prompt=p, max_tokens=MAX_TOKENS), timeout=timeout).text, prompts))
+
+    return generate
+
+
+@contextlib.contextmanager
+def remote_experts_generate(checkpoint: str | Path, args: argparse.Namespace,
+                            batch_size: int = 64) -> Iterator[GenerateFn]:
+    """The in-process engine with its experts on Ray actors (as `raymoe run --expert-actors N`)."""
+    from model.demo import local_generate
+
+    from .remote_session import experts_factory_from_args
+
+    with experts_factory_from_args(args, checkpoint) as factory:
+        yield local_generate(checkpoint, batch_size=batch_size, experts_factory=factory)
