@@ -16,4 +16,4 @@ trap 'echo "== stopping the server"; kill -INT $SERVER 2>/dev/null; wait $SERVER
 echo "== asking: 123+456=   (raymoe generate --stream; the server log is .venv/quickstart-server.log)"
 .venv/bin/raymoe generate --target "127.0.0.1:$PORT" --wait-ready 300 --prompt "123+456=" --max-tokens 8 --stream
 echo "== and with the full JSON result:"
-.venv/bin/raymoe generate --target "127.0.0.1:$PORT" --prompt "2024+17=" --max-tokens 8 --json
+.venv/bin/raymoe generate --target "127.0.0.1:$PORT" --prompt "705+38=" --max-tokens 8 --json
