@@ -55,7 +55,9 @@ def test_evaluate_scores_any_generate_function():
     def oracle(prompts):
         return [f" {eval(p.rstrip('='))}" for p in prompts]  # noqa: S307 — our own "a+b=" strings
 
-    assert demo.evaluate(n=50, generate=oracle).accuracy == 1.0
+    right = demo.evaluate(n=50, generate=oracle)
+    assert right.accuracy == 1.0 and right.correct == right.n == 50 and not right.errors
+    assert right.answers == oracle([demo.prompt_text(a, b) for a, b in demo.eval_problems(50)])
     wrong = demo.evaluate(n=50, generate=lambda ps: ["0"] * len(ps))
     assert wrong.accuracy < 0.1 and wrong.errors
 
