@@ -45,6 +45,8 @@ def swiglu_grouped(xs: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: t
     One matmul per expert over all of its rows: w13 [E, 2F, D] holds w1 (gate) and w3 (up)
     stacked, w2 [E, D, F] projects down. The loop is over experts, never over tokens.
     """
+    if len(counts) > 1 and min(counts) > 0 and max(counts) * len(counts) <= 2 * sum(counts):
+        return _swiglu_padded(xs, counts, w13, w2)
     out = torch.empty_like(xs)
     start = 0
     for e, n in enumerate(counts):
@@ -54,6 +56,20 @@ def swiglu_grouped(xs: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: t
             out[start:start + n] = F.linear(F.silu(gate) * up, w2[e])
             start += n
     return out
+
+
+def _swiglu_padded(xs: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """Every expert has rows and none has more than twice its share (large decode batches): pad to
+    [E, C, D] and run two batched matmuls, which stream each expert's weights once with less
+    per-call overhead than E separate ones. Same math as the loop; padding rows are dropped."""
+    e, c = len(counts), max(counts)
+    sizes = torch.tensor(counts)
+    expert = torch.repeat_interleave(torch.arange(e), sizes)  # [N] expert of each row
+    slot = torch.arange(xs.shape[0]) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
+    padded = xs.new_zeros(e, c, xs.shape[1])
+    padded[expert, slot] = xs
+    gate, up = torch.bmm(padded, w13.transpose(1, 2)).chunk(2, dim=-1)  # [E, C, F] each
+    return torch.bmm(F.silu(gate) * up, w2.transpose(1, 2))[expert, slot]
 
 
 def combine(out_rows: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, num_tokens: int,
