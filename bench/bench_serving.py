@@ -42,8 +42,9 @@ def run_streams(target: str, prompts: list[list[int]], new_tokens: int) -> dict:
     def one(ids):
         with Client(target) as c:
             t0 = time.perf_counter()
-            stamps = [time.perf_counter() for _ in c.stream(pb.GenerateRequest(
-                prompt_token_ids=ids, max_tokens=new_tokens, ignore_eos=True))]
+            stamps = []  # one per token: a chunk may carry several when the client lags behind
+            for chunk in c.stream(pb.GenerateRequest(prompt_token_ids=ids, max_tokens=new_tokens, ignore_eos=True)):
+                stamps += [time.perf_counter()] * len(chunk.token_ids)
         return t0, stamps
 
     t = time.perf_counter()

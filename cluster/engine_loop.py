@@ -40,6 +40,12 @@ class Chunk:
     completion_tokens: int
 
 
+def merge(a: Chunk, b: Chunk) -> Chunk:
+    """Two consecutive chunks of one sequence as one."""
+    return Chunk(a.text + b.text, a.token_ids + b.token_ids, a.logprobs + b.logprobs, a.top + b.top,
+                 b.finish_reason, b.completion_tokens)
+
+
 class _Request:
     def __init__(self, loop: asyncio.AbstractEventLoop, prompt_ids: list[int], params: SamplingParams,
                  tracker: CompletionTracker) -> None:
@@ -84,6 +90,11 @@ class EngineLoop:
         try:
             while True:
                 item = await req.out.get()
+                # Tokens that arrived while the consumer was busy go out together: under load one
+                # message per token through Serve's proxy would cost more than the tokens themselves.
+                while not isinstance(item, BaseException) and item.finish_reason is None and not req.out.empty():
+                    nxt = req.out.get_nowait()
+                    item = nxt if isinstance(nxt, BaseException) else merge(item, nxt)
                 if isinstance(item, BaseException):
                     finished = True
                     raise item

@@ -6,12 +6,14 @@ with a message the client can act on; the ingress turns that into INVALID_ARGUME
 
 from __future__ import annotations
 
+import functools
+
 from protos import generator_pb2 as pb
 from model.config import ModelConfig
 from model.sampling import SamplingParams
 from model.tokenizer import Tokenizer
 
-from .engine_loop import Chunk
+from .engine_loop import Chunk, merge
 
 DEFAULT_MAX_TOKENS = 16
 MAX_STOP_STRINGS = 8
@@ -62,10 +64,7 @@ def chunk_response(chunk: Chunk, prompt_ids: list[int] | None, with_top: bool) -
 
 
 def merge_chunks(chunks: list[Chunk]) -> Chunk:
-    return Chunk(text="".join(c.text for c in chunks), token_ids=[t for c in chunks for t in c.token_ids],
-                 logprobs=[lp for c in chunks for lp in c.logprobs], top=[r for c in chunks for r in c.top],
-                 finish_reason=chunks[-1].finish_reason if chunks else None,
-                 completion_tokens=chunks[-1].completion_tokens if chunks else 0)
+    return functools.reduce(merge, chunks) if chunks else Chunk("", [], [], [], None, 0)
 
 
 def config_message(cfg: ModelConfig, dtype: str) -> pb.ModelConfig:

@@ -69,7 +69,7 @@ def test_unary_and_stream_equal_in_process(server, reference, tokenizer):
         assert got["logprobs"] == pytest.approx(ref.logprobs, abs=1e-5)
         assert [[a["token_id"] for a in row] for row in got["top_logprobs"]] == \
             [[t for t, _ in row] for row in ref.top_logprobs]
-    assert len(chunks) == 12 and chunks[-1].usage.completion_tokens == 12
+    assert sum(len(c.token_ids) for c in chunks) == 12 and chunks[-1].usage.completion_tokens == 12
     assert unary.usage.prompt_tokens == len(ref.prompt_ids)
 
 
