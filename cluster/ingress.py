@@ -16,7 +16,7 @@ import grpc
 from protos import generator_pb2 as pb
 
 from . import protocol
-from .engine_loop import EngineLoop, QueueFull
+from .engine_loop import QueueFull
 from .settings import ServeSettings
 
 log = logging.getLogger("ray.serve")
