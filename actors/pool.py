@@ -14,6 +14,7 @@ process that created the pool (they are not detached).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import uuid
 from pathlib import Path
@@ -56,16 +57,21 @@ class PoolConfig:
     start_timeout_s: float = 120.0  # longest wait for the reservation and the actors' weights
 
 
+SAMPLES = 8192  # per DispatchMetrics series
+
+
 @dataclasses.dataclass
 class DispatchMetrics:
     """Front-side counters for benchmarks: per-layer timings (µs) and bytes over the wire."""
 
-    dispatch_us: list[float] = dataclasses.field(default_factory=list)  # group + serialise + submit
-    wait_us: list[float] = dataclasses.field(default_factory=list)  # until every actor answered
-    combine_us: list[float] = dataclasses.field(default_factory=list)  # sum of the partial outputs
+    # The latest samples only: a serving replica records three per layer call for as long as it runs.
+    dispatch_us: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=SAMPLES))
+    wait_us: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=SAMPLES))
+    combine_us: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=SAMPLES))
     bytes_sent: int = 0
     bytes_received: int = 0
     calls: int = 0  # actor calls
+    layer_calls: int = 0  # dispatches (one per MoE layer and micro-batch)
 
     def reset(self) -> None:
         self.__init__()  # type: ignore[misc]

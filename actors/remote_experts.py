@@ -148,6 +148,7 @@ class RemoteExperts:
         m.dispatch_us.append((time.perf_counter() - t0) * 1e6)
         m.bytes_sent += sent
         m.calls += len(refs)
+        m.layer_calls += 1
         return Pending(self, refs, actors, rows, like)
 
     def unavailable(self, actors: list[int], reason: str) -> ExpertsUnavailable:

@@ -119,7 +119,7 @@ def main() -> None:
                     rate = decode_rate(model, b, args.steps, args.prompt_len, hook=pool.metrics.reset)
                     m = pool.metrics
                     busy = sum(s["busy_s"] for s in pool.stats()) - busy0
-                    n_layers = len(m.dispatch_us)
+                    n_layers = m.layer_calls
                     rows[(f"remote({a})", b)] = {
                         "tok_s": rate,
                         "front_us": statistics.median(d + c for d, c in zip(m.dispatch_us, m.combine_us)),
