@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .export import save_checkpoint
 from .moe import MoEBlock
+from .presets import random_model
 from .step import build_layout
 from .synthetic import addition
 from .tokenizer import Tokenizer, train_tokenizer
@@ -122,21 +123,6 @@ def demo_config(shape: Shape, vocab_size: int, tokenizer: Tokenizer) -> ModelCon
                        num_key_value_heads=shape.kv_heads, num_local_experts=shape.experts,
                        num_experts_per_tok=shape.top_k, rope_theta=10000.0, max_position_embeddings=512,
                        bos_token_id=tokenizer.bos_id, eos_token_ids=(tokenizer.eos_id,))
-
-
-def init_model(cfg: ModelConfig, seed: int, std: float = 0.02) -> Mixtral:
-    """A trainable Mixtral: N(0, std) weights (output projections scaled down by depth), norms one."""
-    g = torch.Generator().manual_seed(seed)
-    model = Mixtral(cfg)
-    out_std = std / math.sqrt(2 * cfg.num_hidden_layers)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                s = out_std if name.endswith(("attn.wo.weight", "experts.w2")) else std
-                p.copy_(torch.randn(p.shape, generator=g) * s)
-    return model
 
 
 class RouterStats:
@@ -257,7 +243,7 @@ def train(tc: TrainConfig, tokenizer_dir: str | Path, *, log: Callable[[str], No
     tok = train_tokenizer(tokenizer_corpus(tc.seed), Path(tokenizer_dir) / "tokenizer.model", TOKENIZER_VOCAB)
     encoder = Encoder(tok)
     cfg = demo_config(tc.shape, tok.vocab_size, tok)
-    model = init_model(cfg, tc.seed).train()
+    model = random_model(cfg, tc.seed, scale_outputs=True).train().requires_grad_(True)
     log(f"tokenizer: {tok.vocab_size} pieces; model: {cfg.num_parameters() / 1e6:.2f}M parameters "
         f"({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_local_experts} experts × "
         f"intermediate {cfg.intermediate_size}, top-{cfg.num_experts_per_tok}); {tc.steps} steps of "

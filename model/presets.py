@@ -7,6 +7,7 @@ and the tokenizer is trained with sentencepiece on text the project generates (m
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 
@@ -28,15 +29,19 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-def random_model(cfg: ModelConfig, seed: int, std: float = 0.02) -> Mixtral:
+def random_model(cfg: ModelConfig, seed: int, std: float = 0.02, *, scale_outputs: bool = False) -> Mixtral:
+    """N(0, std) weights, norms one, for inference. scale_outputs divides the std of the residual
+    output projections (attention out, expert down) by sqrt(2 · layers), the usual init for training."""
     g = torch.Generator().manual_seed(seed)
     model = Mixtral(cfg)
+    out_std = std / math.sqrt(2 * cfg.num_hidden_layers) if scale_outputs else std
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+                s = out_std if name.endswith(("attn.wo.weight", "experts.w2")) else std
+                p.copy_(torch.randn(p.shape, generator=g) * s)
     return model.eval().requires_grad_(False)
 
 
