@@ -67,11 +67,11 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-    import ray
     from ray import serve
     from transformers import MixtralForCausalLM
 
-    from cluster.serve_cmd import deploy, init_ray
+    from cluster.remote_session import ray_connection
+    from cluster.serve_cmd import deploy
     from cluster.settings import ServeSettings
     from model.engine import Engine
     from model.presets import init_checkpoint
@@ -107,9 +107,8 @@ def main() -> None:
 
     settings = ServeSettings(checkpoint=ckpt, expert_actors=args.expert_actors, grpc_port=free_port(),
                              max_running=max(levels), replica_num_cpus=1.0)
-    init_ray(None, settings.replica_num_cpus + args.expert_actors * settings.expert_num_cpus)
     served = {}
-    try:
+    with ray_connection(None, settings.local_ray_cpus()):
         deploy(settings, http_port=free_port())
         target = f"127.0.0.1:{settings.grpc_port}"
         from cluster.client import Client
@@ -119,9 +118,7 @@ def main() -> None:
         run_streams(target, prompts[levels[0]][:1], 4)  # warm-up
         for c in levels:
             served[c] = run_streams(target, prompts[c], n)
-    finally:
         serve.shutdown()
-        ray.shutdown()
 
     print(f"small preset, {args.expert_actors} expert actors, {n} new tokens, prompt {args.prompt_len} tokens")
     print(f"{'conc':>4} {'served tok/s':>12} {'in-proc':>8} {'hf':>7} {'srv/inproc':>10} {'srv/hf':>7} "

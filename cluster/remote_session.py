@@ -1,6 +1,7 @@
 """Remote experts for a command: join (or start) Ray, start the expert pool, tear down what we started.
 
-Used by `raymoe run --expert-actors N [--replicas R] [--actor-cpus C] [--address ADDR]`. Without
+Used by `raymoe run --expert-actors N [--expert-replicas R] [--actor-cpus C] [--address ADDR]`, by
+`raymoe eval-demo --expert-actors N` and (the connection only) by `raymoe serve`. Without
 --address a local Ray instance is started for the command (token auth off unless RAY_AUTH_MODE is
 set, no dashboard, actor logs kept out of our stdout so --json output stays one object) and shut
 down at the end; with --address the command joins that cluster and leaves it running.

@@ -4,24 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
 
 from .settings import APP_NAME, SERVICER_FUNCTIONS, ServeSettings
-
-
-def init_ray(address: str | None, logical_cpus: float = 0) -> None:
-    """Join `address`, or start a local Ray with enough logical CPUs for what we will place."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local cluster on loopback; see README to enable
-    import ray
-
-    if address:
-        ray.init(address=address, namespace="raymoe", log_to_driver=False)
-    else:
-        cpus = max(os.cpu_count() or 1, int(logical_cpus + 0.999) + 1)
-        ray.init(num_cpus=cpus, namespace="raymoe", include_dashboard=False, log_to_driver=False)
 
 
 def deploy(settings: ServeSettings, http_port: int = 8000) -> None:
@@ -50,29 +37,27 @@ def release_pool(settings: ServeSettings) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(checkpoint=args.checkpoint, dtype=args.dtype, expert_actors=args.expert_actors,
-                             expert_replicas=args.expert_replicas, replicas=args.replicas, grpc_port=args.grpc_port, max_running=args.max_running,
-                             kv_cache_tokens=args.kv_cache_tokens, max_queue=args.max_queue)
-    import ray
+                             expert_replicas=args.expert_replicas, replicas=args.replicas, grpc_port=args.grpc_port,
+                             max_running=args.max_running, kv_cache_tokens=args.kv_cache_tokens,
+                             max_queue=args.max_queue)
     from ray import serve
 
-    needed = settings.replicas * settings.replica_num_cpus + settings.expert_actors * settings.expert_num_cpus
-    init_ray(args.address, needed)
+    from .remote_session import ray_connection
+
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    try:
-        deploy(settings, args.http_port)
-        target = f"127.0.0.1:{settings.grpc_port}"
-        print(f"raymoe: serving {settings.checkpoint or 'the default model'} on {target} (gRPC); Ctrl-C stops\n"
-              f"  try: raymoe generate --target {target} --prompt '123+456=' --stream", flush=True)
-        stop.wait()
-    finally:
-        print("raymoe: shutting down", file=sys.stderr, flush=True)
+    with ray_connection(args.address, settings.local_ray_cpus()):
         try:
+            deploy(settings, args.http_port)
+            target = f"127.0.0.1:{settings.grpc_port}"
+            print(f"raymoe: serving {settings.checkpoint or 'the default model'} on {target} (gRPC); Ctrl-C stops\n"
+                  f"  try: raymoe generate --target {target} --prompt '123+456=' --stream", flush=True)
+            stop.wait()
+        finally:
+            print("raymoe: shutting down", file=sys.stderr, flush=True)
             serve.shutdown()
             release_pool(settings)
-        finally:
-            ray.shutdown()
     return 0
 
 

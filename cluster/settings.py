@@ -7,6 +7,8 @@ The same object builds the Serve application (cluster/app.py) whether it comes f
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from typing import Any
 
 APP_NAME = "raymoe"
@@ -59,6 +61,12 @@ class ServeSettings:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def local_ray_cpus(self) -> int:
+        """Logical CPUs for a local Ray instance: the host's cores, or enough to place every replica
+        and expert actor plus one for the driver (logical shares; threads are set per process)."""
+        needed = self.replicas * self.replica_num_cpus + self.expert_actors * self.expert_num_cpus
+        return max(os.cpu_count() or 1, math.ceil(needed) + 1)
+
     @property
     def effective_micro_batches(self) -> int:
         """2 with expert actors (attention of one half overlaps the experts of the other), else 1."""
@@ -82,7 +90,9 @@ class ServeSettings:
             # Room above our own bounded queue, so a full queue answers RESOURCE_EXHAUSTED at once
             # (from the replica, with our message) instead of waiting in Serve's queue.
             "max_ongoing_requests": self.max_running + self.max_queue + 16,
-            "max_queued_requests": self.max_queue,
+            # Serve's own queue also holds a burst while its router assigns replicas, so it must take a
+            # whole batch's worth; our queue (QueueFull) is the bound clients normally meet.
+            "max_queued_requests": self.max_running + self.max_queue,
         }
         if self.autoscale_max_replicas > self.replicas:
             opts["autoscaling_config"] = {"min_replicas": self.replicas, "max_replicas": self.autoscale_max_replicas,
