@@ -68,6 +68,8 @@ def complete(engine: Engine, tokenizer: Tokenizer | None, prompts: list[list[int
         trackers[seq_id] = (i, CompletionTracker(p, tokenizer, st))
     while engine.has_work():
         for ev in engine.step():
+            if ev.error is not None:
+                raise ev.error
             i, tracker = trackers[ev.seq_id]
             delta, done = tracker.on_token(ev)
             if delta and on_text:

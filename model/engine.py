@@ -3,8 +3,20 @@
 Sequences are added at any time and join the running batch at the next `step()`. A step packs
 one decode token of every running sequence plus prompt chunks of newly admitted ones (up to
 `max_batch_tokens`), runs the model once, and samples for every sequence whose pending tokens are
-all in the cache. A sequence is admitted only when the KV cache can hold its prompt plus
-max_tokens, so memory stays bounded and nothing running is ever preempted.
+all in the cache.
+
+Memory: a sequence is admitted when the KV cache can hold its prompt (not its whole max_tokens)
+and takes blocks as it grows. When the cache runs out, the running sequence that arrived last is
+preempted: its blocks are freed and it goes back to the queue (in its place by arrival) with the
+tokens it has, to be recomputed (prompt + output re-prefilled) when memory frees up. Sampling
+depends only on (seed, position), so a preempted sequence produces exactly the tokens it would
+have. A waiting request that fits may start before an earlier one that does not, but only
+`max_overtakes` times in a row: after that the queue is strictly first come, first served until
+the earlier one starts, so a large request is never starved.
+
+Isolation: a row with non-finite logits fails that sequence alone. If the model itself raises,
+the step's sequences are retried one at a time and only those that fail again are failed; a
+BackendUnavailable error (the experts cannot be reached) fails the step's sequences at once.
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ from typing import Hashable
 
 import torch
 
+from .errors import BackendUnavailable, InvalidRequest
 from .kv_cache import PagedKVCache
 from .sampling import SamplingParams, sample
 from .step import StepLayout, build_layout
@@ -26,69 +39,91 @@ class Sequence:
     seq_id: Hashable
     prompt_ids: list[int]
     params: SamplingParams
-    generator: torch.Generator
+    seed: int  # the request's seed, or a random one: sampling draws uniform(seed, position)
     output_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     num_cached: int = 0  # tokens whose keys/values are in the cache
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | ...
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" | ...
+    arrival: int = 0  # order of arrival: the queue and preemption follow it
+    preemptions: int = 0
+    overtaken: int = 0  # admissions that went ahead of this sequence while it waited at the head
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
     def pending(self, limit: int) -> list[int]:
-        """Up to `limit` tokens not yet in the cache (the rest of the prompt, or the last sampled token)."""
-        n = len(self.prompt_ids)
-        if self.num_cached < n:
-            return self.prompt_ids[self.num_cached:self.num_cached + limit]
-        return self.output_ids[self.num_cached - n:][:limit]
+        """Up to `limit` tokens not yet in the cache: the rest of the prompt, then of the output (only
+        the last sampled token in steady decoding; all of them when recomputing after preemption)."""
+        n, start = len(self.prompt_ids), self.num_cached
+        if start < n:
+            chunk = self.prompt_ids[start:start + limit]
+            if len(chunk) < limit:
+                chunk = chunk + self.output_ids[:limit - len(chunk)]
+            return chunk
+        return self.output_ids[start - n:start - n + limit]
 
 
 @dataclasses.dataclass
 class TokenEvent:
     seq_id: Hashable
-    token_id: int
+    token_id: int  # -1 when the sequence failed (see `error`)
     logprob: float
     top: list[tuple[int, float]]
-    finish_reason: str | None  # set on the sequence's last token
+    finish_reason: str | None  # set on the sequence's last event
+    error: Exception | None = None  # why the sequence failed (finish_reason "error")
 
 
 class Engine:
     def __init__(self, model: Mixtral, *, kv_cache_tokens: int = 16384, block_size: int = 16,
-                 max_batch_tokens: int = 2048, max_running: int = 64, micro_batches: int = 1) -> None:
+                 max_batch_tokens: int = 2048, max_running: int = 64, micro_batches: int = 1,
+                 max_overtakes: int = 16) -> None:
         """micro_batches > 1 splits each step's batch so that, with remote experts, the attention of
         one part runs while another part's experts compute (see Mixtral.forward_micro)."""
         self.model, self.cfg = model, model.cfg
         self.cache = PagedKVCache(self.cfg, kv_cache_tokens, block_size=block_size, dtype=model.dtype)
         self.max_batch_tokens, self.max_running, self.micro_batches = max_batch_tokens, max_running, micro_batches
+        self.max_overtakes = max_overtakes
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: dict[Hashable, Sequence] = {}
+        self._arrivals = 0
         self.last_batch = (0, 0)  # (sequences, tokens) of the latest step, for metrics
+        self.preemptions = 0  # since the engine started
+        self._eos = frozenset(self.cfg.eos_token_ids)
 
     # --- requests ---------------------------------------------------------------------------
 
-    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError (a message for the user) if the request can never run."""
+    def check(self, prompt_ids: list[int], params: SamplingParams, output_ids: list[int] = ()) -> None:
+        """Raise InvalidRequest (a message for the user) if the request can never run."""
         params.validate()
         if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        bad = [t for t in prompt_ids if not 0 <= t < self.cfg.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+            raise InvalidRequest("the prompt is empty", "prompt")
+        vocab = self.cfg.vocab_size
+        bad = next((t for t in (*prompt_ids, *output_ids) if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {vocab})", "prompt_token_ids")
+        if len(output_ids) >= params.max_tokens:
+            raise InvalidRequest(f"{len(output_ids)} tokens were already generated; max_tokens "
+                                 f"({params.max_tokens}) leaves nothing to continue", "max_tokens")
         need, ctx = len(prompt_ids) + params.max_tokens, self.cfg.max_position_embeddings
         if need > ctx:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {need} "
-                             f"exceeds the model's context of {ctx} tokens")
-        capacity = self.cache.num_blocks * self.cache.block_size
-        if need > capacity:
-            raise ValueError(f"prompt + max_tokens = {need} tokens exceeds the KV cache ({capacity} tokens)")
+            raise InvalidRequest(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {need} "
+                                 f"exceeds the model's context of {ctx} tokens", "max_tokens")
+        if need > self.cache.capacity_tokens:
+            raise InvalidRequest(f"prompt + max_tokens = {need} tokens exceeds the KV cache "
+                                 f"({self.cache.capacity_tokens} tokens)", "max_tokens")
 
-    def add(self, seq_id: Hashable, prompt_ids: list[int], params: SamplingParams) -> Sequence:
-        self.check(prompt_ids, params)
+    def add(self, seq_id: Hashable, prompt_ids: list[int], params: SamplingParams,
+            output_ids: list[int] = ()) -> Sequence:
+        """Queue a sequence. `output_ids` continues a generation whose first tokens were already
+        produced (elsewhere): they are prefilled with the prompt and count towards max_tokens."""
+        self.check(prompt_ids, params, output_ids)
         if seq_id in self.running or any(s.seq_id == seq_id for s in self.waiting):
             raise ValueError(f"sequence id {seq_id!r} is already in use")
-        seq = Sequence(seq_id, list(prompt_ids), params, params.generator())
+        seq = Sequence(seq_id, list(prompt_ids), params, params.effective_seed(), list(output_ids),
+                       arrival=self._arrivals)
+        self._arrivals += 1
         self.waiting.append(seq)
         return seq
 
@@ -96,11 +131,9 @@ class Engine:
         """End a sequence now (client gone, deadline, stop string) and free its memory."""
         seq = self.running.pop(seq_id, None)
         if seq is None:
-            for s in self.waiting:
-                if s.seq_id == seq_id:
-                    self.waiting.remove(s)
-                    seq = s
-                    break
+            seq = next((s for s in self.waiting if s.seq_id == seq_id), None)
+            if seq is not None:
+                self.waiting.remove(seq)
         if seq is not None:
             seq.finish_reason = seq.finish_reason or reason
             self.cache.release(seq_id)
@@ -109,28 +142,67 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    # --- stepping ---------------------------------------------------------------------------
+    # --- scheduling -------------------------------------------------------------------------
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free the sequence's memory; it waits, in its place by arrival, to be recomputed."""
+        del self.running[seq.seq_id]
+        self.cache.release(seq.seq_id)
+        seq.num_cached = 0
+        seq.preemptions += 1
+        self.preemptions += 1
+        at = next((i for i, w in enumerate(self.waiting) if w.arrival > seq.arrival), len(self.waiting))
+        self.waiting.insert(at, seq)
+
+    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """Blocks for `num_tokens` of `seq`, preempting later-admitted sequences if needed.
+        False if `seq` itself had to be preempted."""
+        while not self.cache.allocate(seq.seq_id, num_tokens):
+            victim = max(self.running.values(), key=lambda s: s.arrival)  # the latest to arrive
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
 
     def _schedule(self) -> list[tuple[Sequence, list[int]]]:
         budget = self.max_batch_tokens
         batch = []
-        for seq in self.running.values():  # running sequences first: one decode token or a prompt chunk
-            prefilling = seq.num_cached < len(seq.prompt_ids)
-            chunk = seq.pending(max(budget, 0) if prefilling else 1)  # decoding never waits for budget
-            if chunk:
+        for seq in sorted(self.running.values(), key=lambda s: s.arrival):  # running first, oldest first
+            if seq.seq_id not in self.running:
+                continue  # preempted by an older sequence of this loop
+            decoding = seq.num_cached == seq.num_tokens - 1
+            chunk = seq.pending(1 if decoding else max(budget, 0))  # decoding never waits for budget
+            if chunk and self._grow(seq, seq.num_cached + len(chunk)):
                 batch.append((seq, chunk))
                 budget -= len(chunk)
-        while self.waiting and budget > 0 and len(self.running) < self.max_running:
-            seq = self.waiting[0]
-            if not self.cache.can_reserve(len(seq.prompt_ids) + seq.params.max_tokens):
-                break  # first come, first served: wait for memory rather than overtake
-            self.waiting.popleft()
-            self.cache.reserve(seq.seq_id, len(seq.prompt_ids) + seq.params.max_tokens)
+        batch = [(s, c) for s, c in batch if s.seq_id in self.running]  # a later grow may have preempted it
+        if self.waiting and budget > 0:
+            batch += self._admit(budget)
+        return batch
+
+    def _admit(self, budget: int) -> list[tuple[Sequence, list[int]]]:
+        """Start waiting sequences whose tokens fit in the free blocks, oldest first; one that does
+        not fit may be overtaken by later ones, at most `max_overtakes` times."""
+        admitted = []
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_running:
+            if i > 0 and self.waiting[0].overtaken >= self.max_overtakes:
+                break  # strict order until the head starts
+            seq = self.waiting[i]
+            if self.cache.blocks_for(seq.num_tokens) > self.cache.free_blocks:
+                i += 1
+                continue
+            if i > 0:
+                self.waiting[0].overtaken += 1
+            del self.waiting[i]
+            self.cache.allocate(seq.seq_id, seq.num_tokens)  # the whole prompt: prefill may take steps
             self.running[seq.seq_id] = seq
             chunk = seq.pending(budget)
-            batch.append((seq, chunk))
+            admitted.append((seq, chunk))
             budget -= len(chunk)
-        return batch
+        return admitted
+
+    # --- stepping ---------------------------------------------------------------------------
 
     @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
@@ -138,22 +210,42 @@ class Engine:
         self.last_batch = (len(batch), sum(len(c) for _, c in batch))
         if not batch:
             return []
+        try:
+            return self._run(batch)
+        except BackendUnavailable as e:  # the experts are gone: every sequence of the step needs them
+            return [self._fail(seq, e) for seq, _ in batch]
+        except Exception as e:  # noqa: BLE001 — find the sequences that cause it; the others go on
+            if len(batch) == 1:
+                return [self._fail(batch[0][0], e)]
+            events = []
+            for item in batch:
+                try:
+                    events += self._run([item])
+                except Exception as e:  # noqa: BLE001
+                    events.append(self._fail(item[0], e))
+            return events
+
+    def _run(self, batch: list[tuple[Sequence, list[int]]]) -> list[TokenEvent]:
         parts = [self._inputs(part) for part in self._split(batch)]
         if len(parts) == 1:
             hiddens = [self.model(*parts[0], self.cache)]
         else:  # micro-batches: attention of one overlaps the (remote) experts of another
             hiddens = self.model.forward_micro(parts, self.cache)
         last = torch.cat([h[layout.last_index] for h, (_, layout) in zip(hiddens, parts)])  # [B, D], batch order
-        for seq, chunk in batch:
-            seq.num_cached += len(chunk)
-        ready = [b for b, (s, _) in enumerate(batch) if s.num_cached == s.num_tokens]
-        if not ready:
-            return []
-        logits = self.model.logits(last[ready])
+        ready = [b for b, (s, c) in enumerate(batch) if s.num_cached + len(c) == s.num_tokens]
         seqs = [batch[b][0] for b in ready]
-        out = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        out = sample(self.model.logits(last[ready]), [s.params for s in seqs], [s.seed for s in seqs],
+                     [len(s.output_ids) for s in seqs]) if ready else None
+        for seq, chunk in batch:  # nothing changes before here, so a failed step can be retried
+            seq.num_cached += len(chunk)
+        if out is None:
+            return []
+        failed = set(out.failed)
         events = []
         for i, seq in enumerate(seqs):
+            if i in failed:
+                events.append(self._fail(seq, FloatingPointError("the model produced non-finite logits")))
+                continue
             token = out.token_ids[i]
             seq.output_ids.append(token)
             seq.logprobs.append(out.logprobs[i])
@@ -164,6 +256,10 @@ class Engine:
                 self.cache.release(seq.seq_id)
             events.append(TokenEvent(seq.seq_id, token, out.logprobs[i], out.top[i], seq.finish_reason))
         return events
+
+    def _fail(self, seq: Sequence, error: Exception) -> TokenEvent:
+        self.abort(seq.seq_id, "error")
+        return TokenEvent(seq.seq_id, -1, 0.0, [], "error", error)
 
     def _split(self, batch: list[tuple[Sequence, list[int]]]) -> list[list[tuple[Sequence, list[int]]]]:
         """Contiguous parts of about equal token counts (one part unless micro-batching applies)."""
@@ -185,7 +281,7 @@ class Engine:
         return torch.tensor([t for _, c in part for t in c], dtype=torch.long), layout
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
-        if token in seq.params.stop_token_ids or (not seq.params.ignore_eos and token in self.cfg.eos_token_ids):
+        if token in seq.params.stop_token_ids or (not seq.params.ignore_eos and token in self._eos):
             return "stop"
         if len(seq.output_ids) >= seq.params.max_tokens:
             return "length"
@@ -196,5 +292,7 @@ class Engine:
         plist = params if isinstance(params, list) else [params] * len(prompts)
         seqs = [self.add(("generate", i), p, sp) for i, (p, sp) in enumerate(zip(prompts, plist))]
         while self.has_work():
-            self.step()
+            for ev in self.step():
+                if ev.error is not None:
+                    raise ev.error
         return seqs
