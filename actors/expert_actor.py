@@ -92,7 +92,7 @@ class ExpertActor:
         self.busy_s = 0.0  # time spent inside forward (the rest of a call's latency is transport)
         from ray.util.metrics import Counter, Histogram
 
-        from cluster.metrics import LATENCY_BUCKETS
+        from .metrics import LATENCY_BUCKETS
 
         tags = {"actor": name}
         self.compute_hist = Histogram("raymoe_expert_compute_seconds", "Time an expert actor spends in one "

@@ -3,13 +3,15 @@
 One placement-group bundle per actor reserves its share (num_gpus=1 when the cluster has GPUs,
 else a real num_cpus share plus any custom resources such as {"expert_host": 1}); the group's
 strategy spreads the actors over nodes, and `pin_nodes` additionally pins each bundle to the node
-chosen by cluster.placement.assign_nodes (so replicas of an expert never share a node). Actors
+chosen by actors.placement.assign_nodes (so replicas of an expert never share a node). Actors
 restart without limit and their calls are retried (forward is idempotent); every wait here and in
 RemoteExperts has a timeout, after which `ExpertsUnavailable` names the experts that are missing.
 
 A pool pickles (handles, placement, config), so other processes such as Serve replicas can build
-RemoteExperts on it; only its creator should call `shutdown()`. Actors live as long as the
-process that created the pool (they are not detached).
+RemoteExperts on it; only its creator should call `shutdown()`. Without a `name`, actors live as
+long as the process that created the pool. With a `name` (the shared pool of a server), the
+placement group and the actors are detached and named after it, so they outlive their creator;
+a new ExpertPool with the same name and config attaches to them instead of loading new ones.
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.placement import Placement, assign_nodes, plan_placement
 from model.config import ModelConfig
+from model.errors import BackendUnavailable
 
 from .expert_actor import ExpertActor
+from .placement import Placement, assign_nodes, plan_placement
 
 
-class ExpertsUnavailable(RuntimeError):
+class ExpertsUnavailable(BackendUnavailable):
     """Some experts could not be reached in time (actor dead, restarting with nowhere to go, hung)."""
 
     def __init__(self, layer: int | None, experts: Sequence[int], reason: str) -> None:
@@ -97,8 +100,18 @@ def layer_route(placement: Placement, layer: int) -> LayerRoute:
     return LayerRoute(table, torch.tensor([len(o) for o in owners], device="cpu"), rmax > 1)
 
 
+def pool_key(checkpoint: str, config: PoolConfig) -> str:
+    """What makes two pools interchangeable: the checkpoint and everything that shapes the actors
+    (not the timeouts, which any user of the pool may set for itself)."""
+    import hashlib
+    import json
+
+    shape = {k: v for k, v in dataclasses.asdict(config).items() if not k.endswith("timeout_s")}
+    return hashlib.sha1(json.dumps([checkpoint, shape], sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
 class ExpertPool:
-    def __init__(self, checkpoint: str | Path, config: PoolConfig | None = None) -> None:
+    def __init__(self, checkpoint: str | Path, config: PoolConfig | None = None, name: str | None = None) -> None:
         if not ray.is_initialized():
             raise RuntimeError("ExpertPool needs a Ray connection: call ray.init() first")
         self.config = config = config or PoolConfig()
@@ -111,28 +124,37 @@ class ExpertPool:
         self.bundle = self._bundle(n)
         self.device = "cuda" if self.bundle.get("GPU") else "cpu"
         self.nodes: tuple[str, ...] | None = None
+        self.name = name
+        self.metrics = DispatchMetrics()
+        self.actors: list[Any] = []
+        self._routes: dict[int, LayerRoute] = {}
+        self.pg = None
+        if name is not None and self._attach(name):
+            return
         selectors = None
         if config.pin_nodes:
             self.nodes = assign_nodes(self.placement, self._eligible_nodes())
             selectors = [{"ray.io/node-id": node} for node in self.nodes]
+        detached = {} if name is None else {"name": f"{name}/pg", "lifetime": "detached"}
         self.pg = placement_group([dict(self.bundle) for _ in range(n)], strategy=config.strategy,
-                                  bundle_label_selector=selectors)
-        self.metrics = DispatchMetrics()
-        self.actors: list[Any] = []
-        self._routes: dict[int, LayerRoute] = {}
+                                  bundle_label_selector=selectors, **detached)
         every = list(range(cfg.num_local_experts))
         try:
             ray.get(self.pg.ready(), timeout=config.start_timeout_s)
         except ray.exceptions.GetTimeoutError:
             remove_placement_group(self.pg)
+            total = ray.cluster_resources()
+            why = " — the cluster has no GPUs (expert device gpu)" if self.bundle.get("GPU") and \
+                not total.get("GPU") else ""
             raise ExpertsUnavailable(None, every, f"could not reserve {n} × {self.bundle} for the expert actors "
-                                     f"within {config.start_timeout_s:g} s (cluster has "
-                                     f"{ray.cluster_resources()})") from None
+                                     f"within {config.start_timeout_s:g} s{why} (cluster has {total})") from None
         tag = uuid.uuid4().hex[:6]
         threads = config.num_threads or max(1, int(self.bundle.get("CPU", 1)))
         remote_class = ray.remote(ExpertActor)
         for spec in self.placement.actors:
-            options = dict(name=f"{spec.name}#{spec.index}.{tag}", num_cpus=self.bundle.get("CPU", 0),
+            actor_name = f"{spec.name}#{spec.index}.{tag}" if name is None else self._actor_name(name, spec.index)
+            options = dict(name=actor_name, num_cpus=self.bundle.get("CPU", 0),
+                           **({} if name is None else {"lifetime": "detached"}),
                            num_gpus=self.bundle.get("GPU", 0),
                            resources={k: v for k, v in self.bundle.items() if k not in ("CPU", "GPU")},
                            max_restarts=-1, max_task_retries=-1,
@@ -145,6 +167,37 @@ class ExpertPool:
         except Exception as e:
             self.shutdown()
             raise ExpertsUnavailable(None, every, f"expert actors failed to start: {e}") from None
+
+    # --- a named pool: find what an earlier creator started -----------------------------------
+
+    def _actor_name(self, name: str, index: int) -> str:
+        return f"{self.placement.actors[index].name}#{index}/{name}"
+
+    def _attach(self, name: str) -> bool:
+        """Use the named placement group and actors if they all exist (a restarted pool host)."""
+        from ray.util import get_placement_group
+
+        try:
+            pg = get_placement_group(f"{name}/pg")
+            actors = [ray.get_actor(self._actor_name(name, a.index)) for a in self.placement.actors]
+        except ValueError:  # some part is missing: clean up what is left and start afresh
+            self._remove_named(name)
+            return False
+        self.pg, self.actors = pg, actors
+        return True
+
+    def _remove_named(self, name: str) -> None:
+        from ray.util import get_placement_group
+
+        for a in self.placement.actors:
+            try:
+                ray.kill(ray.get_actor(self._actor_name(name, a.index)), no_restart=True)
+            except ValueError:
+                pass
+        try:
+            remove_placement_group(get_placement_group(f"{name}/pg"))
+        except ValueError:
+            pass
 
     # --- resources ---------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ def _call_histogram():
     if _CALL_HISTOGRAM is None:
         from ray.util.metrics import Histogram
 
-        from cluster.metrics import LATENCY_BUCKETS
+        from .metrics import LATENCY_BUCKETS
 
         _CALL_HISTOGRAM = Histogram("raymoe_expert_layer_seconds", "Dispatch to combine of one MoE layer's "
                                     "expert actor calls", boundaries=LATENCY_BUCKETS, tag_keys=("layer",))

@@ -3,8 +3,9 @@
 The Engine (model/engine.py) is single-threaded and steps synchronously (a step may wait on expert
 actors). EngineLoop owns it on a background thread; coroutines submit requests and receive
 per-token chunks through asyncio queues. A cancelled coroutine (client gone, deadline passed)
-aborts its sequence, which frees its KV cache at the next step. A failed step (e.g. experts
-unreachable) ends the sequences that were in it with that error; the loop itself keeps going.
+aborts its sequence, which frees its KV cache at the next step. A sequence the engine fails (its
+own numbers went bad, or the experts it needed are unreachable) ends with that error; the others
+and the loop itself keep going.
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ class EngineLoop:
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        stop: list[str]) -> AsyncIterator[Chunk]:
-        """Yield one chunk per new token; the last carries finish_reason. Raises ValueError for a bad
-        request, QueueFull when too many are waiting, or the error that ended the sequence."""
+        """Yield one chunk per new token; the last carries finish_reason. Raises InvalidRequest for a
+        bad request, QueueFull when too many are waiting, or the error that ended the sequence."""
         self.engine.check(prompt_ids, params)
         free_slots = self.engine.max_running - self.num_running  # requests that can start right away
         if self.num_waiting + self._inbox.qsize() >= self.max_queue + max(0, free_slots):
@@ -131,8 +132,8 @@ class EngineLoop:
                 continue
             t0 = time.perf_counter()
             try:
-                events = self.engine.step()
-            except Exception as e:  # noqa: BLE001 — the step's sequences fail; the server lives on
+                events = self.engine.step()  # fails sequences, not the step; this guards the scheduler
+            except Exception as e:  # noqa: BLE001 — a bug: the running sequences fail, the server lives on
                 self._fail_running(e)
                 continue
             now = time.perf_counter()
@@ -140,6 +141,10 @@ class EngineLoop:
             for ev in events:
                 req = self._requests.get(ev.seq_id)
                 if req is None:
+                    continue
+                if ev.error is not None:
+                    self._requests.pop(ev.seq_id)
+                    req.send(ev.error)
                     continue
                 text, done = req.tracker.on_token(ev)
                 c = req.tracker.completion
@@ -164,7 +169,7 @@ class EngineLoop:
                 try:
                     self.engine.add(seq_id, req.prompt_ids, req.params)
                     self._requests[seq_id] = req
-                except ValueError as e:
+                except ValueError as e:  # InvalidRequest (checked again here) or a duplicate id
                     req.send(e)
             elif seq_id in self._requests:  # abort
                 self._requests.pop(seq_id)
@@ -184,7 +189,7 @@ class EngineLoop:
             cache = self.engine.cache
             self.metrics.observe_step(*batch, step_seconds, len(self.engine.waiting),
                                       len(self.engine.running), cache.used_blocks * cache.block_size,
-                                      cache.num_blocks * cache.block_size)
+                                      cache.capacity_tokens, self.engine.preemptions)
 
     def _update_counts(self) -> None:
         self.num_waiting, self.num_running = len(self.engine.waiting), len(self.engine.running)

@@ -16,7 +16,10 @@ import grpc
 from protos import generator_pb2 as pb
 
 from . import protocol
+from model.errors import InvalidRequest
+
 from .engine_loop import QueueFull
+from .replica import PoolHealth, actor_infos
 from .settings import ServeSettings
 
 log = logging.getLogger("ray.serve")
@@ -27,13 +30,19 @@ class StreamFailed(Exception):
 
 
 def _status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    if isinstance(error, ValueError):
+    """The status and message a client gets. Only the request's own faults are INVALID_ARGUMENT; a
+    remote error (RayTaskError, which subclasses the remote exception's type) is always ours."""
+    from ray.exceptions import RayError
+
+    from model.errors import BackendUnavailable, InvalidRequest
+
+    if isinstance(error, InvalidRequest) and not isinstance(error, RayError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
     if isinstance(error, QueueFull):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
-    if type(error).__name__ == "ExpertsUnavailable":
-        return grpc.StatusCode.UNAVAILABLE, str(error)
-    log.exception("request failed", exc_info=error)
+    if isinstance(error, BackendUnavailable) and not isinstance(error, RayError):
+        return grpc.StatusCode.UNAVAILABLE, str(error)  # names layers, experts and actors; no addresses
+    log.error("request failed", exc_info=error)  # the details stay in the replica's log
     return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the replica's log"
 
 
@@ -42,14 +51,20 @@ class Generator:
         from .replica import build_engine_loop
 
         self.settings = ServeSettings.from_dict(settings)
+        self.limits = self.settings.request_limits()
         self.loop, self.info = build_engine_loop(self.settings)
+        self.pool_health = PoolHealth(self.info["pool"])
         self.tokenizer = self.loop.tokenizer
+        self.cfg = self.loop.engine.cfg
+
+    def _parse(self, request: pb.GenerateRequest):
+        return protocol.parse_request(request, self.cfg, self.limits, self.tokenizer)
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
         chunks = []
         try:
-            prompt_ids, params, stop = protocol.parse_request(request, self.tokenizer)
-            async for chunk in self.loop.generate(prompt_ids, params, stop):
+            req = self._parse(request)
+            async for chunk in self.loop.generate(req.prompt_ids, req.params, req.stop):
                 chunks.append(chunk)
         except asyncio.CancelledError:
             self._count("cancelled")
@@ -57,14 +72,14 @@ class Generator:
         except Exception as e:  # noqa: BLE001 — every failure becomes a status
             return self._fail(grpc_context, e, pb.GenerateResponse())
         self._count("ok")
-        return protocol.chunk_response(protocol.merge_chunks(chunks), prompt_ids, params.logprobs > 0)
+        return protocol.chunk_response(protocol.merge_chunks(chunks), req.prompt_ids, req.params.logprobs > 0)
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator[pb.GenerateResponse]:
         try:
-            prompt_ids, params, stop = protocol.parse_request(request, self.tokenizer)
+            req = self._parse(request)
             first = True
-            async for chunk in self.loop.generate(prompt_ids, params, stop):
-                yield protocol.chunk_response(chunk, prompt_ids if first else None, params.logprobs > 0)
+            async for chunk in self.loop.generate(req.prompt_ids, req.params, req.stop):
+                yield protocol.chunk_response(chunk, req.prompt_ids if first else None, req.params.logprobs > 0)
                 first = False
         except (asyncio.CancelledError, GeneratorExit):
             self._count("cancelled")
@@ -78,17 +93,19 @@ class Generator:
 
     async def Tokenize(self, request: pb.TokenizeRequest, grpc_context=None) -> pb.TokenizeResponse:
         if self.tokenizer is None:
-            return self._fail(grpc_context, ValueError("this model has no tokenizer"), pb.TokenizeResponse())
+            return self._fail(grpc_context, InvalidRequest("this model has no tokenizer", "text"),
+                              pb.TokenizeResponse())
         ids = self.tokenizer.encode(request.text, bos=request.add_bos)
         return pb.TokenizeResponse(token_ids=ids, pieces=[self.tokenizer.piece(i) for i in ids])
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context=None) -> pb.ModelInfoResponse:
         engine = self.loop.engine
+        actors = await actor_infos(self.info["pool"])
         return pb.ModelInfoResponse(
-            model=self.info["checkpoint"], config=protocol.config_message(engine.cfg, self.settings.dtype),
-            expert_actors=[pb.ExpertActorInfo(**a) for a in self.info["actors"]()],
+            model=self.info["checkpoint"], config=protocol.config_message(engine.cfg, self.info["dtype"]),
+            expert_actors=[pb.ExpertActorInfo(**a) for a in actors],
             max_batch_tokens=engine.max_batch_tokens, max_running=engine.max_running,
-            kv_cache_tokens=engine.cache.num_blocks * engine.cache.block_size,
+            kv_cache_tokens=engine.cache.capacity_tokens,
             load=pb.Load(running=self.loop.num_running, waiting=self.loop.num_waiting,
                          kv_cache_used_tokens=engine.cache.used_blocks * engine.cache.block_size),
             routing=[pb.LayerRouting(layer=i, tokens_per_expert=row) for i, row in enumerate(self._routing())])
@@ -104,7 +121,7 @@ class Generator:
     async def Check(self, request, grpc_context=None):
         from grpc_health.v1 import health_pb2
 
-        serving = self.loop.alive
+        serving = self.loop.alive and self.pool_health.ok  # NOT_SERVING while its experts do not answer
         return health_pb2.HealthCheckResponse(
             status=health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
 
@@ -112,6 +129,9 @@ class Generator:
         loop = getattr(self, "loop", None)
         if loop is not None:
             loop.stop()
+        health = getattr(self, "pool_health", None)
+        if health is not None:
+            health.stop()
 
     def _fail(self, grpc_context, error: BaseException, response):
         code, message = _status_for(error)

@@ -13,7 +13,8 @@ import time
 
 import torch
 
-LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+from actors.metrics import LATENCY_BUCKETS
+
 SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 
 
@@ -33,6 +34,9 @@ class ServingMetrics:
         self.running = Gauge("raymoe_running_sequences", "Sequences in the running batch")
         self.kv_used = Gauge("raymoe_kv_cache_used_tokens", "KV cache slots held by sequences")
         self.kv_capacity = Gauge("raymoe_kv_cache_capacity_tokens", "KV cache slots in all")
+        self.preemptions = Counter("raymoe_preemptions", "Running sequences preempted (memory freed, recomputed "
+                                   "later) because the KV cache ran out")
+        self._preemptions = 0
         self.ttft = Histogram("raymoe_time_to_first_token_seconds", "Request arrival to its first token",
                               boundaries=LATENCY_BUCKETS)
         self.itl = Histogram("raymoe_inter_token_latency_seconds", "Time between a stream's tokens",
@@ -47,7 +51,7 @@ class ServingMetrics:
         self.counts[layer] += torch.bincount(idx.reshape(-1), minlength=self.counts.shape[1])
 
     def observe_step(self, num_sequences: int, num_tokens: int, seconds: float, waiting: int, running: int,
-                     kv_used: int, kv_capacity: int) -> None:
+                     kv_used: int, kv_capacity: int, preemptions: int = 0) -> None:
         if num_tokens:
             self.batch_tokens.observe(num_tokens)
             self.batch_sequences.observe(num_sequences)
@@ -56,6 +60,9 @@ class ServingMetrics:
         self.running.set(running)
         self.kv_used.set(kv_used)
         self.kv_capacity.set(kv_capacity)
+        if preemptions > self._preemptions:
+            self.preemptions.inc(preemptions - self._preemptions)
+            self._preemptions = preemptions
         if time.monotonic() - self._last_flush >= self._flush_every:
             self.flush()
 

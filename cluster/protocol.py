@@ -1,53 +1,27 @@
 """Proto ↔ domain: requests become (prompt ids, SamplingParams, stop strings); chunks become responses.
 
-Everything a client can get wrong is checked here or in Engine.check and raised as ValueError
-with a message the client can act on; the ingress turns that into INVALID_ARGUMENT.
+Every field is checked by cluster/requests.py (shared with the HTTP door) or Engine.check, which
+raise InvalidRequest naming the field; the ingress turns that into INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
 
-import functools
-
 from protos import generator_pb2 as pb
 from model.config import ModelConfig
-from model.sampling import SamplingParams
 from model.tokenizer import Tokenizer
 
-from .engine_loop import Chunk, merge
+from .engine_loop import Chunk
+from .requests import Request, RequestLimits, build_request
 
-DEFAULT_MAX_TOKENS = 16
-MAX_STOP_STRINGS = 8
-MAX_STOP_CHARS = 128
-
-
-def parse_request(req: pb.GenerateRequest, tokenizer: Tokenizer | None) -> tuple[list[int], SamplingParams, list[str]]:
-    has_text, has_ids = bool(req.prompt), len(req.prompt_token_ids) > 0
-    if has_text == has_ids:
-        raise ValueError("give exactly one of prompt and prompt_token_ids" if has_text
-                         else "the prompt is empty: set prompt or prompt_token_ids")
-    if has_text:
-        if tokenizer is None:
-            raise ValueError("this model has no tokenizer; send prompt_token_ids instead of prompt")
-        prompt_ids = tokenizer.encode(req.prompt)
-    else:
-        prompt_ids = list(req.prompt_token_ids)
-    stop = list(req.stop)
-    if len(stop) > MAX_STOP_STRINGS:
-        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed (got {len(stop)})")
-    for s in stop:
-        if not s or len(s) > MAX_STOP_CHARS:
-            raise ValueError(f"each stop string must have 1 to {MAX_STOP_CHARS} characters (got {len(s)})")
-    params = SamplingParams(
-        max_tokens=req.max_tokens or DEFAULT_MAX_TOKENS,
-        temperature=req.temperature if req.HasField("temperature") else 0.0,
-        top_p=req.top_p if req.HasField("top_p") else 1.0,
-        top_k=req.top_k,
-        seed=req.seed if req.HasField("seed") else None,
-        logprobs=req.logprobs,
-        stop_token_ids=tuple(req.stop_token_ids),
-        ignore_eos=req.ignore_eos,
-    )
-    return prompt_ids, params, stop
+def parse_request(req: pb.GenerateRequest, cfg: ModelConfig, limits: RequestLimits,
+                  tokenizer: Tokenizer | None) -> Request:
+    """A GenerateRequest as the engine's request; InvalidRequest names the field at fault."""
+    return build_request(
+        cfg, limits, tokenizer, prompt=req.prompt or None, prompt_ids=list(req.prompt_token_ids),
+        max_tokens=req.max_tokens or None, temperature=req.temperature if req.HasField("temperature") else None,
+        top_p=req.top_p if req.HasField("top_p") else None, top_k=req.top_k,
+        seed=req.seed if req.HasField("seed") else None, logprobs=req.logprobs, stop=list(req.stop),
+        stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos)
 
 
 def _top(rows: list[list[tuple[int, float]]]) -> list[pb.TopLogprobs]:
@@ -64,7 +38,12 @@ def chunk_response(chunk: Chunk, prompt_ids: list[int] | None, with_top: bool) -
 
 
 def merge_chunks(chunks: list[Chunk]) -> Chunk:
-    return functools.reduce(merge, chunks) if chunks else Chunk("", [], [], [], None, 0)
+    """A stream's chunks as one (linear in the number of tokens)."""
+    if not chunks:
+        return Chunk("", [], [], [], None, 0)
+    return Chunk("".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids],
+                 [lp for c in chunks for lp in c.logprobs], [row for c in chunks for row in c.top],
+                 chunks[-1].finish_reason, chunks[-1].completion_tokens)
 
 
 def config_message(cfg: ModelConfig, dtype: str) -> pb.ModelConfig:

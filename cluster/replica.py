@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import torch
 
+from model.config import resolve_dtype
 from model.default import default_checkpoint
 from model.engine import Engine
 from model.tokenizer import Tokenizer
@@ -13,41 +15,97 @@ from model.weights import Checkpoint, load_model
 
 from .engine_loop import EngineLoop
 from .metrics import ServingMetrics
-from .settings import ServeSettings
+from .settings import APP_NAME, ServeSettings
+
+
+STATS_TIMEOUT_S = 2.0  # ModelInfo reports an actor that takes longer as UNREACHABLE
 
 
 def build_engine_loop(s: ServeSettings) -> tuple[EngineLoop, dict[str, Any]]:
     torch.set_num_threads(max(1, int(s.replica_num_cpus)))  # the replica's CPU share, not the host's cores
     ckpt = Checkpoint(s.checkpoint or default_checkpoint())
+    dtype = resolve_dtype(s.dtype, ckpt.config)
     tokenizer = Tokenizer(ckpt.dir) if (ckpt.dir / "tokenizer.model").exists() else None
-    factory, actors = None, (lambda: [])
-    pool_config = s.pool_config()
+    factory, pool = None, None
+    pool_config = s.pool_config(dtype)
     if pool_config is not None:
         from actors.pool_host import shared_pool
         from actors.remote_experts import remote_experts_factory
 
-        pool = shared_pool(str(ckpt.dir.resolve()), pool_config)
-        factory, actors = remote_experts_factory(pool), (lambda: actor_infos(pool))
-    model = load_model(ckpt, dtype=getattr(torch, s.dtype), experts_factory=factory)
+        pool = shared_pool(str(ckpt.dir.resolve()), pool_config, APP_NAME)
+        factory = remote_experts_factory(pool)
+    model = load_model(ckpt, dtype=getattr(torch, dtype), experts_factory=factory)
     engine = Engine(model, kv_cache_tokens=s.kv_cache_tokens, max_batch_tokens=s.max_batch_tokens,
                     max_running=s.max_running, micro_batches=s.effective_micro_batches)
     metrics = ServingMetrics(model.cfg.num_hidden_layers, model.cfg.num_local_experts)
     loop = EngineLoop(engine, tokenizer, max_queue=s.max_queue, metrics=metrics)
-    return loop, {"checkpoint": str(ckpt.dir), "actors": actors}
+    return loop, {"checkpoint": str(ckpt.dir), "dtype": dtype, "pool": pool}
 
 
-def actor_infos(pool) -> list[dict[str, Any]]:
-    """Each expert actor as ModelInfo reports it; an actor that does not answer is UNREACHABLE."""
-    import ray
-
+async def actor_infos(pool) -> list[dict[str, Any]]:
+    """Each expert actor as ModelInfo reports it, asked concurrently; one that does not answer within
+    STATS_TIMEOUT_S (dead, restarting, hung) is UNREACHABLE. Never blocks the event loop."""
+    if pool is None:
+        return []
+    refs = [actor.stats.remote() for actor in pool.actors]
+    tasks = [asyncio.ensure_future(_await(r)) for r in refs]
+    await asyncio.wait(tasks, timeout=STATS_TIMEOUT_S)
     out = []
-    for spec, actor in zip(pool.placement.actors, pool.actors):
+    for spec, task in zip(pool.placement.actors, tasks):
         info = {"name": spec.name, "experts": list(spec.experts), "layers": list(spec.layers), "state": "UNREACHABLE"}
-        try:
-            st = ray.get(actor.stats.remote(), timeout=5)
+        if task.done() and task.exception() is None:
+            st = task.result()
             info.update(state="ALIVE", node_id=st["node_id"],
                         weight_bytes=st["weight_bytes"], tokens_processed=st["tokens"], device=st["device"])
-        except Exception:  # noqa: BLE001 — dead, restarting or hung: report, never fail ModelInfo
-            pass
+        elif not task.done():
+            task.cancel()
         out.append(info)
     return out
+
+
+async def _await(ref):
+    return await ref
+
+
+class PoolHealth:
+    """Whether the replica's expert pool answers, checked on a background thread (never on the event
+    loop): every actor must have answered a ping within `stale_s` (a restart of a few seconds is
+    tolerated). Without a pool, always healthy."""
+
+    def __init__(self, pool, every_s: float = 3.0, stale_s: float = 15.0) -> None:
+        import threading
+        import time
+
+        self.pool, self.stale_s, self._clock = pool, stale_s, time.monotonic
+        self.last_ok = [self._clock()] * (len(pool.actors) if pool is not None else 0)
+        self._stop = threading.Event()
+        if pool is not None:
+            threading.Thread(target=self._run, args=(every_s,), name="raymoe-pool-health", daemon=True).start()
+
+    @property
+    def ok(self) -> bool:
+        now = self._clock()
+        return all(now - t < self.stale_s for t in self.last_ok)
+
+    def unreachable(self) -> list[str]:
+        now = self._clock()
+        return [a.name for a, t in zip(self.pool.placement.actors, self.last_ok) if now - t >= self.stale_s] \
+            if self.pool is not None else []
+
+    def _run(self, every_s: float) -> None:
+        import ray
+
+        while not self._stop.wait(every_s):
+            refs = [a.ping.remote() for a in self.pool.actors]
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=every_s)
+            now = self._clock()
+            for i, ref in enumerate(refs):
+                if ref in ready:
+                    try:
+                        ray.get(ref, timeout=0)
+                        self.last_ok[i] = now
+                    except Exception:  # noqa: BLE001 — a dead actor's ping raises; it stays stale
+                        pass
+
+    def stop(self) -> None:
+        self._stop.set()

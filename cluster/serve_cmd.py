@@ -25,14 +25,10 @@ def deploy(settings: ServeSettings, http_port: int = 8000) -> None:
 
 def release_pool(settings: ServeSettings) -> None:
     """Stop the expert actors the deployment started (they outlive replicas by design)."""
-    config = settings.pool_config()
-    if config is not None:
-        from pathlib import Path
-
+    if settings.expert_actors:
         from actors.pool_host import release_shared_pool
-        from model.default import default_checkpoint
 
-        release_shared_pool(str(Path(settings.checkpoint or default_checkpoint()).resolve()), config)
+        release_shared_pool(APP_NAME)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

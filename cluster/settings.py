@@ -22,11 +22,12 @@ SERVICER_FUNCTIONS = [
 @dataclasses.dataclass(frozen=True)
 class ServeSettings:
     checkpoint: str | None = None  # None → the default (demo) model
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto → the checkpoint's own (config.json torch_dtype / dtype)
     expert_actors: int = 0  # 0 → experts inside each front replica
     expert_replicas: int = 1  # copies of each expert across the actors
     expert_num_cpus: float = 0.5  # CPU share of each expert actor when there are no GPUs
     expert_timeout_s: float = 30.0  # bound on every wait for an expert actor
+    expert_device: str = "auto"  # auto (GPU when the cluster has GPUs at start) | cpu | gpu (an error without)
     expert_resources: dict[str, float] = dataclasses.field(default_factory=dict)  # custom Ray resources per actor
     replicas: int = 1  # front replicas (ignored when autoscaling is on)
     autoscale_max_replicas: int = 0  # > replicas turns on Serve autoscaling between the two
@@ -36,6 +37,13 @@ class ServeSettings:
     max_running: int = 64  # sequences decoded together
     kv_cache_tokens: int = 32768  # KV cache size per front replica, in tokens
     max_queue: int = 256  # requests waiting for admission before RESOURCE_EXHAUSTED
+    # Limits on one request (INVALID_ARGUMENT / HTTP 400 beyond them); 0 = derived from the model.
+    max_prompt_tokens: int = 0  # 0 → the context minus one
+    max_tokens_limit: int = 0  # cap on max_tokens; 0 → what the context leaves after the prompt
+    max_stop_strings: int = 16
+    max_stop_chars: int = 256
+    max_stop_token_ids: int = 64
+    max_logprobs: int = 20
     replica_num_cpus: float = 1.0
     replica_resources: dict[str, float] = dataclasses.field(default_factory=dict)  # custom Ray resources per replica
     grpc_port: int = 9000
@@ -47,8 +55,11 @@ class ServeSettings:
                 raise ValueError(f"{name} must be positive (got {getattr(self, name)})")
         if self.replicas < 1:
             raise ValueError(f"replicas must be at least 1 (got {self.replicas})")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16 (got {self.dtype!r})")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16 (got {self.dtype!r})")
+        if self.expert_device not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"expert_device must be auto, cpu or gpu (got {self.expert_device!r})")
+        self.request_limits()  # validates the limits
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "ServeSettings":
@@ -67,19 +78,28 @@ class ServeSettings:
         needed = self.replicas * self.replica_num_cpus + self.expert_actors * self.expert_num_cpus
         return max(os.cpu_count() or 1, math.ceil(needed) + 1)
 
+    def request_limits(self):
+        from .requests import RequestLimits
+
+        return RequestLimits(max_prompt_tokens=self.max_prompt_tokens, max_tokens=self.max_tokens_limit,
+                             max_stop_strings=self.max_stop_strings, max_stop_chars=self.max_stop_chars,
+                             max_stop_token_ids=self.max_stop_token_ids, max_logprobs=self.max_logprobs)
+
     @property
     def effective_micro_batches(self) -> int:
         """2 with expert actors (attention of one half overlaps the experts of the other), else 1."""
         return self.micro_batches or (2 if self.expert_actors else 1)
 
-    def pool_config(self):
-        """The expert pool these settings ask for (None: experts inside each front replica)."""
+    def pool_config(self, dtype: str):
+        """The expert pool these settings ask for, in `dtype` (the resolved one; None: experts inside
+        each front replica)."""
         if not self.expert_actors:
             return None
         from actors.pool import PoolConfig
 
         return PoolConfig(num_actors=self.expert_actors, replicas=self.expert_replicas, num_cpus=self.expert_num_cpus,
-                          resources=dict(self.expert_resources), dtype=self.dtype,
+                          resources=dict(self.expert_resources), dtype=dtype,
+                          use_gpu={"auto": None, "cpu": False, "gpu": True}[self.expert_device],
                           call_timeout_s=self.expert_timeout_s)
 
     def deployment_options(self) -> dict[str, Any]:

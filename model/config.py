@@ -35,6 +35,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
+    torch_dtype: str = "float32"  # the weights' own dtype (config.json torch_dtype / dtype; absent → float32)
 
     def __post_init__(self) -> None:
         if not self.head_dim:
@@ -95,6 +96,7 @@ class ModelConfig:
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             bos_token_id=raw.get("bos_token_id", 1),
             eos_token_ids=eos_ids,
+            torch_dtype=_dtype_name(raw.get("dtype", raw.get("torch_dtype"))),
         )
 
     @classmethod
@@ -137,6 +139,25 @@ class ModelConfig:
             out["rope_theta"] = self.rope_theta
             out["rope_scaling"] = None
         return out
+
+
+SERVED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _dtype_name(value: Any) -> str:
+    """config.json's dtype ("bfloat16", "torch.bfloat16", absent) as one of SERVED_DTYPES; anything
+    else (absent, "auto", a quantised type) serves in float32, as transformers loads it by default."""
+    name = str(value or "float32").removeprefix("torch.")
+    return name if name in SERVED_DTYPES else "float32"
+
+
+def resolve_dtype(requested: str, cfg: ModelConfig) -> str:
+    """The dtype to serve in: `requested`, or the checkpoint's own for "auto"."""
+    if requested == "auto":
+        return cfg.torch_dtype
+    if requested not in SERVED_DTYPES:
+        raise ConfigError(f"dtype must be auto or one of {', '.join(SERVED_DTYPES)} (got {requested!r})")
+    return requested
 
 
 def _rope_theta(raw: dict[str, Any]) -> float:

@@ -1,4 +1,4 @@
-"""cluster.placement (pure) and the replica split of RemoteExperts.assign, without Ray."""
+"""actors.placement (pure) and the replica split of RemoteExperts.assign, without Ray."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from actors.pool import layer_route
 from actors.remote_experts import RemoteExperts
-from cluster.placement import assign_nodes, plan_placement, ranges
+from actors.placement import assign_nodes, plan_placement, ranges
 
 
 def copies(p, layer=0):

@@ -114,7 +114,7 @@ def test_stop_strings_and_stop_tokens(server, reference, tokenizer):
     (dict(prompt="hi", temperature=float("nan")), "temperature"),
     (dict(prompt="hi", top_p=0.0), "top_p"),
     (dict(prompt="hi", top_p=1.5), "top_p"),
-    (dict(prompt="hi", stop=["a"] * 9), "stop strings"),
+    (dict(prompt="hi", stop=["a"] * 17), "stop strings"),
     (dict(prompt="hi", stop=["x" * 500]), "stop string"),
     (dict(prompt="hi", logprobs=50), "logprobs"),
 ])
