@@ -51,7 +51,7 @@ class PoolConfig:
     layer_groups: int = 1  # >1: each contiguous group of layers gets its own actors
     num_cpus: float | None = None  # per actor on CPU; None → the cluster's CPUs minus one, shared
     num_threads: int | None = None  # torch threads per actor; None → max(1, int(num_cpus))
-    use_gpu: bool | None = None  # None → one GPU per actor when the cluster has GPUs
+    device: str = "auto"  # auto: one GPU per actor when the cluster has GPUs at start, else CPU | cpu | gpu
     resources: Mapping[str, float] = dataclasses.field(default_factory=dict)  # extra, per actor
     strategy: str = "SPREAD"  # placement group strategy: SPREAD | STRICT_SPREAD | PACK | STRICT_PACK
     pin_nodes: bool = False  # pin bundles to the nodes assign_nodes picks
@@ -108,6 +108,33 @@ def pool_key(checkpoint: str, config: PoolConfig) -> str:
 
     shape = {k: v for k, v in dataclasses.asdict(config).items() if not k.endswith("timeout_s")}
     return hashlib.sha1(json.dumps([checkpoint, shape], sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def named_pools(prefix: str) -> set[str]:
+    """Names (starting with `prefix`) of the named pools alive in the cluster: their actors are named
+    `…/NAME` and their placement group `NAME/pg`."""
+    from ray.util import list_named_actors, placement_group_table
+
+    names = {a["name"].rsplit("/", 1)[1] for a in list_named_actors(all_namespaces=True) if "/" in a["name"]}
+    names |= {pg["name"][:-3] for pg in placement_group_table().values()
+              if pg.get("name", "").endswith("/pg") and pg.get("state") != "REMOVED"}
+    return {n for n in names if n.startswith(prefix)}
+
+
+def remove_named_pool(name: str) -> None:
+    """Kill every actor of the named pool and remove its placement group (its GPUs and CPUs)."""
+    from ray.util import get_placement_group, list_named_actors
+
+    for a in list_named_actors(all_namespaces=True):
+        if a["name"].endswith("/" + name):
+            try:
+                ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=True)
+            except ValueError:  # gone meanwhile
+                pass
+    try:
+        remove_placement_group(get_placement_group(f"{name}/pg"))
+    except ValueError:
+        pass
 
 
 class ExpertPool:
@@ -181,29 +208,18 @@ class ExpertPool:
             pg = get_placement_group(f"{name}/pg")
             actors = [ray.get_actor(self._actor_name(name, a.index)) for a in self.placement.actors]
         except ValueError:  # some part is missing: clean up what is left and start afresh
-            self._remove_named(name)
+            remove_named_pool(name)
             return False
         self.pg, self.actors = pg, actors
         return True
-
-    def _remove_named(self, name: str) -> None:
-        from ray.util import get_placement_group
-
-        for a in self.placement.actors:
-            try:
-                ray.kill(ray.get_actor(self._actor_name(name, a.index)), no_restart=True)
-            except ValueError:
-                pass
-        try:
-            remove_placement_group(get_placement_group(f"{name}/pg"))
-        except ValueError:
-            pass
 
     # --- resources ---------------------------------------------------------------------------
 
     def _bundle(self, num_actors: int) -> dict[str, float]:
         c, total = self.config, ray.cluster_resources()
-        use_gpu = c.use_gpu if c.use_gpu is not None else total.get("GPU", 0) >= 1
+        if c.device not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"expert device must be auto, cpu or gpu (got {c.device!r})")
+        use_gpu = c.device == "gpu" or (c.device == "auto" and total.get("GPU", 0) >= 1)
         extra = {k: float(v) for k, v in c.resources.items()}
         if use_gpu:
             return {"GPU": 1.0, "CPU": c.num_cpus if c.num_cpus is not None else 1.0, **extra}

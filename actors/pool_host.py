@@ -11,8 +11,9 @@ Surviving faults and redeploys:
   they do not die with the host, and a restarted host attaches to them without reloading weights.
 - A pool is identified by its key (checkpoint + the settings that shape the actors; timeouts are
   not part of it). A replica asking for the key in use gets the same pool. A replica asking for a
-  new key (a redeploy with other settings) gets a new pool; the old one keeps serving the old
-  replicas for `RETIRE_AFTER_S` and is then removed (actors, placement group, GPUs).
+  new key (a redeploy with other settings) gets a new pool; every other pool of the server (known
+  to this host process, or found by name after a restart) keeps serving the old replicas for
+  `RETIRE_AFTER_S` and is then removed (actors, placement group, GPUs) by a background thread.
 """
 
 from __future__ import annotations
@@ -22,50 +23,59 @@ import threading
 import time
 from typing import Any
 
-from .pool import ExpertPool, PoolConfig, pool_key
+from .pool import ExpertPool, PoolConfig, named_pools, pool_key, remove_named_pool
 
 NAMESPACE = "raymoe"
 RETIRE_AFTER_S = 120.0  # how long an old pool serves the replicas of the previous deployment
 
 
 class PoolHost:
-    def __init__(self, app: str) -> None:
-        self.app = app
-        self.pools: dict[str, ExpertPool] = {}
-        self.retiring: dict[str, float] = {}  # key → when to remove it
+    def __init__(self, app: str, retire_after_s: float = RETIRE_AFTER_S) -> None:
+        self.app, self.retire_after_s = app, retire_after_s
+        self.pools: dict[str, ExpertPool] = {}  # pool name → pool, as handed out by this process
+        self.retiring: dict[str, float] = {}  # pool name → when to remove it
         self._lock = threading.Lock()  # get_pool may be called concurrently (threaded actor)
+        self._stop = threading.Event()
+        threading.Thread(target=self._janitor, name="raymoe-pool-janitor", daemon=True).start()
+
+    def pool_name(self, key: str) -> str:
+        return f"{self.app}-experts-{key}"
 
     def get_pool(self, checkpoint: str, config: dict[str, Any]) -> ExpertPool:
         cfg = PoolConfig(**config)
-        key = pool_key(checkpoint, cfg)
+        name = self.pool_name(pool_key(checkpoint, cfg))
         with self._lock:
-            self._retire_due()
-            if key not in self.pools:  # new to this host process: attach to a live one or start it
-                self.pools[key] = ExpertPool(checkpoint, cfg, name=f"{self.app}-experts-{key}")
-                for other in self.pools:
-                    if other != key:
-                        self.retiring.setdefault(other, time.monotonic() + RETIRE_AFTER_S)
-            self.retiring.pop(key, None)
-            pool = self.pools[key]
+            if name not in self.pools:  # new to this host process: attach to a live one or start it
+                self.pools[name] = ExpertPool(checkpoint, cfg, name=name)
+            self.retiring.pop(name, None)
+            # The pool asked for last is the deployment's: every other one of this app (known here,
+            # or left by an earlier host process) serves its old replicas a while longer, then goes.
+            deadline = time.monotonic() + self.retire_after_s
+            for other in (named_pools(self.pool_name("")) | set(self.pools)) - {name}:
+                self.retiring.setdefault(other, deadline)
+            pool = self.pools[name]
             pool.config = cfg  # this caller's timeouts
             return pool
 
-    def ping(self) -> int:
+    def ping(self) -> list[str]:
+        """The pools this host process knows (for tests and status)."""
         with self._lock:
-            self._retire_due()
-            return len(self.pools)
+            return sorted(self.pools)
 
-    def _retire_due(self) -> None:
-        now = time.monotonic()
-        for key, when in list(self.retiring.items()):
-            if when <= now:
-                self.pools.pop(key).shutdown()
-                del self.retiring[key]
+    def _janitor(self) -> None:
+        while not self._stop.wait(1.0):
+            with self._lock:
+                now = time.monotonic()
+                for name in [n for n, when in self.retiring.items() if when <= now]:
+                    self.pools.pop(name, None)
+                    remove_named_pool(name)
+                    del self.retiring[name]
 
     def shutdown(self) -> None:
         with self._lock:
-            for pool in self.pools.values():
-                pool.shutdown()
+            self._stop.set()
+            for name in named_pools(self.pool_name("")) | set(self.pools):
+                remove_named_pool(name)
             self.pools.clear()
             self.retiring.clear()
 
@@ -84,14 +94,15 @@ def _head_node_strategy():
     return "DEFAULT" if head is None else NodeAffinitySchedulingStrategy(head, soft=True)
 
 
-def shared_pool(checkpoint: str, config: PoolConfig, app: str = "raymoe") -> ExpertPool:
+def shared_pool(checkpoint: str, config: PoolConfig, app: str = "raymoe",
+                retire_after_s: float = RETIRE_AFTER_S) -> ExpertPool:
     """The pool for (checkpoint, config), creating the server's host on first use."""
     import ray
 
     host = ray.remote(PoolHost).options(
         name=host_name(app), namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
         max_restarts=-1, max_task_retries=-1, max_concurrency=4,
-        scheduling_strategy=_head_node_strategy()).remote(app)
+        scheduling_strategy=_head_node_strategy()).remote(app, retire_after_s)
     return ray.get(host.get_pool.remote(checkpoint, dataclasses.asdict(config)),
                    timeout=config.start_timeout_s + 30)
 

@@ -25,13 +25,24 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
 
+def _add_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weights and activations (default auto: the checkpoint's own, config.json torch_dtype)")
+
+
+def _add_expert_device(p) -> None:
+    p.add_argument("--expert-device", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="where expert actors compute: auto = one GPU each when the cluster has GPUs at start, "
+                        "else a CPU share; gpu without GPUs is an error")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raymoe", description="Serve Mixtral-style MoE models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="generate in this process (or with experts on Ray actors)")
     run.add_argument("--checkpoint", help="Hugging Face Mixtral directory (default: the demo model)")
-    run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    _add_dtype(run)
     _add_sampling(run)
     remote = run.add_argument_group("remote experts (Ray actors)")
     remote.add_argument("--expert-actors", type=int, default=None, metavar="N",
@@ -43,10 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     remote.add_argument("--expert-timeout", type=float, default=60.0,
                         help="seconds to wait for an expert layer before failing (covers actor restarts)")
     remote.add_argument("--address", help="join this Ray cluster (e.g. auto or HOST:6379) instead of starting one")
+    _add_expert_device(remote)
 
     srv = sub.add_parser("serve", help="serve the model over gRPC on a local (or existing) Ray cluster")
     srv.add_argument("--checkpoint", help="Hugging Face Mixtral directory (default: the demo model)")
-    srv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    _add_dtype(srv)
     srv.add_argument("--expert-actors", type=int, default=0, help="host the experts on N Ray actors")
     srv.add_argument("--expert-replicas", type=int, default=1, help="copies of each expert, on different actors")
     srv.add_argument("--replicas", type=int, default=1, help="front replicas (attention, batching, sampling)")
@@ -56,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-running", type=int, default=64, help="sequences decoded together per replica")
     srv.add_argument("--kv-cache-tokens", type=int, default=32768, help="KV cache size per replica")
     srv.add_argument("--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED")
+    _add_expert_device(srv)
+    lim = srv.add_argument_group("limits on one request (INVALID_ARGUMENT beyond them)")
+    lim.add_argument("--max-prompt-tokens", type=int, default=0, help="0 = the model's context minus one")
+    lim.add_argument("--max-tokens-limit", type=int, default=0,
+                     help="cap on a request's max_tokens; 0 = what the context leaves after the prompt")
+    lim.add_argument("--max-stop-strings", type=int, default=16)
+    lim.add_argument("--max-stop-chars", type=int, default=256, help="characters per stop string")
+    lim.add_argument("--max-stop-token-ids", type=int, default=64)
+    lim.add_argument("--max-logprobs", type=int, default=20, help="top alternatives per token")
 
     gen = sub.add_parser("generate", help="send a request to a running server (gRPC client)")
     gen.add_argument("--target", default="127.0.0.1:9000", help="HOST:PORT of the server")

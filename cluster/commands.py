@@ -6,9 +6,6 @@ import argparse
 import json
 import sys
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
-
 class UserError(Exception):
     """Ends the command with `raymoe: <message>` and exit status 2."""
 
@@ -68,18 +65,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     from model.completion import complete
+    from model.config import resolve_dtype
     from model.default import default_checkpoint
     from model.engine import Engine
     from model.weights import Checkpoint, load_model
 
     ckpt = Checkpoint(args.checkpoint or default_checkpoint())
+    args.dtype = resolve_dtype(args.dtype, ckpt.config)  # the expert actors load in the same dtype
     params = sampling_from_args(args)
     tokenizer = load_tokenizer(ckpt.dir, required=args.prompt is not None)
     prompt = prompt_from_args(args, tokenizer)
     from .remote_session import experts_factory_from_args
 
     with experts_factory_from_args(args, ckpt.dir) as factory:  # None: every expert in this process
-        model = load_model(ckpt, dtype=getattr(torch, DTYPES[args.dtype]), experts_factory=factory)
+        model = load_model(ckpt, dtype=getattr(torch, args.dtype), experts_factory=factory)
         # Sized for this one request, but never past the context: an oversized request is then
         # refused by Engine.check with its message instead of allocating a huge cache.
         engine = Engine(model, kv_cache_tokens=min(len(prompt) + params.max_tokens, ckpt.config.max_position_embeddings))
@@ -117,7 +116,7 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
         if v <= 0:
             raise UserError(f"--{k.replace('_', '-')} must be positive (got {v})")
     tc = dataclasses.replace(TrainConfig(seed=args.seed), **overrides)
-    result = train_demo(args.out, tc, dtype=getattr(torch, DTYPES[args.dtype]),
+    result = train_demo(args.out, tc, dtype=getattr(torch, args.dtype),
                         log=lambda line: print(line, flush=True))
     print(f"trained {result.steps} steps in {result.seconds:.0f}s, final loss {result.final_loss:.4f}; "
           f"wrote {args.out}", flush=True)

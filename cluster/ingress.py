@@ -53,7 +53,8 @@ class Generator:
         self.settings = ServeSettings.from_dict(settings)
         self.limits = self.settings.request_limits()
         self.loop, self.info = build_engine_loop(self.settings)
-        self.pool_health = PoolHealth(self.info["pool"])
+        # An actor that misses pings for this long (restarts take a few seconds) makes Check NOT_SERVING.
+        self.pool_health = PoolHealth(self.info["pool"], stale_s=min(15.0, self.settings.expert_timeout_s))
         self.tokenizer = self.loop.tokenizer
         self.cfg = self.loop.engine.cfg
 

@@ -42,6 +42,18 @@ def ray_connection(address: str | None, num_cpus: int | None = None) -> Iterator
         ray.shutdown()
 
 
+def check_expert_device(device: str, started: bool) -> None:
+    """`gpu` on a Ray instance this command started without GPUs can never be placed: say so now
+    (on a joined cluster the autoscaler may still bring GPU nodes; the pool's start timeout bounds that)."""
+    import ray
+
+    if device == "gpu" and started and not ray.cluster_resources().get("GPU"):
+        from cluster.commands import UserError
+
+        raise UserError("--expert-device gpu, but this machine has no GPUs visible to Ray; "
+                        "use --expert-device cpu (or auto)")
+
+
 @contextlib.contextmanager
 def experts_factory_from_args(args: argparse.Namespace, checkpoint: str | Path) -> Iterator[ExpertsFactory | None]:
     """None (every expert in this process) unless --expert-actors is given; else remote experts."""
@@ -61,8 +73,10 @@ def experts_factory_from_args(args: argparse.Namespace, checkpoint: str | Path) 
     try:
         config = PoolConfig(num_actors=num_actors, replicas=getattr(args, "expert_replicas", 1) or 1,
                             num_cpus=getattr(args, "actor_cpus", None), dtype=getattr(args, "dtype", "float32"),
+                            device=getattr(args, "expert_device", "auto"),
                             call_timeout_s=getattr(args, "expert_timeout", None) or 60.0)
-        with ray_connection(getattr(args, "address", None)):
+        with ray_connection(getattr(args, "address", None)) as started:
+            check_expert_device(config.device, started)
             with ExpertPool(checkpoint, config) as pool:
                 yield remote_experts_factory(pool)
     except ExpertsUnavailable as e:

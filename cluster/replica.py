@@ -72,10 +72,11 @@ class PoolHealth:
     loop): every actor must have answered a ping within `stale_s` (a restart of a few seconds is
     tolerated). Without a pool, always healthy."""
 
-    def __init__(self, pool, every_s: float = 3.0, stale_s: float = 15.0) -> None:
+    def __init__(self, pool, stale_s: float = 15.0) -> None:
         import threading
         import time
 
+        every_s = stale_s / 5
         self.pool, self.stale_s, self._clock = pool, stale_s, time.monotonic
         self.last_ok = [self._clock()] * (len(pool.actors) if pool is not None else 0)
         self._stop = threading.Event()

@@ -35,15 +35,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(checkpoint=args.checkpoint, dtype=args.dtype, expert_actors=args.expert_actors,
                              expert_replicas=args.expert_replicas, replicas=args.replicas, grpc_port=args.grpc_port,
                              max_running=args.max_running, kv_cache_tokens=args.kv_cache_tokens,
-                             max_queue=args.max_queue)
+                             max_queue=args.max_queue, expert_device=args.expert_device,
+                             max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
+                             max_stop_strings=args.max_stop_strings, max_stop_chars=args.max_stop_chars,
+                             max_stop_token_ids=args.max_stop_token_ids, max_logprobs=args.max_logprobs)
     from ray import serve
 
-    from .remote_session import ray_connection
+    from .remote_session import check_expert_device, ray_connection
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with ray_connection(args.address, settings.local_ray_cpus()):
+    with ray_connection(args.address, settings.local_ray_cpus()) as started:
+        if settings.expert_actors:
+            check_expert_device(settings.expert_device, started)
         try:
             deploy(settings, args.http_port)
             target = f"127.0.0.1:{settings.grpc_port}"

@@ -99,7 +99,7 @@ class ServeSettings:
 
         return PoolConfig(num_actors=self.expert_actors, replicas=self.expert_replicas, num_cpus=self.expert_num_cpus,
                           resources=dict(self.expert_resources), dtype=dtype,
-                          use_gpu={"auto": None, "cpu": False, "gpu": True}[self.expert_device],
+                          device=self.expert_device,
                           call_timeout_s=self.expert_timeout_s)
 
     def deployment_options(self) -> dict[str, Any]:

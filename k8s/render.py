@@ -32,13 +32,14 @@ FRONT_RESOURCES: dict[str, float] = {"front_host": 1}
 OVERLAYS: dict[str, ServeSettings] = {
     # The demo model shipped in the image (checkpoint None), two expert actors on one CPU each,
     # one front replica that Serve may double under load.
-    "cpu": ServeSettings(checkpoint=None, expert_actors=2, expert_num_cpus=1.0,
+    "cpu": ServeSettings(checkpoint=None, expert_actors=2, expert_num_cpus=1.0, expert_device="cpu",
                          expert_resources=dict(EXPERT_RESOURCES),
                          replicas=1, autoscale_max_replicas=2, replica_num_cpus=1.0,
                          replica_resources=dict(FRONT_RESOURCES)),
-    # A real Mixtral on the PVC: one expert actor (one GPU; the CPU share feeds it) per expert,
+    # A real Mixtral on the PVC (served in its own bfloat16): one expert actor (one GPU, never a silent
+    # CPU fallback; the CPU share feeds it) per expert,
     # 1-4 front replicas.
-    "gpu": ServeSettings(checkpoint=f"{MODELS_MOUNT}/Mixtral-8x7B-v0.1", dtype="bfloat16", expert_actors=8,
+    "gpu": ServeSettings(checkpoint=f"{MODELS_MOUNT}/Mixtral-8x7B-v0.1", expert_actors=8, expert_device="gpu",
                          expert_num_cpus=1.0, expert_resources=dict(EXPERT_RESOURCES),
                          replicas=1, autoscale_max_replicas=4, replica_num_cpus=4.0,
                          replica_resources=dict(FRONT_RESOURCES)),

@@ -141,3 +141,29 @@ def test_subprocess(tiny_dir, capsys):
     bad = cli("run", "--checkpoint", str(tiny_dir), "--prompt-ids", "1,2", "--temperature", "-1")
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.startswith("raymoe: ") and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_expert_device_gpu_without_gpus_is_a_clear_error(tiny_dir):
+    """Never a silent fallback to CPU: on a machine without GPUs, --expert-device gpu says so at once."""
+    bad = subprocess.run([sys.executable, "-m", "cluster.cli", "run", "--checkpoint", str(tiny_dir), "--prompt-ids",
+                          "1,2", "--expert-actors", "1", "--expert-device", "gpu"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"})
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert bad.returncode == 2 and bad.stdout == "", bad.stderr
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("raymoe: ") and "no GPUs" in last and "--expert-device cpu" in last
+
+
+@pytest.mark.parametrize("raw,want", [({"torch_dtype": "bfloat16"}, "bfloat16"), ({"dtype": "float16"}, "float16"),
+                                      ({"torch_dtype": "torch.bfloat16"}, "bfloat16"), ({}, "float32"),
+                                      ({"torch_dtype": "auto"}, "float32"), ({"torch_dtype": "int8"}, "float32")])
+def test_dtype_auto_is_the_checkpoints_own(tiny_dir, tmp_path, raw, want):
+    from model.config import ModelConfig, resolve_dtype
+
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    for key in ("torch_dtype", "dtype"):
+        cfg.pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, **raw}))
+    parsed = ModelConfig.from_file(tmp_path / "config.json")
+    assert resolve_dtype("auto", parsed) == want and resolve_dtype("float32", parsed) == "float32"

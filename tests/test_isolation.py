@@ -99,3 +99,26 @@ def test_small_request_is_not_held_behind_large_ones(server):
             f.result()
     assert done["small"] < min(done["big0"], done["big1"])
     assert done["small"] - t0 < 0.5 * (min(done["big0"], done["big1"]) - t0)
+
+
+def test_only_the_requests_own_faults_are_invalid_argument():
+    """A remote error wrapping a ValueError (even our own InvalidRequest) is the server's fault:
+    INTERNAL, and its text (remote traceback, host, address) stays in the replica's log."""
+    from ray.exceptions import RayTaskError
+
+    from actors.pool import ExpertsUnavailable
+    from cluster.ingress import _status_for
+    from model.errors import InvalidRequest
+
+    assert _status_for(InvalidRequest("max_tokens is 9", "max_tokens")) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                                                           "max_tokens is 9")
+    assert _status_for(ExpertsUnavailable(1, [3], "actor(s) x: no answer"))[0] == grpc.StatusCode.UNAVAILABLE
+    for cause in (ValueError("bad"), InvalidRequest("bad", "x"), ExpertsUnavailable(0, [1], "gone")):
+        remote = RayTaskError("forward", "Traceback (most recent call last):\n  host 10.1.2.3 ...",
+                              cause).as_instanceof_cause()
+        assert isinstance(remote, type(cause))
+        code, message = _status_for(remote)
+        assert code == grpc.StatusCode.INTERNAL
+        assert "Traceback" not in message and "10.1.2.3" not in message and "bad" not in message
+    code, message = _status_for(ValueError("a plain ValueError is a bug, not the client's fault"))
+    assert code == grpc.StatusCode.INTERNAL and "client" not in message

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 
 import grpc
 import pytest
@@ -76,3 +77,11 @@ def test_unreachable_experts_give_unavailable(remote_server):
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "experts" in err.value.details() and "Traceback" not in err.value.details()
     assert list(client.stub.Tokenize(pb.TokenizeRequest(text="hi")).token_ids)
+    # Health follows the pool: once the actor has missed pings for the expert timeout, the replica
+    # says NOT_SERVING (so Kubernetes and load balancers stop sending it traffic).
+    from grpc_health.v1 import health_pb2
+
+    deadline = time.monotonic() + 30
+    while client.health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING:
+        assert time.monotonic() < deadline, "health still SERVING with an expert actor dead for good"
+        time.sleep(0.5)
