@@ -77,6 +77,10 @@ def test_unreachable_experts_give_unavailable(remote_server):
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "experts" in err.value.details() and "Traceback" not in err.value.details()
     assert list(client.stub.Tokenize(pb.TokenizeRequest(text="hi")).token_ids)
+    t0 = time.monotonic()  # the dead actor's stats are awaited concurrently and bounded, never blocking
+    states = {a.name: a.state for a in client.stub.ModelInfo(pb.ModelInfoRequest(), timeout=10).expert_actors}
+    assert time.monotonic() - t0 < 5
+    assert states[victim.name] == "UNREACHABLE" and sum(s == "ALIVE" for s in states.values()) == 2
     # Health follows the pool: once the actor has missed pings for the expert timeout, the replica
     # says NOT_SERVING (so Kubernetes and load balancers stop sending it traffic).
     from grpc_health.v1 import health_pb2
