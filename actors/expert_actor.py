@@ -4,7 +4,8 @@ It reads its own experts from the checkpoint path (every node must see the check
 path), so weights never pass through the driver or the object store. `forward` is a pure function
 of its arguments (no request state), which makes it safe to retry after a restart and lets any
 number of callers share the actor. A payload is one numpy byte array (`pack`): it arrives
-zero-copy (read-only) and `unpack` views it as tensors without a copy.
+zero-copy (read-only) and `unpack` views it as tensors without a copy. The same `forward` also answers over the direct
+transport (actors/direct.py), on the listener's threads.
 
 Legend: n = distinct tokens sent to this actor, P = (token, expert) pairs routed here, D = hidden.
 """
@@ -32,12 +33,15 @@ def to_wire(t: torch.Tensor) -> np.ndarray:
 
 
 def from_wire(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of to_wire, zero-copy. Arrays from the object store are read-only; callers only read
-    the tensor (gather, index_add source), so torch's warning about that is silenced."""
+    """Inverse of to_wire, zero-copy; raw bytes (a uint8 array, as sockets deliver) are viewed as
+    `dtype`. Arrays from the object store are read-only; callers only read the tensor (gather,
+    index_add source), so torch's warning about that is silenced."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         t = torch.from_numpy(a)
-    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+    if t.dtype == torch.uint8 or dtype == torch.bfloat16:
+        return t.view(dtype)
+    return t
 
 
 def pack(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> np.ndarray:
@@ -101,6 +105,13 @@ class ExpertActor:
         self.pairs_counter = Counter("raymoe_expert_pairs", "(token, expert) pairs computed by an actor",
                                      tag_keys=("actor",))
         self.pairs_counter.set_default_tags(tags)
+        import ray
+
+        from .direct import DirectServer
+
+        # Layer calls may also come over a socket (actors/direct.py); Ray still places, names and
+        # restarts this actor and hands out the endpoint.
+        self.direct = DirectServer(self.forward, host=ray.util.get_node_ip_address())
 
     def __repr__(self) -> str:  # the Ray dashboard and log prefixes show this
         return f"ExpertActor({self.name})"
@@ -152,4 +163,8 @@ class ExpertActor:
 
     def ping(self) -> str:
         return self.name
+
+    def direct_endpoint(self) -> tuple[str, int, bytes]:
+        """(host, port, token) of this process's direct-transport listener; a restart changes the token."""
+        return self.direct.endpoint()
 

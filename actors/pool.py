@@ -56,6 +56,7 @@ class PoolConfig:
     strategy: str = "SPREAD"  # placement group strategy: SPREAD | STRICT_SPREAD | PACK | STRICT_PACK
     pin_nodes: bool = False  # pin bundles to the nodes assign_nodes picks
     dtype: str = "float32"
+    transport: str = "direct"  # how layer calls travel: "direct" (sockets) or "ray" (object store); see transport.py
     call_timeout_s: float = 60.0  # longest wait for one layer's experts (covers an actor restart)
     start_timeout_s: float = 120.0  # longest wait for the reservation and the actors' weights
 
@@ -102,11 +103,12 @@ def layer_route(placement: Placement, layer: int) -> LayerRoute:
 
 def pool_key(checkpoint: str, config: PoolConfig) -> str:
     """What makes two pools interchangeable: the checkpoint and everything that shapes the actors
-    (not the timeouts, which any user of the pool may set for itself)."""
+    (not the timeouts or the transport, which any user of the pool may choose for itself)."""
     import hashlib
     import json
 
-    shape = {k: v for k, v in dataclasses.asdict(config).items() if not k.endswith("timeout_s")}
+    shape = {k: v for k, v in dataclasses.asdict(config).items()
+             if not k.endswith("timeout_s") and k != "transport"}
     return hashlib.sha1(json.dumps([checkpoint, shape], sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -156,6 +158,7 @@ class ExpertPool:
         self.actors: list[Any] = []
         self._routes: dict[int, LayerRoute] = {}
         self.pg = None
+        self._transport = None
         if name is not None and self._attach(name):
             return
         selectors = None
@@ -235,6 +238,22 @@ class ExpertPool:
             raise ExpertsUnavailable(None, range(self.model_config.num_local_experts),
                                      f"no alive node offers {self.bundle} for an expert actor")
         return sorted(n["NodeID"] for n in nodes)
+
+    # --- calls -------------------------------------------------------------------------------
+
+    def transport(self):
+        """This process's way of calling the actors (config.transport), made on first use."""
+        if self._transport is None:
+            from .transport import make_transport
+
+            self._transport = make_transport(self.config.transport, self)
+        return self._transport
+
+    def __getstate__(self) -> dict[str, Any]:  # a copy for another process: no sockets, no threads
+        return {**self.__dict__, "_transport": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     # --- lookups -----------------------------------------------------------------------------
 

@@ -17,11 +17,12 @@ Legend: T = tokens, K = experts per token, P = T·K pairs, n = an actor's distin
 from __future__ import annotations
 
 import time
-import ray
+
 import torch
 
 from .expert_actor import from_wire, pack
 from .pool import ExpertPool, ExpertsUnavailable
+from .transport import Unreachable
 
 
 _CALL_HISTOGRAM = None
@@ -43,9 +44,9 @@ def _call_histogram():
 class Pending:
     """One layer's expert calls in flight; `result()` waits (bounded) and combines."""
 
-    def __init__(self, owner: "RemoteExperts", refs: list[ray.ObjectRef], actors: list[int],
-                 rows: list[torch.Tensor], like: torch.Tensor) -> None:
-        self.owner, self.refs, self.actors, self.rows = owner, refs, actors, rows  # rows: tokens per actor
+    def __init__(self, owner: "RemoteExperts", calls: list, actors: list[int], rows: list[torch.Tensor],
+                 like: torch.Tensor) -> None:
+        self.owner, self.calls, self.actors, self.rows = owner, calls, actors, rows  # rows: tokens per actor
         self.shape, self.dtype, self.device = tuple(like.shape), like.dtype, like.device
         self.started = time.perf_counter()  # calls submitted
 
@@ -55,23 +56,14 @@ class Pending:
         timeout = pool.config.call_timeout_s if timeout_s is None else timeout_s
         t0 = time.perf_counter()
         try:
-            parts = ray.get(self.refs, timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
-            _, late = ray.wait(self.refs, num_returns=len(self.refs), timeout=0)
-            self._cancel(late)
-            raise self.owner.unavailable([self.actors[self.refs.index(r)] for r in late],
-                                         f"no answer within {timeout:g} s") from None
-        except ray.exceptions.RayActorError as e:  # dead for good, or unreachable without retries
-            failed = [a for a in self.actors if pool.actor_id(a) == e.actor_id] or \
-                [a for r, a in zip(self.refs, self.actors) if _failed(r)] or self.actors
-            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-            raise self.owner.unavailable(failed, " … ".join(dict.fromkeys([lines[0], lines[-1]]))
-                                         if lines else type(e).__name__) from None
+            parts = pool.transport().gather(self.calls, self.actors, timeout)
+        except Unreachable as e:
+            raise self.owner.unavailable(e.actors, e.reason) from None
         t1 = time.perf_counter()
         out = torch.zeros(self.shape, dtype=self.dtype)
         received = 0
         for rows, part in zip(self.rows, parts):  # Σ over actors of their partial sums
-            out.index_add_(0, rows, from_wire(part, self.dtype))
+            out.index_add_(0, rows, from_wire(part, self.dtype).view(rows.numel(), -1))
             received += part.nbytes
         t2 = time.perf_counter()
         _call_histogram().observe(t2 - self.started, tags={"layer": str(self.owner.layer)})
@@ -80,25 +72,6 @@ class Pending:
         m.combine_us.append((t2 - t1) * 1e6)
         m.bytes_received += received
         return out.to(self.device)
-
-    def _cancel(self, refs: list[ray.ObjectRef]) -> None:
-        for r in refs:  # best effort: do not leave retries queued behind a dead node forever
-            try:
-                ray.cancel(r)
-            except Exception:
-                pass
-
-
-def _failed(ref: ray.ObjectRef) -> bool:
-    """Whether a finished call raised (calls still running are not counted as failed)."""
-    ready, _ = ray.wait([ref], timeout=0)
-    if not ready:
-        return False
-    try:
-        ray.get(ref, timeout=0)
-        return False
-    except Exception:
-        return True
 
 
 class RemoteExperts:
@@ -134,22 +107,23 @@ class RemoteExperts:
         token = torch.arange(T * K) // K  # [P]
         experts = idx.reshape(-1).cpu().to(torch.int32)
         w = weights.reshape(-1).detach().cpu().float()
-        refs, actors, rows = [], [], []
+        transport = pool.transport()
+        calls, actors, rows = [], [], []
         sent = 0
         for a in torch.unique(actor_of).tolist():
             sel = torch.nonzero(actor_of == a).squeeze(1)
             tokens, local = torch.unique(token[sel], return_inverse=True)  # distinct tokens, pair → row
             payload = pack(x if tokens.numel() == T else x[tokens], local, experts[sel], w[sel])
-            refs.append(pool.actors[a].forward.remote(self.layer, payload))
+            calls.append(transport.submit(a, self.layer, payload))
             actors.append(a)
             rows.append(tokens)
             sent += payload.nbytes
         m = pool.metrics
         m.dispatch_us.append((time.perf_counter() - t0) * 1e6)
         m.bytes_sent += sent
-        m.calls += len(refs)
+        m.calls += len(calls)
         m.layer_calls += 1
-        return Pending(self, refs, actors, rows, like)
+        return Pending(self, calls, actors, rows, like)
 
     def unavailable(self, actors: list[int], reason: str) -> ExpertsUnavailable:
         names = [self.pool.placement.actors[a].name for a in sorted(set(actors))]

@@ -31,6 +31,9 @@ def _add_dtype(p: argparse.ArgumentParser) -> None:
 
 
 def _add_expert_device(p) -> None:
+    p.add_argument("--expert-transport", choices=["direct", "ray"], default="direct",
+                   help="how layer calls reach the expert actors: direct sockets (default) or Ray actor calls "
+                        "through the object store")
     p.add_argument("--expert-device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="where expert actors compute: auto = one GPU each when the cluster has GPUs at start, "
                         "else a CPU share; gpu without GPUs is an error")
@@ -118,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run the experts on N Ray actors (a local Ray instance unless --address)")
     ev.add_argument("--address", help="with --expert-actors: join this Ray cluster")
     ev.add_argument("--actor-cpus", type=float, default=None, help="CPUs per expert actor without GPUs")
+    _add_expert_device(ev)
     return parser
 
 

@@ -74,6 +74,7 @@ def experts_factory_from_args(args: argparse.Namespace, checkpoint: str | Path) 
         config = PoolConfig(num_actors=num_actors, replicas=getattr(args, "expert_replicas", 1) or 1,
                             num_cpus=getattr(args, "actor_cpus", None), dtype=getattr(args, "dtype", "float32"),
                             device=getattr(args, "expert_device", "auto"),
+                            transport=getattr(args, "expert_transport", "direct"),
                             call_timeout_s=getattr(args, "expert_timeout", None) or 60.0)
         with ray_connection(getattr(args, "address", None)) as started:
             check_expert_device(config.device, started)

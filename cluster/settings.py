@@ -28,6 +28,7 @@ class ServeSettings:
     expert_num_cpus: float = 0.5  # CPU share of each expert actor when there are no GPUs
     expert_timeout_s: float = 30.0  # bound on every wait for an expert actor
     expert_device: str = "auto"  # auto (GPU when the cluster has GPUs at start) | cpu | gpu (an error without)
+    expert_transport: str = "direct"  # how layer calls reach the actors: direct (sockets) | ray (object store)
     expert_resources: dict[str, float] = dataclasses.field(default_factory=dict)  # custom Ray resources per actor
     replicas: int = 1  # front replicas (ignored when autoscaling is on)
     autoscale_max_replicas: int = 0  # > replicas turns on Serve autoscaling between the two
@@ -59,6 +60,10 @@ class ServeSettings:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16 (got {self.dtype!r})")
         if self.expert_device not in ("auto", "cpu", "gpu"):
             raise ValueError(f"expert_device must be auto, cpu or gpu (got {self.expert_device!r})")
+        from actors.transport import TRANSPORTS
+
+        if self.expert_transport not in TRANSPORTS:
+            raise ValueError(f"expert_transport must be one of {', '.join(TRANSPORTS)} (got {self.expert_transport!r})")
         self.request_limits()  # validates the limits
 
     @classmethod
@@ -99,7 +104,7 @@ class ServeSettings:
 
         return PoolConfig(num_actors=self.expert_actors, replicas=self.expert_replicas, num_cpus=self.expert_num_cpus,
                           resources=dict(self.expert_resources), dtype=dtype,
-                          device=self.expert_device,
+                          device=self.expert_device, transport=self.expert_transport,
                           call_timeout_s=self.expert_timeout_s)
 
     def deployment_options(self) -> dict[str, Any]:

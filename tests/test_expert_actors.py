@@ -37,10 +37,12 @@ def cluster():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def pool(cluster, ckpt):
-    """3 actors (does not divide 8 experts) × 2 replicas: 16 copies as 6 + 5 + 5."""
-    with ExpertPool(ckpt, PoolConfig(num_actors=3, replicas=2, num_cpus=0.25, call_timeout_s=60)) as p:
+@pytest.fixture(scope="module", params=["direct", "ray"])
+def pool(cluster, ckpt, request):
+    """3 actors (does not divide 8 experts) × 2 replicas: 16 copies as 6 + 5 + 5; every test that uses
+    it runs over both transports (sockets, Ray's object store)."""
+    with ExpertPool(ckpt, PoolConfig(num_actors=3, replicas=2, num_cpus=0.25, call_timeout_s=60,
+                                     transport=request.param)) as p:
         yield p
 
 

@@ -93,13 +93,17 @@ def test_generation_over_worker_nodes_equals_in_process(cluster, ckpt, want, num
             assert list(pool.nodes) == nodes
 
 
-def test_node_lost_mid_generation_with_spare_capacity_costs_nothing(cluster, ckpt, want):
+@pytest.mark.parametrize("transport", ["direct", "ray"])
+def test_node_lost_mid_generation_with_spare_capacity_costs_nothing(cluster, ckpt, want, transport):
     """A worker dies while a layer call is in flight; its actor restarts on a worker with room
-    (unpinned bundles move), reloads its experts, the call is retried, and the output is unchanged."""
+    (unpinned bundles move), reloads its experts, the call is retried, and the output is unchanged.
+    Over sockets the dead node closes nothing: the silence makes the caller ask Ray, which answers
+    from the restarted actor with a new token."""
     c, head, workers = cluster
     workers.append(c.add_node(num_cpus=1, resources={"expert_host": 4}))  # the spare capacity
     c.wait_for_nodes()
-    config = PoolConfig(num_actors=2, num_cpus=0.25, resources={"expert_host": 1}, call_timeout_s=60)
+    config = PoolConfig(num_actors=2, num_cpus=0.25, resources={"expert_host": 1}, call_timeout_s=60,
+                        transport=transport)
     lost = []
 
     class NodeKillingExperts(RemoteExperts):

@@ -17,12 +17,14 @@ from protos import generator_pb2 as pb
 from serving_helpers import running_server
 
 
-@pytest.fixture(scope="module")
-def remote_server(tiny_dir):
+@pytest.fixture(scope="module", params=["direct", "ray"])
+def remote_server(tiny_dir, request):
+    """Two front replicas sharing three expert actors, reached over either transport."""
     import ray
 
     with running_server("raymoe-test-remote", checkpoint=str(tiny_dir), expert_actors=3, expert_num_cpus=0.5,
-                        expert_timeout_s=10, replicas=2, replica_num_cpus=0.5) as client:
+                        expert_timeout_s=10, replicas=2, replica_num_cpus=0.5,
+                        expert_transport=request.param) as client:
         yield client, ray
 
 

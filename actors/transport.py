@@ -1,0 +1,186 @@
+"""How a layer call reaches an expert actor: through Ray's object store, or over a direct socket.
+
+Both transports take the same payload (`expert_actor.pack`) and give back the same bytes, so the
+numbers cannot depend on the choice; they differ in cost and in how they notice failures:
+
+- `RayCalls` ("ray"): `actor.forward.remote(layer, payload)`, awaited with `ray.get`. Ray retries
+  a call whose actor died once the actor has restarted (max_task_retries=-1).
+- `DirectCalls` ("direct", the default): one TCP connection per (caller thread, actor), opened
+  with the endpoint and token the actor gives through Ray. A broken connection, or a silence after
+  which Ray reports a new actor process (a new token), makes it reconnect to the restarted actor
+  and send the call again (a layer call is a pure function of its payload, so this is safe).
+
+Either way every wait is bounded by the caller's deadline, and `Unreachable` names the actors that
+did not answer; RemoteExperts turns that into ExpertsUnavailable for the layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import ray
+
+from .direct import ConnectionLost, DirectChannel
+
+if TYPE_CHECKING:
+    from .pool import ExpertPool
+
+TRANSPORTS = ("direct", "ray")
+STALL_S = 1.0  # a direct call silent this long makes us ask Ray whether its actor is still the same
+
+
+class Unreachable(Exception):
+    def __init__(self, actors: list[int], reason: str) -> None:
+        super().__init__(reason)
+        self.actors, self.reason = actors, reason
+
+
+class RayCalls:
+    def __init__(self, pool: "ExpertPool") -> None:
+        self.pool = pool
+
+    def submit(self, actor: int, layer: int, payload: np.ndarray) -> ray.ObjectRef:
+        return self.pool.actors[actor].forward.remote(layer, payload)
+
+    def gather(self, calls: list[ray.ObjectRef], actors: list[int], timeout_s: float) -> list[np.ndarray]:
+        try:
+            return ray.get(calls, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            _, late = ray.wait(calls, num_returns=len(calls), timeout=0)
+            for r in late:  # best effort: do not leave retries queued behind a dead node forever
+                try:
+                    ray.cancel(r)
+                except Exception:  # noqa: BLE001
+                    pass
+            raise Unreachable([actors[calls.index(r)] for r in late], f"no answer within {timeout_s:g} s") from None
+        except ray.exceptions.RayActorError as e:  # dead for good, or unreachable without retries
+            failed = [a for a in actors if self.pool.actor_id(a) == e.actor_id] or \
+                [a for r, a in zip(calls, actors) if _failed(r)] or list(actors)
+            raise Unreachable(failed, _first_and_last_line(e)) from None
+
+
+def _failed(ref: ray.ObjectRef) -> bool:
+    """Whether a finished call raised (calls still running are not counted as failed)."""
+    ready, _ = ray.wait([ref], timeout=0)
+    if not ready:
+        return False
+    try:
+        ray.get(ref, timeout=0)
+        return False
+    except Exception:  # noqa: BLE001
+        return True
+
+
+def _first_and_last_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return " … ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else type(e).__name__
+
+
+@dataclasses.dataclass
+class DirectCall:
+    actor: int
+    layer: int
+    payload: np.ndarray
+    id: int
+    channel: DirectChannel | None = None  # where it was sent (None: not yet, or that one broke)
+
+
+class DirectCalls:
+    def __init__(self, pool: "ExpertPool") -> None:
+        self.pool = pool
+        self._local = threading.local()  # channels per caller thread: a channel has one reader
+        self._ids = itertools.count()
+
+    def _channels(self) -> dict[int, DirectChannel]:
+        if not hasattr(self._local, "channels"):
+            self._local.channels = {}
+        return self._local.channels
+
+    def submit(self, actor: int, layer: int, payload: np.ndarray) -> DirectCall:
+        call = DirectCall(actor, layer, payload, next(self._ids) & 0xFFFFFFFF)
+        channel = self._channels().get(actor)
+        if channel is not None and not channel.broken:
+            try:
+                channel.send(call.id, layer, payload)
+                call.channel = channel
+            except ConnectionLost:
+                pass  # sent again by `gather`, after reconnecting
+        return call
+
+    def gather(self, calls: list[DirectCall], actors: list[int], timeout_s: float) -> list[np.ndarray]:
+        deadline = time.monotonic() + timeout_s
+        for call in calls:  # every call is on the wire before we wait for the first
+            if call.channel is None:
+                self._send(call, deadline, timeout_s)
+        return [self._result(call, deadline, timeout_s) for call in calls]
+
+    def _send(self, call: DirectCall, deadline: float, timeout_s: float) -> None:
+        while call.channel is None:
+            channel = self._connect(call.actor, deadline, timeout_s)
+            try:
+                channel.send(call.id, call.layer, call.payload)
+                call.channel = channel
+            except ConnectionLost:
+                self._drop(call.actor)
+
+    def _result(self, call: DirectCall, deadline: float, timeout_s: float) -> np.ndarray:
+        probe = None  # an outstanding "who are you now?" to the actor, through Ray
+        while True:
+            self._send(call, deadline, timeout_s)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Unreachable([call.actor], f"no answer within {timeout_s:g} s")
+            try:
+                return call.channel.recv(call.id, min(remaining, STALL_S))
+            except ConnectionLost:  # the actor (or its node) went away: reconnect to its successor
+                self._drop(call.actor)
+                call.channel = None
+            except TimeoutError:  # busy, or gone without closing the connection (a lost node)?
+                probe = probe or self.pool.actors[call.actor].direct_endpoint.remote()
+                ready, _ = ray.wait([probe], timeout=0)
+                if ready:
+                    endpoint = self._endpoint(probe, call.actor, 0, timeout_s)
+                    probe = None
+                    if endpoint[2] != call.channel.token:  # a new process: the call died with the old one
+                        self._drop(call.actor)
+                        call.channel = None
+
+    def _connect(self, actor: int, deadline: float, timeout_s: float) -> DirectChannel:
+        channels = self._channels()
+        if actor in channels and not channels[actor].broken:
+            return channels[actor]
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Unreachable([actor], f"no answer within {timeout_s:g} s")
+            endpoint = self._endpoint(self.pool.actors[actor].direct_endpoint.remote(), actor, remaining, timeout_s)
+            try:
+                channels[actor] = DirectChannel(endpoint, timeout_s=min(remaining, 10.0))
+                return channels[actor]
+            except OSError:  # it died between answering and our connect: ask again
+                time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+    def _endpoint(self, ref: ray.ObjectRef, actor: int, wait_s: float, timeout_s: float) -> Any:
+        """Ray's answer to direct_endpoint (it waits for a restarting actor; retried by Ray)."""
+        try:
+            return ray.get(ref, timeout=wait_s)
+        except ray.exceptions.GetTimeoutError:
+            raise Unreachable([actor], f"no answer within {timeout_s:g} s") from None
+        except ray.exceptions.RayActorError as e:
+            raise Unreachable([actor], _first_and_last_line(e)) from None
+
+    def _drop(self, actor: int) -> None:
+        channel = self._channels().pop(actor, None)
+        if channel is not None:
+            channel.close()
+
+
+def make_transport(name: str, pool: "ExpertPool") -> RayCalls | DirectCalls:
+    if name not in TRANSPORTS:
+        raise ValueError(f"expert transport must be one of {', '.join(TRANSPORTS)} (got {name!r})")
+    return DirectCalls(pool) if name == "direct" else RayCalls(pool)

@@ -1,0 +1,46 @@
+"""Shared by the benchmarks: machine-wide busy CPU time, percentiles, a free port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds spent not idle by the whole machine since boot (all cores, from /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def self_cpu_seconds() -> float:
+    """CPU seconds of this process (all its threads): the load generator's own share."""
+    t = os.times()
+    return t.user + t.system
+
+
+class CpuWindow:
+    """Machine CPU seconds during a window, minus this process's own (the load generator)."""
+
+    def __enter__(self) -> "CpuWindow":
+        self.t0, self.busy0, self.self0 = time.perf_counter(), busy_cpu_seconds(), self_cpu_seconds()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall = time.perf_counter() - self.t0
+        self.machine = busy_cpu_seconds() - self.busy0
+        self.own = self_cpu_seconds() - self.self0
+        self.others = max(0.0, self.machine - self.own)
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
