@@ -9,8 +9,8 @@ microseconds, which is what a decode step on fast experts (GPUs) needs. See docs
 the measurements and the failure behaviour.
 
 Frames (little-endian): a request is header (body bytes, call id, layer) + body (`pack()` bytes); a
-reply is header (body bytes, call id, status) + body (the result, or UTF-8 error text when status
-is 1). A connection starts with the actor's 16-byte token, which only Ray hands out (through
+reply is header (body bytes, call id, the actor's compute time in µs, or -1 for an error) + body
+(the result, or the error's UTF-8 text). A connection starts with the actor's 16-byte token, which only Ray hands out (through
 `direct_endpoint`), so nobody who merely reaches the port can use it; a new actor process has a new
 token, which is how a caller tells a restarted actor from a slow one.
 
@@ -33,12 +33,12 @@ from typing import Callable
 
 import numpy as np
 
-HEADER = struct.Struct("<QIi")  # body bytes, call id, layer (request) / status (reply)
+HEADER = struct.Struct("<QIi")  # body bytes, call id, layer (request) / compute µs or FAILED (reply)
 TOKEN_BYTES = 16
-OK, FAILED = 0, 1
+FAILED = -1
 FRAME_TIMEOUT_S = 30.0  # for the rest of a frame once its first bytes arrived
 
-Handler = Callable[[int, np.ndarray], np.ndarray]  # (layer, payload bytes) → result bytes
+Handler = Callable[[int, np.ndarray], tuple[np.ndarray, float]]  # (layer, payload) → (result, compute s)
 
 
 class ConnectionLost(ConnectionError):
@@ -117,7 +117,8 @@ class DirectServer:
             while (item := inbox.get()) is not None:
                 call_id, layer, payload = item
                 try:
-                    reply, status = self.handler(layer, payload), OK
+                    reply, seconds = self.handler(layer, payload)
+                    status = min(int(seconds * 1e6), 2**31 - 1)
                 except Exception as e:  # noqa: BLE001 — the caller raises it; this connection lives on
                     reply, status = f"{type(e).__name__}: {e}".encode(), FAILED
                 send_frame(conn, call_id, status, reply)
@@ -145,8 +146,8 @@ class DirectChannel:
             self.broken = True
             raise ConnectionLost(str(e)) from None
 
-    def recv(self, call_id: int, timeout_s: float) -> np.ndarray:
-        """The reply to `call_id`. TimeoutError when no frame started within `timeout_s` (the
+    def recv(self, call_id: int, timeout_s: float) -> tuple[np.ndarray, float]:
+        """The reply to `call_id` and the actor's compute seconds. TimeoutError when no frame started within `timeout_s` (the
         connection stays usable); ConnectionLost when it broke (also mid-frame); RuntimeError
         carrying the actor's error."""
         while call_id not in self.replies:
@@ -161,9 +162,9 @@ class DirectChannel:
                 raise ConnectionLost(str(e)) from None
             self.replies[got] = (status, body)
         status, body = self.replies.pop(call_id)
-        if status != OK:
+        if status == FAILED:
             raise RuntimeError(body.tobytes().decode(errors="replace"))
-        return body
+        return body, status / 1e6
 
     def close(self) -> None:
         self.broken = True

@@ -111,7 +111,7 @@ class ExpertActor:
 
         # Layer calls may also come over a socket (actors/direct.py); Ray still places, names and
         # restarts this actor and hands out the endpoint.
-        self.direct = DirectServer(self.forward, host=ray.util.get_node_ip_address())
+        self.direct = DirectServer(self.forward_timed, host=ray.util.get_node_ip_address())
 
     def __repr__(self) -> str:  # the Ray dashboard and log prefixes show this
         return f"ExpertActor({self.name})"
@@ -119,6 +119,10 @@ class ExpertActor:
     def forward(self, layer: int, payload: np.ndarray) -> np.ndarray:
         """payload (see `pack`) → [n, D] (wire format): per token, the router-weighted sum of its
         experts hosted here."""
+        return self.forward_timed(layer, payload)[0]
+
+    def forward_timed(self, layer: int, payload: np.ndarray) -> tuple[np.ndarray, float]:
+        """`forward`, and the seconds it took here (the caller's wait minus this is transport)."""
         t0 = time.perf_counter()
         x, rows, experts, weights = unpack(payload, self.dtype)
         out = to_wire(self.compute(layer, x, rows, experts, weights))
@@ -128,7 +132,7 @@ class ExpertActor:
         self.busy_s += busy
         self.compute_hist.observe(busy)
         self.pairs_counter.inc(int(rows.shape[0]))
-        return out
+        return out, busy
 
     def compute(self, layer: int, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:

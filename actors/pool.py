@@ -76,6 +76,10 @@ class DispatchMetrics:
     bytes_received: int = 0
     calls: int = 0  # actor calls
     layer_calls: int = 0  # dispatches (one per MoE layer and micro-batch)
+    # Totals over every layer call: dispatch to combined output, and the slowest actor's own
+    # compute in it (what no transport can remove; the difference is transport and front work).
+    layer_wall_s: float = 0.0
+    slowest_compute_s: float = 0.0
 
     def reset(self) -> None:
         self.__init__()  # type: ignore[misc]

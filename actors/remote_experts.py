@@ -62,12 +62,14 @@ class Pending:
         t1 = time.perf_counter()
         out = torch.zeros(self.shape, dtype=self.dtype)
         received = 0
-        for rows, part in zip(self.rows, parts):  # Σ over actors of their partial sums
+        for rows, (part, _) in zip(self.rows, parts):  # Σ over actors of their partial sums
             out.index_add_(0, rows, from_wire(part, self.dtype).view(rows.numel(), -1))
             received += part.nbytes
         t2 = time.perf_counter()
         _call_histogram().observe(t2 - self.started, tags={"layer": str(self.owner.layer)})
         m = pool.metrics
+        m.layer_wall_s += t2 - self.started
+        m.slowest_compute_s += max(seconds for _, seconds in parts)
         m.wait_us.append((t1 - t0) * 1e6)
         m.combine_us.append((t2 - t1) * 1e6)
         m.bytes_received += received

@@ -11,7 +11,8 @@ numbers cannot depend on the choice; they differ in cost and in how they notice 
   and send the call again (a layer call is a pure function of its payload, so this is safe).
 
 Either way every wait is bounded by the caller's deadline, and `Unreachable` names the actors that
-did not answer; RemoteExperts turns that into ExpertsUnavailable for the layer.
+did not answer; RemoteExperts turns that into ExpertsUnavailable for the layer. A reply carries
+the actor's own compute time, so the caller can tell transport from math.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from .pool import ExpertPool
 
 TRANSPORTS = ("direct", "ray")
+Reply = tuple[np.ndarray, float]  # an actor's partial sum (wire bytes) and its compute seconds
 STALL_S = 1.0  # a direct call silent this long makes us ask Ray whether its actor is still the same
 
 
@@ -45,9 +47,9 @@ class RayCalls:
         self.pool = pool
 
     def submit(self, actor: int, layer: int, payload: np.ndarray) -> ray.ObjectRef:
-        return self.pool.actors[actor].forward.remote(layer, payload)
+        return self.pool.actors[actor].forward_timed.remote(layer, payload)
 
-    def gather(self, calls: list[ray.ObjectRef], actors: list[int], timeout_s: float) -> list[np.ndarray]:
+    def gather(self, calls: list[ray.ObjectRef], actors: list[int], timeout_s: float) -> list[Reply]:
         try:
             return ray.get(calls, timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
@@ -112,7 +114,7 @@ class DirectCalls:
                 pass  # sent again by `gather`, after reconnecting
         return call
 
-    def gather(self, calls: list[DirectCall], actors: list[int], timeout_s: float) -> list[np.ndarray]:
+    def gather(self, calls: list[DirectCall], actors: list[int], timeout_s: float) -> list[Reply]:
         deadline = time.monotonic() + timeout_s
         for call in calls:  # every call is on the wire before we wait for the first
             if call.channel is None:
@@ -128,7 +130,7 @@ class DirectCalls:
             except ConnectionLost:
                 self._drop(call.actor)
 
-    def _result(self, call: DirectCall, deadline: float, timeout_s: float) -> np.ndarray:
+    def _result(self, call: DirectCall, deadline: float, timeout_s: float) -> Reply:
         probe = None  # an outstanding "who are you now?" to the actor, through Ray
         while True:
             self._send(call, deadline, timeout_s)

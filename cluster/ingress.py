@@ -109,7 +109,16 @@ class Generator:
             kv_cache_tokens=engine.cache.capacity_tokens,
             load=pb.Load(running=self.loop.num_running, waiting=self.loop.num_waiting,
                          kv_cache_used_tokens=engine.cache.used_blocks * engine.cache.block_size),
-            routing=[pb.LayerRouting(layer=i, tokens_per_expert=row) for i, row in enumerate(self._routing())])
+            routing=[pb.LayerRouting(layer=i, tokens_per_expert=row) for i, row in enumerate(self._routing())],
+            expert_calls=self._expert_calls())
+
+    def _expert_calls(self) -> pb.ExpertCalls | None:
+        pool = self.info["pool"]
+        if pool is None:
+            return None
+        m = pool.metrics
+        return pb.ExpertCalls(layer_calls=m.layer_calls, wall_seconds=m.layer_wall_s,
+                              slowest_compute_seconds=m.slowest_compute_s, transport=pool.config.transport)
 
     def _routing(self) -> list[list[int]]:
         m = self.loop.metrics

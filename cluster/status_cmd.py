@@ -25,6 +25,12 @@ def render(info) -> str:
         for a in info.expert_actors:
             lines.append(f"{a.name:<28} {a.state:<12} {a.node_id[:12]:<14} {a.device or '-':<7} "
                          f"{a.weight_bytes / 2**20:>7.1f}MB {a.tokens_processed:>10}")
+        calls = info.expert_calls
+        if calls.layer_calls:
+            wall, compute = 1e3 * calls.wall_seconds / calls.layer_calls, 1e3 * calls.slowest_compute_seconds / calls.layer_calls
+            lines.append(f"layer calls ({calls.transport}): {calls.layer_calls}, {wall:.2f} ms each from dispatch to "
+                         f"combine, of which {compute:.2f} ms the slowest actor's compute ({wall - compute:.2f} ms "
+                         f"transport and front)")
     else:
         lines.append("experts   inside the front replica (no expert actors)")
     if info.routing:

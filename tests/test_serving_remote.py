@@ -63,6 +63,13 @@ def test_model_info_reports_placement(remote_server):
     for a in info.expert_actors:
         assert a.state == "ALIVE" and a.weight_bytes > 0 and list(a.layers) == [0, 1]
         assert a.name.startswith("experts[") and a.node_id
+    calls = info.expert_calls  # earlier tests generated on the answering replica or on the other one
+    assert calls.transport in ("direct", "ray")
+    if calls.layer_calls:
+        assert 0 < calls.slowest_compute_seconds < calls.wall_seconds
+    from cluster.status_cmd import render
+
+    assert "layer calls" in render(info) or not calls.layer_calls
 
 
 def test_unreachable_experts_give_unavailable(remote_server):
