@@ -1,155 +1,309 @@
-"""Serving benchmark: gRPC streams through Ray Serve vs the in-process engine vs transformers.
+"""The fast-path benchmark: every way of running the model, side by side in one run, as ratios.
 
-One run, side by side, on the `small` preset: for each concurrency (default 1, 8, 32) the same
-prompts go (a) as concurrent GenerateStream calls to `raymoe serve` with experts on N actors,
-(b) as one batch to the in-process engine, (c) as one static batch to transformers' generate.
-Prints output tokens/s, time to first token and inter-token latency (p50/p99) for the server,
-the ratios served/in-process and served/transformers, and saves a PNG plot.
+For each number of concurrent streams (default 1, 32, 128), the same random prompts, greedy, EOS
+ignored, in the checkpoint's dtype (the `small` preset written in bfloat16 unless --checkpoint):
 
-    python bench/bench_serving.py [--checkpoint DIR] [--expert-actors 4] [--concurrency 1,8,32]
+  transformers   MixtralForCausalLM.generate, one static batch
+  engine         raymoe's in-process Engine (continuous batching), every expert in this process
+  engine+actors  the same Engine with its experts on N Ray actors (direct transport), no Serve
+  served-local   `raymoe serve`: gRPC streams through Serve's proxy, experts inside the replica
+  served-direct  `raymoe serve --expert-actors N` (direct transport, the default)
+  served-ray     `raymoe serve --expert-actors N --expert-transport ray` (Ray's object store)
+
+Columns: output tokens/s and its ratio to transformers; time to first token and inter-token
+latency (p50/p99, from each stream's arrival times); CPU ms per generated token (machine-wide
+busy CPU during the timed window, minus the load generator's own for the served paths, divided by
+tokens); and, where experts are remote, per MoE layer call the wall time from dispatch to combined
+output against the slowest actor's own compute (the difference is transport and front work).
+"same" counts streams whose tokens equal the in-process engine's. A PNG plot goes beside it.
+
+    python bench/bench_serving.py [--checkpoint DIR] [--expert-actors 4] [--streams 1,32,128]
+                                  [--paths transformers,engine,...] [--new-tokens 64]
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
+import asyncio
+import dataclasses
 import os
 import random
-import socket
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+from bench.machine import CpuWindow, free_port, pct, process_cpu, top_processes  # noqa: E402
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+BY_PROCESS = False  # --by-process: print which processes used the CPU of each served run
+PATHS = ("transformers", "engine", "engine+actors", "served-local", "served-direct", "served-ray")
 
 
-def run_streams(target: str, prompts: list[list[int]], new_tokens: int) -> dict:
+@dataclasses.dataclass
+class Result:
+    tokens: int
+    wall: float
+    cpu: float  # seconds of CPU attributed to serving
+    ttft: list[float] = dataclasses.field(default_factory=list)
+    itl: list[float] = dataclasses.field(default_factory=list)
+    outputs: list[list[int]] = dataclasses.field(default_factory=list)
+    layer_ms: float | None = None  # per layer call: dispatch → combined
+    compute_ms: float | None = None  # per layer call: slowest actor's compute
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.wall
+
+
+# --- the in-process paths --------------------------------------------------------------------
+
+def run_transformers(hf, prompts, n) -> Result:
+    with torch.inference_mode(), CpuWindow() as cpu:
+        out = hf.generate(torch.tensor(prompts), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          pad_token_id=0)
+    return Result(len(prompts) * n, cpu.wall, cpu.machine, outputs=out[:, len(prompts[0]):].tolist())
+
+
+def run_engine(model, prompts, n, pool=None, micro_batches: int = 1) -> Result:
+    from model.engine import Engine
+    from model.sampling import SamplingParams
+
+    engine = Engine(model, kv_cache_tokens=len(prompts) * (len(prompts[0]) + n + 16), max_running=len(prompts),
+                    micro_batches=micro_batches)
+    params = SamplingParams(max_tokens=n, ignore_eos=True)
+    before = _calls(pool)
+    with CpuWindow() as cpu:
+        t0 = time.perf_counter()
+        for i, p in enumerate(prompts):
+            engine.add(i, p, params)
+        stamps: dict[int, list[float]] = {i: [] for i in range(len(prompts))}
+        outputs: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+        while engine.has_work():
+            for ev in engine.step():
+                stamps[ev.seq_id].append(time.perf_counter())
+                outputs[ev.seq_id].append(ev.token_id)
+    r = Result(sum(map(len, outputs.values())), cpu.wall, cpu.machine, outputs=[outputs[i] for i in range(len(prompts))])
+    _latencies(r, [(t0, stamps[i]) for i in range(len(prompts))])
+    _layer_times(r, before, _calls(pool))
+    return r
+
+
+def _calls(pool) -> tuple[int, float, float] | None:
+    if pool is None:
+        return None
+    m = pool.metrics
+    return m.layer_calls, m.layer_wall_s, m.slowest_compute_s
+
+
+def _layer_times(r: Result, before, after) -> None:
+    if before is not None and after[0] > before[0]:
+        calls = after[0] - before[0]
+        r.layer_ms = 1e3 * (after[1] - before[1]) / calls
+        r.compute_ms = 1e3 * (after[2] - before[2]) / calls
+
+
+def _latencies(r: Result, streams: list[tuple[float, list[float]]]) -> None:
+    r.ttft = [s[0] - t0 for t0, s in streams if s]
+    r.itl = [b - a for _, s in streams for a, b in zip(s, s[1:])]
+
+
+# --- the served paths ------------------------------------------------------------------------
+
+async def _streams(target: str, prompts, n):
+    import grpc
+
+    from protos import generator_pb2 as pb
+    from protos import generator_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.GeneratorStub(channel)
+
+        async def one(ids):
+            t0, stamps, tokens = time.perf_counter(), [], []
+            async for chunk in stub.GenerateStream(pb.GenerateRequest(prompt_token_ids=ids, max_tokens=n,
+                                                                      ignore_eos=True)):
+                stamps += [time.perf_counter()] * len(chunk.token_ids)  # a chunk may carry several
+                tokens += chunk.token_ids
+            return t0, stamps, tokens
+
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+
+def model_info(target: str):
     from cluster.client import Client
     from protos import generator_pb2 as pb
 
-    def one(ids):
-        with Client(target) as c:
-            t0 = time.perf_counter()
-            stamps = []  # one per token: a chunk may carry several when the client lags behind
-            for chunk in c.stream(pb.GenerateRequest(prompt_token_ids=ids, max_tokens=new_tokens, ignore_eos=True)):
-                stamps += [time.perf_counter()] * len(chunk.token_ids)
-        return t0, stamps
+    with Client(target) as c:
+        return c.stub.ModelInfo(pb.ModelInfoRequest(), timeout=30)
 
-    t = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-        results = list(pool.map(one, prompts))
-    wall = time.perf_counter() - t
-    ttft = [s[0] - t0 for t0, s in results]
-    itl = [b - a for _, s in results for a, b in zip(s, s[1:])]
-    return {"tok_s": sum(len(s) for _, s in results) / wall, "ttft": ttft, "itl": itl}
 
+def run_served(target: str, prompts, n) -> Result:
+    calls = model_info(target).expert_calls
+    before = (calls.layer_calls, calls.wall_seconds, calls.slowest_compute_seconds)
+    procs = process_cpu() if BY_PROCESS else None
+    with CpuWindow() as cpu:
+        results = asyncio.run(_streams(target, prompts, n))
+    if procs is not None:
+        for used, cmd in top_processes(procs, process_cpu()):
+            print(f"      {1e3 * used / max(1, sum(len(t) for _, _, t in results)):6.3f} ms/token  {cmd}")
+    r = Result(sum(len(t) for _, _, t in results), cpu.wall, cpu.others, outputs=[t for _, _, t in results])
+    _latencies(r, [(t0, s) for t0, s, _ in results])
+    calls = model_info(target).expert_calls
+    _layer_times(r, before, (calls.layer_calls, calls.wall_seconds, calls.slowest_compute_seconds))
+    return r
+
+
+# --- the run ---------------------------------------------------------------------------------
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--checkpoint")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", help="default: the `small` preset, written in bfloat16 to a temp dir")
     ap.add_argument("--expert-actors", type=int, default=4)
-    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--streams", default="1,32,128")
+    ap.add_argument("--paths", default=",".join(PATHS))
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--micro-batches", type=int, default=0, help="front micro-batches with actors (0: the default)")
+    ap.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs (and torch threads) of the front replica")
+    ap.add_argument("--actor-cpus", type=float, default=0.5, help="CPU share of each expert actor")
     ap.add_argument("--plot", default="bench/out/serving.png")
+    ap.add_argument("--by-process", action="store_true", help="per served run, the processes that used the CPU")
     args = ap.parse_args()
+    global BY_PROCESS
+    BY_PROCESS = args.by_process
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    paths = args.paths.split(",")
+    unknown = set(paths) - set(PATHS)
+    if unknown:
+        raise SystemExit(f"unknown paths: {', '.join(sorted(unknown))} (choose from {', '.join(PATHS)})")
 
-    from ray import serve
-    from transformers import MixtralForCausalLM
-
-    from cluster.remote_session import ray_connection
-    from cluster.serve_cmd import deploy
-    from cluster.settings import ServeSettings
-    from model.engine import Engine
+    from model.config import resolve_dtype
     from model.presets import init_checkpoint
-    from model.sampling import SamplingParams
-    from model.weights import load_model
+    from model.weights import Checkpoint, load_model
 
     tmp = tempfile.TemporaryDirectory()
-    ckpt = args.checkpoint or str(init_checkpoint("small", Path(tmp.name) / "small"))
-    levels = [int(c) for c in args.concurrency.split(",")]
+    ckpt = args.checkpoint or str(init_checkpoint("small", Path(tmp.name) / "small", dtype=torch.bfloat16))
+    cfg = Checkpoint(ckpt).config
+    dtype = resolve_dtype("auto", cfg)
+    levels = [int(c) for c in args.streams.split(",")]
     rng = random.Random(0)
-    local = load_model(ckpt)
-    vocab = local.cfg.vocab_size
-    prompts = {c: [[1] + [rng.randrange(3, vocab) for _ in range(args.prompt_len - 1)] for _ in range(c)]
+    prompts = {c: [[1] + [rng.randrange(3, cfg.vocab_size) for _ in range(args.prompt_len - 1)] for _ in range(c)]
                for c in levels}
     n = args.new_tokens
+    results: dict[str, dict[int, Result]] = {}
+    print(f"{ckpt}: {cfg.num_parameters() / 1e6:.0f}M parameters, {cfg.num_hidden_layers} layers, "
+          f"{cfg.num_local_experts} experts top-{cfg.num_experts_per_tok}, {dtype}; {n} new tokens, prompt "
+          f"{args.prompt_len}; {os.cpu_count()} CPUs; torch threads {torch.get_num_threads()}", flush=True)
 
-    inproc = {}
-    for c in levels:
-        engine = Engine(local, kv_cache_tokens=c * (args.prompt_len + n + 16), max_running=c)
-        engine.generate(prompts[c][:1], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
-        t = time.perf_counter()
-        engine.generate(prompts[c], SamplingParams(max_tokens=n, ignore_eos=True))
-        inproc[c] = c * n / (time.perf_counter() - t)
-    hf = MixtralForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-    hf_tps = {}
-    for c in levels:
-        with torch.inference_mode():
-            hf.generate(torch.tensor(prompts[c][:1]), max_new_tokens=4, do_sample=False, pad_token_id=0)
-            t = time.perf_counter()
-            hf.generate(torch.tensor(prompts[c]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-            hf_tps[c] = c * n / (time.perf_counter() - t)
-    del hf, local
+    def measure(name, fn):
+        fn(prompts[levels[0]][:1], 4)  # warm-up
+        results[name] = {}
+        for c in levels:
+            results[name][c] = fn(prompts[c], n)
+            r = results[name][c]
+            print(f"  {name:<14} {c:>4} streams: {r.tok_s:8.1f} tok/s", flush=True)
 
-    settings = ServeSettings(checkpoint=ckpt, expert_actors=args.expert_actors, grpc_port=free_port(),
-                             max_running=max(levels), replica_num_cpus=1.0)
-    served = {}
-    with ray_connection(None, settings.local_ray_cpus()):
+    if "transformers" in paths:
+        from transformers import MixtralForCausalLM
+
+        hf = MixtralForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, dtype)).eval()
+        measure("transformers", lambda p, k: run_transformers(hf, p, k))
+        del hf
+    if "engine" in paths:
+        local = load_model(ckpt, dtype=getattr(torch, dtype))
+        measure("engine", lambda p, k: run_engine(local, p, k))
+        del local
+    need_ray = [p for p in paths if p == "engine+actors" or p.startswith("served")]
+    if need_ray:
+        from cluster.remote_session import ray_connection
+        from cluster.settings import ServeSettings
+
+        base = ServeSettings(checkpoint=ckpt, expert_actors=args.expert_actors, max_running=max(levels),
+                             micro_batches=args.micro_batches, replica_num_cpus=args.replica_cpus,
+                             expert_num_cpus=args.actor_cpus)
+        with ray_connection(None, base.local_ray_cpus()):
+            if "engine+actors" in paths:
+                from actors.pool import ExpertPool
+                from actors.remote_experts import remote_experts_factory
+
+                with ExpertPool(ckpt, base.pool_config(dtype)) as pool:
+                    remote = load_model(ckpt, dtype=getattr(torch, dtype), experts_factory=remote_experts_factory(pool))
+                    measure("engine+actors", lambda p, k: run_engine(remote, p, k, pool, base.effective_micro_batches))
+            for name in [p for p in paths if p.startswith("served")]:
+                settings = dataclasses.replace(
+                    base, grpc_port=free_port(), expert_actors=0 if name == "served-local" else args.expert_actors,
+                    expert_transport="ray" if name == "served-ray" else "direct")
+                serve_one(name, settings, measure)
+    report(results, levels, args)
+    tmp.cleanup()
+
+
+def serve_one(name: str, settings, measure) -> None:
+    from ray import serve
+
+    from cluster.client import Client
+    from cluster.serve_cmd import deploy, release_pool
+
+    try:
         deploy(settings, http_port=free_port())
         target = f"127.0.0.1:{settings.grpc_port}"
-        from cluster.client import Client
-
         with Client(target) as c:
             c.wait_ready(300)
-        run_streams(target, prompts[levels[0]][:1], 4)  # warm-up
-        for c in levels:
-            served[c] = run_streams(target, prompts[c], n)
+        measure(name, lambda p, k: run_served(target, p, k))
+    finally:
         serve.shutdown()
+        release_pool(settings)
 
-    print(f"small preset, {args.expert_actors} expert actors, {n} new tokens, prompt {args.prompt_len} tokens")
-    print(f"{'conc':>4} {'served tok/s':>12} {'in-proc':>8} {'hf':>7} {'srv/inproc':>10} {'srv/hf':>7} "
-          f"{'ttft p50':>9} {'ttft p99':>9} {'itl p50':>8} {'itl p99':>8}")
-    for c in levels:
-        s = served[c]
-        print(f"{c:>4} {s['tok_s']:>12.1f} {inproc[c]:>8.1f} {hf_tps[c]:>7.1f} {s['tok_s'] / inproc[c]:>9.2f}x "
-              f"{s['tok_s'] / hf_tps[c]:>6.2f}x {1e3 * statistics.median(s['ttft']):>7.0f}ms "
-              f"{1e3 * pct(s['ttft'], 0.99):>7.0f}ms {1e3 * statistics.median(s['itl']):>6.0f}ms "
-              f"{1e3 * pct(s['itl'], 0.99):>6.0f}ms")
+
+def report(results: dict[str, dict[int, Result]], levels: list[int], args) -> None:
+    ref = results.get("engine")
+    hf = results.get("transformers")
+    print(f"\n{'path':<14} {'streams':>7} {'tok/s':>8} {'vs hf':>6} {'ttft p50':>9} {'p99':>7} {'itl p50':>8} "
+          f"{'p99':>7} {'CPU ms/tok':>10} {'vs hf':>6} {'layer ms':>9} {'compute':>8} {'same':>7}")
+    for name, by_level in results.items():
+        for c in levels:
+            r = by_level[c]
+            ms = lambda xs, q: f"{1e3 * pct(xs, q):.1f}" if xs else "-"  # noqa: E731
+            vs = f"{r.tok_s / hf[c].tok_s:.2f}x" if hf else "-"
+            cpu_tok = 1e3 * r.cpu / r.tokens
+            cpu_vs = f"{cpu_tok / (1e3 * hf[c].cpu / hf[c].tokens):.2f}x" if hf else "-"
+            layer = f"{r.layer_ms:.2f}" if r.layer_ms is not None else "-"
+            compute = f"{r.compute_ms:.2f}" if r.compute_ms is not None else "-"
+            same = f"{sum(a == b for a, b in zip(r.outputs, ref[c].outputs))}/{c}" if ref else "-"
+            print(f"{name:<14} {c:>7} {r.tok_s:>8.1f} {vs:>6} {ms(r.ttft, 0.5):>9} {ms(r.ttft, 0.99):>7} "
+                  f"{ms(r.itl, 0.5):>8} {ms(r.itl, 0.99):>7} {cpu_tok:>10.2f} {cpu_vs:>6} {layer:>9} {compute:>8} "
+                  f"{same:>7}")
+    plot(results, levels, args)
+
+
+def plot(results: dict[str, dict[int, Result]], levels: list[int], args) -> None:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for label, series in (("served (gRPC, remote experts)", {c: served[c]["tok_s"] for c in levels}),
-                              ("in-process engine", inproc), ("transformers generate", hf_tps)):
-            ax.plot(levels, [series[c] for c in levels], marker="o", label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent requests")
-        ax.set_ylabel("output tokens / s")
-        ax.set_title(f"raymoe small preset, {args.expert_actors} expert actors")
-        ax.legend()
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(args.plot, dpi=100, bbox_inches="tight")
-        print(f"plot: {args.plot}")
     except ImportError:
         print("matplotlib not installed: no plot")
-    tmp.cleanup()
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, by_level in results.items():
+        a.plot(levels, [by_level[c].tok_s for c in levels], marker="o", label=name)
+        b.plot(levels, [1e3 * by_level[c].cpu / by_level[c].tokens for c in levels], marker="o", label=name)
+    for ax, label in ((a, "output tokens / s"), (b, "CPU ms per generated token")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    a.legend(fontsize=8)
+    fig.suptitle(f"raymoe, {args.expert_actors} expert actors, {args.new_tokens} new tokens")
+    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.plot, dpi=100, bbox_inches="tight")
+    print(f"plot: {args.plot}")
 
 
 if __name__ == "__main__":

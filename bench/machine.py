@@ -35,6 +35,30 @@ class CpuWindow:
         self.others = max(0.0, self.machine - self.own)
 
 
+def process_cpu() -> dict[int, tuple[str, float]]:
+    """pid → (command line, CPU seconds so far) for every process we can read."""
+    out, tick = {}, os.sysconf("SC_CLK_TCK")
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        out[int(pid)] = (cmd[:80], (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def top_processes(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+                  n: int = 8) -> list[tuple[float, str]]:
+    """The n processes that used the most CPU between two `process_cpu()` readings."""
+    used = [(cpu - before.get(pid, ("", 0.0))[1], cmd) for pid, (cmd, cpu) in after.items()]
+    return sorted(used, reverse=True)[:n]
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")

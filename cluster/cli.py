@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--old-config", action="store_true", help="write rope_theta at the top level")
     init.add_argument("--shard-mb", type=float, default=None, help="split weights into shards of this size")
+    init.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                      help="stored weight type (config.json torch_dtype; what --dtype auto serves in)")
 
     train = sub.add_parser("train-demo", help="train the demo model (a tiny Mixtral that adds numbers)")
     train.add_argument("--out", required=True, help="checkpoint directory to write")

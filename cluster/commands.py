@@ -94,11 +94,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_init_model(args: argparse.Namespace) -> int:
+    import torch
+
     from model.presets import init_checkpoint
 
     shard = None if args.shard_mb is None else int(args.shard_mb * 2**20)
     out = init_checkpoint(args.preset, args.out, seed=args.seed, new_style_config=not args.old_config,
-                          max_shard_bytes=shard)
+                          max_shard_bytes=shard, dtype=getattr(torch, args.dtype))
     print(f"wrote {args.preset} checkpoint to {out}")
     return 0
 

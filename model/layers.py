@@ -49,6 +49,26 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+# Score tensors up to this many elements are computed explicitly (two batched matmuls): for decode
+# steps (Q = 1) that is 6-10× faster on CPU than the fused kernel, whose per-row setup dominates.
+EXPLICIT_SCORES_MAX = 1 << 24
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q [B, H, Q, Dh], k/v [B, Hkv, L, Dh], mask [B, 1, Q, L] (True = attend) → [B, H, Q, Dh].
+
+    The H / Hkv query heads that share a key head are stacked along the query axis, so GQA needs
+    no repeated keys: scores [B, Hkv, G·Q, L]. Softmax in float32, as the reference does.
+    """
+    b, h, nq, dh = q.shape
+    hkv = k.shape[1]
+    g = h // hkv
+    scores = torch.matmul(q.reshape(b, hkv, g * nq, dh), k.transpose(-1, -2)) * dh ** -0.5
+    scores = scores.view(b, hkv, g, nq, -1).masked_fill(~mask[:, :, None], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(b, hkv, g * nq, -1)
+    return torch.matmul(probs, v).view(b, h, nq, dh)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -75,6 +95,9 @@ class Attention(nn.Module):
         qb = q[layout.q_index].transpose(1, 2)  # [B, H, Q, Dh]
         kb = k_src[layout.kv_index].transpose(1, 2)  # [B, Hkv, L, Dh]
         vb = v_src[layout.kv_index].transpose(1, 2)
-        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=layout.mask, enable_gqa=self.n_kv != self.n_heads)
+        if qb.shape[0] * qb.shape[1] * qb.shape[2] * kb.shape[2] <= EXPLICIT_SCORES_MAX:
+            out = grouped_attention(qb, kb, vb, layout.mask)
+        else:  # long prompts: the fused kernel never materialises [B, H, Q, L]
+            out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=layout.mask, enable_gqa=self.n_kv != self.n_heads)
         out = out.transpose(1, 2).reshape(-1, self.n_heads * self.head_dim)  # [B*Q, H*Dh]
         return self.wo(out[layout.unpad_index])  # [T, D]

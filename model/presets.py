@@ -46,7 +46,7 @@ def random_model(cfg: ModelConfig, seed: int, std: float = 0.02, *, scale_output
 
 
 def init_checkpoint(preset: str, out_dir: str | Path, *, seed: int = 0, new_style_config: bool = True,
-                    max_shard_bytes: int | None = None) -> Path:
+                    max_shard_bytes: int | None = None, dtype: torch.dtype = torch.float32) -> Path:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     cfg = PRESETS[preset]
@@ -55,4 +55,4 @@ def init_checkpoint(preset: str, out_dir: str | Path, *, seed: int = 0, new_styl
         if tok.vocab_size > cfg.vocab_size:  # the embedding table may be padded, never short
             raise RuntimeError(f"tokenizer training gave {tok.vocab_size} pieces, more than {cfg.vocab_size}")
         return save_checkpoint(random_model(cfg, seed), out_dir, tokenizer=tok.path,
-                               new_style_config=new_style_config, max_shard_bytes=max_shard_bytes)
+                               new_style_config=new_style_config, max_shard_bytes=max_shard_bytes, dtype=dtype)
