@@ -233,7 +233,7 @@ def main() -> None:
 
                 with ExpertPool(ckpt, base.pool_config(dtype)) as pool:
                     remote = load_model(ckpt, dtype=getattr(torch, dtype), experts_factory=remote_experts_factory(pool))
-                    measure("engine+actors", lambda p, k: run_engine(remote, p, k, pool, base.effective_micro_batches))
+                    measure("engine+actors", lambda p, k: run_engine(remote, p, k, pool, base.effective_micro_batches(pool.device)))
             for name in [p for p in paths if p.startswith("served")]:
                 settings = dataclasses.replace(
                     base, grpc_port=free_port(), expert_actors=0 if name == "served-local" else args.expert_actors,

@@ -36,7 +36,7 @@ def build_engine_loop(s: ServeSettings) -> tuple[EngineLoop, dict[str, Any]]:
         factory = remote_experts_factory(pool)
     model = load_model(ckpt, dtype=getattr(torch, dtype), experts_factory=factory)
     engine = Engine(model, kv_cache_tokens=s.kv_cache_tokens, max_batch_tokens=s.max_batch_tokens,
-                    max_running=s.max_running, micro_batches=s.effective_micro_batches)
+                    max_running=s.max_running, micro_batches=s.effective_micro_batches(pool.device if pool else None))
     metrics = ServingMetrics(model.cfg.num_hidden_layers, model.cfg.num_local_experts)
     loop = EngineLoop(engine, tokenizer, max_queue=s.max_queue, metrics=metrics)
     return loop, {"checkpoint": str(ckpt.dir), "dtype": dtype, "pool": pool}

@@ -17,14 +17,15 @@ from protos import generator_pb2 as pb
 from serving_helpers import running_server
 
 
-@pytest.fixture(scope="module", params=["direct", "ray"])
+@pytest.fixture(scope="module", params=[("direct", 0), ("ray", 2)], ids=["direct", "ray-2-micro-batches"])
 def remote_server(tiny_dir, request):
-    """Two front replicas sharing three expert actors, reached over either transport."""
+    """Two front replicas sharing three expert actors, reached over either transport (over Ray's,
+    with each step split in two micro-batches, which CPU-only servers do not do by default)."""
     import ray
 
     with running_server("raymoe-test-remote", checkpoint=str(tiny_dir), expert_actors=3, expert_num_cpus=0.5,
                         expert_timeout_s=10, replicas=2, replica_num_cpus=0.5,
-                        expert_transport=request.param) as client:
+                        expert_transport=request.param[0], micro_batches=request.param[1]) as client:
         yield client, ray
 
 
@@ -40,7 +41,7 @@ def test_remote_experts_equal_in_process(remote_server, tiny_dir):
 
 
 def test_concurrent_requests_equal_in_process(remote_server, tiny_dir):
-    """Batched steps are split into two micro-batches with remote experts: answers do not change."""
+    """Batched steps (split into two micro-batches on one of the servers): answers do not change."""
     import concurrent.futures
 
     client, _ = remote_server
