@@ -45,10 +45,10 @@ class Pending:
     """One layer's expert calls in flight; `result()` waits (bounded) and combines."""
 
     def __init__(self, owner: "RemoteExperts", calls: list, actors: list[int], rows: list[torch.Tensor],
-                 like: torch.Tensor) -> None:
+                 like: torch.Tensor, started: float) -> None:
         self.owner, self.calls, self.actors, self.rows = owner, calls, actors, rows  # rows: tokens per actor
         self.shape, self.dtype, self.device = tuple(like.shape), like.dtype, like.device
-        self.started = time.perf_counter()  # calls submitted
+        self.started = started  # when dispatch began
 
     def result(self, timeout_s: float | None = None) -> torch.Tensor:
         """The layer's expert output [T, D] on the input's device; ExpertsUnavailable after the timeout."""
@@ -125,7 +125,7 @@ class RemoteExperts:
         m.bytes_sent += sent
         m.calls += len(calls)
         m.layer_calls += 1
-        return Pending(self, calls, actors, rows, like)
+        return Pending(self, calls, actors, rows, like, t0)
 
     def unavailable(self, actors: list[int], reason: str) -> ExpertsUnavailable:
         names = [self.pool.placement.actors[a].name for a in sorted(set(actors))]

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-running", type=int, default=64, help="sequences decoded together per replica")
     srv.add_argument("--kv-cache-tokens", type=int, default=32768, help="KV cache size per replica")
     srv.add_argument("--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED")
+    srv.add_argument("--stream-interval-ms", type=float, default=50.0,
+                     help="send a stream's tokens at most this often (first token and end at once); 0 = every token")
     _add_expert_device(srv)
     lim = srv.add_argument_group("limits on one request (INVALID_ARGUMENT beyond them)")
     lim.add_argument("--max-prompt-tokens", type=int, default=0, help="0 = the model's context minus one")

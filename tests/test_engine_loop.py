@@ -1,0 +1,60 @@
+"""EngineLoop without Serve: the engine on its thread, asyncio consumers, and the stream interval
+(a stream's tokens travel together at most every `stream_interval_s`; its first token and its end
+are never held back)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from cluster.engine_loop import EngineLoop
+from model.engine import Engine
+from model.sampling import SamplingParams
+
+
+@pytest.fixture
+def make_loop(model):
+    loops = []
+
+    def make(interval: float) -> EngineLoop:
+        loops.append(EngineLoop(Engine(model, kv_cache_tokens=1024), None, stream_interval_s=interval))
+        return loops[-1]
+
+    yield make
+    for loop in loops:
+        loop.stop()
+
+
+async def collect(loop: EngineLoop, n: int, prompt=(1, 7, 9)) -> tuple[list, list[float], float]:
+    t0 = time.perf_counter()
+    chunks, stamps = [], []
+    async for chunk in loop.generate(list(prompt), SamplingParams(max_tokens=n, ignore_eos=True), []):
+        chunks.append(chunk)
+        stamps.append(time.perf_counter() - t0)
+    return chunks, stamps, time.perf_counter() - t0
+
+
+def test_interval_gathers_tokens_without_changing_them(make_loop, model):
+    want = Engine(model, kv_cache_tokens=1024).generate([[1, 7, 9]], SamplingParams(max_tokens=40,
+                                                                                    ignore_eos=True))[0]
+    per_token, _, _ = asyncio.run(collect(make_loop(0.0), 40))
+    gathered, stamps, _ = asyncio.run(collect(make_loop(0.05), 40))
+    for chunks in (per_token, gathered):
+        assert [t for c in chunks for t in c.token_ids] == want.output_ids
+        assert [lp for c in chunks for lp in c.logprobs] == pytest.approx(want.logprobs, abs=1e-6)
+        assert chunks[-1].finish_reason == "length" and all(c.finish_reason is None for c in chunks[:-1])
+        assert [c.completion_tokens for c in chunks] == sorted(c.completion_tokens for c in chunks)
+    assert len(gathered[0].token_ids) == 1  # the first token is not held back
+    assert len(gathered) < len(per_token)
+    gaps = [b - a for a, b in zip(stamps[:-1], stamps[1:-1])]  # between chunks, the last one excepted
+    assert all(g >= 0.045 for g in gaps), gaps
+
+
+def test_interval_never_delays_the_end(make_loop):
+    """A stream that ends inside the interval is answered when it ends, not when the interval does."""
+    loop = make_loop(5.0)
+    chunks, _, took = asyncio.run(collect(loop, 6))
+    assert sum(len(c.token_ids) for c in chunks) == 6 and chunks[-1].finish_reason == "length"
+    assert len(chunks) == 2 and took < 4.0  # first token, then the rest at the end
