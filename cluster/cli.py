@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED")
     srv.add_argument("--stream-interval-ms", type=float, default=50.0,
                      help="send a stream's tokens at most this often (first token and end at once); 0 = every token")
+    srv.add_argument("--stream-messages-per-s", type=float, default=320.0,
+                     help="with many streams, stretch the interval so a replica sends about this many "
+                          "messages per second in all (0 = no bound)")
     _add_expert_device(srv)
     lim = srv.add_argument_group("limits on one request (INVALID_ARGUMENT beyond them)")
     lim.add_argument("--max-prompt-tokens", type=int, default=0, help="0 = the model's context minus one")

@@ -39,7 +39,7 @@ def build_engine_loop(s: ServeSettings) -> tuple[EngineLoop, dict[str, Any]]:
                     max_running=s.max_running, micro_batches=s.effective_micro_batches(pool.device if pool else None))
     metrics = ServingMetrics(model.cfg.num_hidden_layers, model.cfg.num_local_experts)
     loop = EngineLoop(engine, tokenizer, max_queue=s.max_queue, metrics=metrics,
-                      stream_interval_s=s.stream_interval_ms / 1e3)
+                      stream_interval_s=s.stream_interval_ms / 1e3, max_messages_per_s=s.stream_messages_per_s)
     return loop, {"checkpoint": str(ckpt.dir), "dtype": dtype, "pool": pool}
 
 

@@ -37,6 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              max_running=args.max_running, kv_cache_tokens=args.kv_cache_tokens,
                              max_queue=args.max_queue, expert_device=args.expert_device,
                              expert_transport=args.expert_transport, stream_interval_ms=args.stream_interval_ms,
+                             stream_messages_per_s=args.stream_messages_per_s,
                              max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
                              max_stop_strings=args.max_stop_strings, max_stop_chars=args.max_stop_chars,
                              max_stop_token_ids=args.max_stop_token_ids, max_logprobs=args.max_logprobs)

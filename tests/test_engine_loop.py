@@ -58,3 +58,13 @@ def test_interval_never_delays_the_end(make_loop):
     chunks, _, took = asyncio.run(collect(loop, 6))
     assert sum(len(c.token_ids) for c in chunks) == 6 and chunks[-1].finish_reason == "length"
     assert len(chunks) == 2 and took < 4.0  # first token, then the rest at the end
+
+
+def test_interval_stretches_with_the_running_streams(make_loop):
+    loop = make_loop(0.05)
+    loop.max_messages_per_s = 100.0
+    assert loop.stream_interval() == 0.05  # nothing running
+    loop.num_running = 20  # 20 streams at 100 messages/s in all: each every 0.2 s
+    assert loop.stream_interval() == pytest.approx(0.2)
+    loop.max_messages_per_s = 0.0
+    assert loop.stream_interval() == 0.05
