@@ -98,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--timeout", type=float, default=30.0)
 
     init = sub.add_parser("init-model", help="write a random checkpoint of a named shape")
-    init.add_argument("--preset", choices=["tiny", "small"], default="tiny")
+    init.add_argument("--preset", choices=["tiny", "small", "mixtral-shaped"], default="tiny",
+                      help="tiny (tests), small (benchmarks), mixtral-shaped (Mixtral-8x7B's shapes; 2 layers "
+                           "= 5.6 GB in bfloat16)")
+    init.add_argument("--layers", type=int, default=None, help="override the preset's number of layers")
     init.add_argument("--out", required=True)
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--old-config", action="store_true", help="write rope_theta at the top level")

@@ -99,8 +99,10 @@ def cmd_init_model(args: argparse.Namespace) -> int:
     from model.presets import init_checkpoint
 
     shard = None if args.shard_mb is None else int(args.shard_mb * 2**20)
+    if args.layers is not None and args.layers < 1:
+        raise UserError(f"--layers must be at least 1 (got {args.layers})")
     out = init_checkpoint(args.preset, args.out, seed=args.seed, new_style_config=not args.old_config,
-                          max_shard_bytes=shard, dtype=getattr(torch, args.dtype))
+                          max_shard_bytes=shard, dtype=getattr(torch, args.dtype), layers=args.layers)
     print(f"wrote {args.preset} checkpoint to {out}")
     return 0
 

@@ -82,7 +82,9 @@ class Engine:
         """micro_batches > 1 splits each step's batch so that, with remote experts, the attention of
         one part runs while another part's experts compute (see Mixtral.forward_micro)."""
         self.model, self.cfg = model, model.cfg
-        self.cache = PagedKVCache(self.cfg, kv_cache_tokens, block_size=block_size, dtype=model.dtype)
+        self.device = model.embed_tokens.weight.device  # the KV cache and each step's inputs live there
+        self.cache = PagedKVCache(self.cfg, kv_cache_tokens, block_size=block_size, dtype=model.dtype,
+                                  device=self.device)
         self.max_batch_tokens, self.max_running, self.micro_batches = max_batch_tokens, max_running, micro_batches
         self.max_overtakes = max_overtakes
         self.waiting: collections.deque[Sequence] = collections.deque()
@@ -234,7 +236,7 @@ class Engine:
         last = torch.cat([h[layout.last_index] for h, (_, layout) in zip(hiddens, parts)])  # [B, D], batch order
         ready = [b for b, (s, c) in enumerate(batch) if s.num_cached + len(c) == s.num_tokens]
         seqs = [batch[b][0] for b in ready]
-        out = sample(self.model.logits(last[ready]), [s.params for s in seqs], [s.seed for s in seqs],
+        out = sample(self.model.logits(last[ready]).cpu(), [s.params for s in seqs], [s.seed for s in seqs],
                      [len(s.output_ids) for s in seqs]) if ready else None
         for seq, chunk in batch:  # nothing changes before here, so a failed step can be retried
             seq.num_cached += len(chunk)
@@ -278,7 +280,8 @@ class Engine:
         layout = build_layout([len(c) for _, c in part], [s.num_cached for s, _ in part],
                               block_tables=[self.cache.table(s.seq_id) for s, _ in part],
                               block_size=self.cache.block_size, sliding_window=self.cfg.sliding_window)
-        return torch.tensor([t for _, c in part for t in c], dtype=torch.long), layout
+        tokens = torch.tensor([t for _, c in part for t in c], dtype=torch.long)
+        return tokens.to(self.device, non_blocking=True), layout.to(self.device)
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         if token in seq.params.stop_token_ids or (not seq.params.ignore_eos and token in self._eos):

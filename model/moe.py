@@ -63,9 +63,9 @@ def _swiglu_padded(xs: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: t
     [E, C, D] and run two batched matmuls, which stream each expert's weights once with less
     per-call overhead than E separate ones. Same math as the loop; padding rows are dropped."""
     e, c = len(counts), max(counts)
-    sizes = torch.tensor(counts)
-    expert = torch.repeat_interleave(torch.arange(e), sizes)  # [N] expert of each row
-    slot = torch.arange(xs.shape[0]) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
+    sizes = torch.tensor(counts, device=xs.device)
+    expert = torch.repeat_interleave(torch.arange(e, device=xs.device), sizes)  # [N] expert of each row
+    slot = torch.arange(xs.shape[0], device=xs.device) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
     padded = xs.new_zeros(e, c, xs.shape[1])
     padded[expert, slot] = xs
     gate, up = torch.bmm(padded, w13.transpose(1, 2)).chunk(2, dim=-1)  # [E, C, F] each

@@ -28,6 +28,13 @@ class StepLayout:
     def num_tokens(self) -> int:
         return int(self.positions.shape[0])
 
+    def to(self, device: torch.device) -> "StepLayout":
+        """The same layout on `device` (it is built on the CPU: small integer tensors)."""
+        if device.type == "cpu":
+            return self
+        return StepLayout(**{f.name: None if getattr(self, f.name) is None else
+                             getattr(self, f.name).to(device, non_blocking=True) for f in dataclasses.fields(self)})
+
 
 def build_layout(q_lens: list[int], cached_lens: list[int], *, block_tables: list[list[int]] | None = None,
                  block_size: int = 0, sliding_window: int | None = None) -> StepLayout:
