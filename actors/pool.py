@@ -52,6 +52,7 @@ class PoolConfig:
     num_cpus: float | None = None  # per actor on CPU; None → the cluster's CPUs minus one, shared
     num_threads: int | None = None  # torch threads per actor; None → max(1, int(num_cpus))
     device: str = "auto"  # auto: one GPU per actor when the cluster has GPUs at start, else CPU | cpu | gpu
+    num_gpus: float = 1.0  # per actor on GPU (a fraction shares a GPU, e.g. with the front on a 1-GPU host)
     resources: Mapping[str, float] = dataclasses.field(default_factory=dict)  # extra, per actor
     strategy: str = "SPREAD"  # placement group strategy: SPREAD | STRICT_SPREAD | PACK | STRICT_PACK
     pin_nodes: bool = False  # pin bundles to the nodes assign_nodes picks
@@ -229,7 +230,7 @@ class ExpertPool:
         use_gpu = c.device == "gpu" or (c.device == "auto" and total.get("GPU", 0) >= 1)
         extra = {k: float(v) for k, v in c.resources.items()}
         if use_gpu:
-            return {"GPU": 1.0, "CPU": c.num_cpus if c.num_cpus is not None else 1.0, **extra}
+            return {"GPU": float(c.num_gpus), "CPU": c.num_cpus if c.num_cpus is not None else 1.0, **extra}
         cpus = c.num_cpus
         if cpus is None:  # leave one core to the driver (attention, routing), share what is free
             cpus = max(0.25, (ray.available_resources().get("CPU", 1) - 1) / num_actors)

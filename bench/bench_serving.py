@@ -67,8 +67,8 @@ class Result:
 
 def run_transformers(hf, prompts, n) -> Result:
     with torch.inference_mode(), CpuWindow() as cpu:
-        out = hf.generate(torch.tensor(prompts), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                          pad_token_id=0)
+        out = hf.generate(torch.tensor(prompts, device=hf.device), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=0)
     return Result(len(prompts) * n, cpu.wall, cpu.machine, outputs=out[:, len(prompts[0]):].tolist())
 
 
@@ -166,7 +166,7 @@ def run_served(target: str, prompts, n) -> Result:
 
 # --- the run ---------------------------------------------------------------------------------
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", help="default: the `small` preset, written in bfloat16 to a temp dir")
     ap.add_argument("--expert-actors", type=int, default=4)
@@ -179,10 +179,14 @@ def main() -> None:
     ap.add_argument("--micro-batches", type=int, default=0, help="front micro-batches with actors (0: the default)")
     ap.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs (and torch threads) of the front replica")
     ap.add_argument("--actor-cpus", type=float, default=0.5, help="CPU share of each expert actor")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: transformers, the engine and the front replica on GPU 0, expert actors on GPUs")
+    ap.add_argument("--replica-gpus", type=float, default=1.0, help="with --device cuda: GPU share of the front")
+    ap.add_argument("--expert-gpus", type=float, default=1.0, help="with --device cuda: GPU share of each actor")
     ap.add_argument("--repeats", type=int, default=3, help="runs per cell; the fastest is reported")
     ap.add_argument("--plot", default="bench/out/serving.png")
     ap.add_argument("--by-process", action="store_true", help="per served run, the processes that used the CPU")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     global BY_PROCESS
     BY_PROCESS = args.by_process
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -219,11 +223,11 @@ def main() -> None:
     if "transformers" in paths:
         from transformers import MixtralForCausalLM
 
-        hf = MixtralForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, dtype)).eval()
+        hf = MixtralForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, dtype)).eval().to(args.device)
         measure("transformers", lambda p, k: run_transformers(hf, p, k))
         del hf
     if "engine" in paths:
-        local = load_model(ckpt, dtype=getattr(torch, dtype))
+        local = load_model(ckpt, dtype=getattr(torch, dtype), device=args.device)
         measure("engine", lambda p, k: run_engine(local, p, k))
         del local
     need_ray = [p for p in paths if p == "engine+actors" or p.startswith("served")]
@@ -231,7 +235,10 @@ def main() -> None:
         from cluster.remote_session import ray_connection
         from cluster.settings import ServeSettings
 
+        gpu = args.device == "cuda"
         base = ServeSettings(checkpoint=ckpt, expert_actors=args.expert_actors, max_running=max(levels),
+                             expert_device="gpu" if gpu else "cpu", expert_num_gpus=args.expert_gpus,
+                             replica_num_gpus=args.replica_gpus if gpu else 0.0,
                              micro_batches=args.micro_batches, replica_num_cpus=args.replica_cpus,
                              expert_num_cpus=args.actor_cpus,
                              **({} if args.stream_interval_ms is None else {"stream_interval_ms": args.stream_interval_ms}))
@@ -241,7 +248,8 @@ def main() -> None:
                 from actors.remote_experts import remote_experts_factory
 
                 with ExpertPool(ckpt, base.pool_config(dtype)) as pool:
-                    remote = load_model(ckpt, dtype=getattr(torch, dtype), experts_factory=remote_experts_factory(pool))
+                    remote = load_model(ckpt, dtype=getattr(torch, dtype), experts_factory=remote_experts_factory(pool),
+                                        device=args.device)
                     measure("engine+actors", lambda p, k: run_engine(remote, p, k, pool, base.effective_micro_batches(pool.device)))
             for name in [p for p in paths if p.startswith("served")]:
                 settings = dataclasses.replace(

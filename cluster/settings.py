@@ -28,6 +28,7 @@ class ServeSettings:
     expert_num_cpus: float = 0.5  # CPU share of each expert actor when there are no GPUs
     expert_timeout_s: float = 30.0  # bound on every wait for an expert actor
     expert_device: str = "auto"  # auto (GPU when the cluster has GPUs at start) | cpu | gpu (an error without)
+    expert_num_gpus: float = 1.0  # GPU share of each expert actor on GPUs
     expert_transport: str = "direct"  # how layer calls reach the actors: direct (sockets) | ray (object store)
     expert_resources: dict[str, float] = dataclasses.field(default_factory=dict)  # custom Ray resources per actor
     replicas: int = 1  # front replicas (ignored when autoscaling is on)
@@ -51,6 +52,7 @@ class ServeSettings:
     max_stop_token_ids: int = 64
     max_logprobs: int = 20
     replica_num_cpus: float = 1.0
+    replica_num_gpus: float = 0.0  # > 0: the front replica (attention, KV cache, dense layers) runs on a GPU
     replica_resources: dict[str, float] = dataclasses.field(default_factory=dict)  # custom Ray resources per replica
     grpc_port: int = 9000
     request_timeout_s: float = 600.0  # covers a whole stream
@@ -115,13 +117,14 @@ class ServeSettings:
 
         return PoolConfig(num_actors=self.expert_actors, replicas=self.expert_replicas, num_cpus=self.expert_num_cpus,
                           resources=dict(self.expert_resources), dtype=dtype,
-                          device=self.expert_device, transport=self.expert_transport,
+                          device=self.expert_device, num_gpus=self.expert_num_gpus, transport=self.expert_transport,
                           call_timeout_s=self.expert_timeout_s)
 
     def deployment_options(self) -> dict[str, Any]:
         """Options of the front deployment (`Deployment.options`, and `deployments:` in a Serve config)."""
         opts: dict[str, Any] = {
             "ray_actor_options": {"num_cpus": self.replica_num_cpus,
+                                  **({"num_gpus": self.replica_num_gpus} if self.replica_num_gpus else {}),
                                   **({"resources": dict(self.replica_resources)} if self.replica_resources else {})},
             # Room above our own bounded queue, so a full queue answers RESOURCE_EXHAUSTED at once
             # (from the replica, with our message) instead of waiting in Serve's queue.
