@@ -37,7 +37,7 @@ def echo_actor_class(ray):
             from actors.direct import DirectServer
 
             torch.set_num_threads(1)
-            self.server = DirectServer(lambda layer, payload: payload, host=ray.util.get_node_ip_address())
+            self.server = DirectServer(lambda layer, payload: (payload, 0.0), host=ray.util.get_node_ip_address())
 
         def f(self, x):
             return x
