@@ -106,15 +106,21 @@ class RemoteExperts:
         pool, (T, K), like = self.pool, idx.shape, x
         x = x.detach().cpu()
         actor_of = self.assign(idx.cpu())  # [P]
-        token = torch.arange(T * K) // K  # [P]
-        experts = idx.reshape(-1).cpu().to(torch.int32)
-        w = weights.reshape(-1).detach().cpu().float()
+        # Pairs grouped by actor, in pair order within an actor, so each actor's tokens come sorted.
+        by_actor = torch.argsort(actor_of, stable=True)  # [P]
+        per_actor = torch.bincount(actor_of, minlength=len(pool.actors)).tolist()
+        token = by_actor // K  # [P] token of each grouped pair
+        experts = idx.reshape(-1).cpu().to(torch.int32)[by_actor]
+        w = weights.reshape(-1).detach().cpu().float()[by_actor]
         transport = pool.transport()
         calls, actors, rows = [], [], []
-        sent = 0
-        for a in torch.unique(actor_of).tolist():
-            sel = torch.nonzero(actor_of == a).squeeze(1)
-            tokens, local = torch.unique(token[sel], return_inverse=True)  # distinct tokens, pair → row
+        sent, start = 0, 0
+        for a, n in enumerate(per_actor):
+            if not n:
+                continue
+            sel = slice(start, start + n)
+            start += n
+            tokens, local = torch.unique_consecutive(token[sel], return_inverse=True)  # distinct tokens, pair → row
             payload = pack(x if tokens.numel() == T else x[tokens], local, experts[sel], w[sel])
             calls.append(transport.submit(a, self.layer, payload))
             actors.append(a)
