@@ -47,6 +47,20 @@ def merge(a: Chunk, b: Chunk) -> Chunk:
                  b.finish_reason, b.completion_tokens)
 
 
+def _send_all(items: list[tuple["_Request", "Chunk | BaseException"]]) -> None:
+    """A step's chunks, handed to their event loops with one wake-up per loop (not one per token)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for req, item in items:
+        by_loop.setdefault(req.loop, []).append((req, item))
+    for loop, batch in by_loop.items():
+        loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _put_all(batch: list) -> None:
+    for req, item in batch:
+        req._put(item)  # noqa: SLF001 — the event loop's half of _Request.send
+
+
 class _Request:
     def __init__(self, loop: asyncio.AbstractEventLoop, prompt_ids: list[int], params: SamplingParams,
                  tracker: CompletionTracker) -> None:
@@ -168,13 +182,14 @@ class EngineLoop:
                 continue
             now = time.perf_counter()
             self._observe(now - t0, self.engine.last_batch)
+            out: list[tuple[_Request, Chunk | BaseException]] = []
             for ev in events:
                 req = self._requests.get(ev.seq_id)
                 if req is None:
                     continue
                 if ev.error is not None:
                     self._requests.pop(ev.seq_id)
-                    req.send(ev.error)
+                    out.append((req, ev.error))
                     continue
                 text, done = req.tracker.on_token(ev)
                 c = req.tracker.completion
@@ -185,8 +200,9 @@ class EngineLoop:
                 if self.metrics is not None:
                     (self.metrics.ttft if req.first else self.metrics.itl).observe(now - req.t_last)
                 req.first, req.t_last = False, now
-                req.send(Chunk(text, [ev.token_id], [ev.logprob], [ev.top], c.finish_reason if done else None,
-                               len(c.token_ids)))
+                out.append((req, Chunk(text, [ev.token_id], [ev.logprob], [ev.top], c.finish_reason if done else None,
+                                       len(c.token_ids))))
+            _send_all(out)
             self._update_counts()
 
     def _drain_inbox(self) -> None:
