@@ -120,18 +120,14 @@ def _latencies(r: Result, streams: list[tuple[float, list[tuple[float, int]]]]) 
 # --- the served paths ------------------------------------------------------------------------
 
 async def _streams(target: str, prompts, n):
-    import grpc
-
+    from cluster.client import AsyncClient
     from protos import generator_pb2 as pb
-    from protos import generator_pb2_grpc as pb_grpc
 
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.GeneratorStub(channel)
+    async with AsyncClient(target) as client:
 
         async def one(ids):
             t0, chunks, tokens = time.perf_counter(), [], []
-            async for chunk in stub.GenerateStream(pb.GenerateRequest(prompt_token_ids=ids, max_tokens=n,
-                                                                      ignore_eos=True)):
+            async for chunk in client.stream(pb.GenerateRequest(prompt_token_ids=ids, max_tokens=n, ignore_eos=True)):
                 chunks.append((time.perf_counter(), len(chunk.token_ids)))  # a chunk may carry several
                 tokens += chunk.token_ids
             return t0, chunks, tokens

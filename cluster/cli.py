@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     gen.add_argument("--wait-ready", type=float, default=0, help="first wait up to N s for the server")
+    gen.add_argument("--retries", type=int, default=5,
+                     help="resume a stream broken by the server's side (replica lost, connection dropped) up to "
+                          "N times, within --timeout; 0 = never")
     _add_sampling(gen)
 
     st = sub.add_parser("status", help="expert actors, their health and load, and routing balance of a server")

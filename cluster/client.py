@@ -1,15 +1,90 @@
-"""A small gRPC client for raymoe's Generator service (used by `raymoe generate`, eval and tests)."""
+"""The Python client for raymoe's Generator service (used by `raymoe generate`, `eval-demo --target`,
+the benchmarks and the tests), with streams that survive the loss of the replica serving them.
+
+    from cluster.client import Client
+    with Client("127.0.0.1:9000") as client:
+        for chunk in client.stream(pb.GenerateRequest(prompt="123+456=", max_tokens=8), timeout=60):
+            print(chunk.text, end="", flush=True)
+
+A stream that breaks for a reason that is not the request's own (its replica died or went away,
+the connection dropped, the server was busy) is continued on another replica: the client sends the
+same request again with the tokens and text bytes received so far (`resume_token_ids`,
+`resume_text_bytes`) and the seed the first chunk carried, so the caller sees one uninterrupted
+stream, no token twice and none missing. At most `retries` resumptions, with exponential backoff,
+all within the caller's `timeout`. Errors that are the request's fault (INVALID_ARGUMENT,
+UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ...) and a passed deadline are raised at once.
+`AsyncClient` is the same over grpc.aio.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import generator_pb2 as pb
 from protos import generator_pb2_grpc as pb_grpc
+
+# What a broken stream can get from Serve's proxy when its replica dies or drains (INTERNAL with
+# Ray's "actor died" text, UNAVAILABLE, UNKNOWN), from a dropped connection (UNAVAILABLE), or from a
+# full server (RESOURCE_EXHAUSTED): none is the request's fault, so it is worth another replica.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                       grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED})
+RETRIES = 5
+BACKOFF_S = 0.2  # doubled per attempt, at most 5 s
+
+
+class Resumer:
+    """The state of one logical stream across attempts: what the caller has received."""
+
+    def __init__(self, request: pb.GenerateRequest, timeout: float | None, retries: int) -> None:
+        self.request, self.retries = request, retries
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.token_ids: list[int] = []
+        self.text_bytes = 0
+        self.seed: int | None = None
+        self.chunks = 0
+        self.attempts = 0  # resumptions so far
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def on_chunk(self, chunk: pb.GenerateResponse) -> pb.GenerateResponse:
+        """Record a chunk; a resumed attempt's repeat of the first chunk's fields is dropped."""
+        if self.chunks:
+            chunk.ClearField("prompt_token_ids")
+            chunk.ClearField("seed")
+        elif chunk.HasField("seed"):
+            self.seed = chunk.seed
+        self.chunks += 1
+        self.token_ids.extend(chunk.token_ids)
+        self.text_bytes += len(chunk.text.encode())
+        return chunk
+
+    def retry_after(self, error: grpc.RpcError) -> float:
+        """Seconds to wait before resuming, or re-raise when this error must reach the caller."""
+        left = self.remaining()
+        if error.code() not in RETRYABLE or self.attempts >= self.retries or (left is not None and left <= 0):
+            raise error
+        self.attempts += 1
+        wait = min(5.0, BACKOFF_S * 2 ** (self.attempts - 1))
+        return wait if left is None else min(wait, left)
+
+    def next_request(self) -> pb.GenerateRequest:
+        """The request that continues the stream from what was received."""
+        if not self.chunks:  # nothing arrived: start again (a fresh seed is fine, nothing was seen)
+            return self.request
+        resumed = pb.GenerateRequest()
+        resumed.CopyFrom(self.request)
+        del resumed.resume_token_ids[:]
+        resumed.resume_token_ids.extend(self.token_ids)
+        resumed.resume_text_bytes = self.text_bytes
+        if self.seed is not None and not self.request.HasField("seed"):
+            resumed.seed = self.seed
+        return resumed
 
 
 class Client:
@@ -18,6 +93,7 @@ class Client:
         self.channel = grpc.insecure_channel(target)
         self.stub = pb_grpc.GeneratorStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.resumptions = 0  # streams continued (or unary calls made again) after a break, in all
 
     def wait_ready(self, timeout: float) -> None:
         """Block until the health service says SERVING (raises TimeoutError after `timeout` s)."""
@@ -33,11 +109,32 @@ class Client:
                 raise TimeoutError(f"{self.target} did not become ready within {timeout:.0f} s")
             time.sleep(0.5)
 
-    def generate(self, request: pb.GenerateRequest, timeout: float | None = None) -> pb.GenerateResponse:
-        return self.stub.Generate(request, timeout=timeout)
+    def generate(self, request: pb.GenerateRequest, timeout: float | None = None,
+                 retries: int = RETRIES) -> pb.GenerateResponse:
+        """A whole completion; a call that failed for the server's reasons is made again (a unary
+        call delivers nothing before it ends, so it starts over)."""
+        state = Resumer(request, timeout, retries)
+        while True:
+            try:
+                return self.stub.Generate(request, timeout=state.remaining())
+            except grpc.RpcError as e:
+                time.sleep(state.retry_after(e))
+                self.resumptions += 1
 
-    def stream(self, request: pb.GenerateRequest, timeout: float | None = None) -> Iterator[pb.GenerateResponse]:
-        return self.stub.GenerateStream(request, timeout=timeout)
+    def stream(self, request: pb.GenerateRequest, timeout: float | None = None,
+               retries: int = RETRIES) -> Iterator[pb.GenerateResponse]:
+        """The chunks of one generation, resumed on another replica if its stream breaks."""
+        state = Resumer(request, timeout, retries)
+        current = request
+        while True:
+            try:
+                for chunk in self.stub.GenerateStream(current, timeout=state.remaining()):
+                    yield state.on_chunk(chunk)
+                return
+            except grpc.RpcError as e:
+                time.sleep(state.retry_after(e))
+                current = state.next_request()
+                self.resumptions += 1
 
     def close(self) -> None:
         self.channel.close()
@@ -47,6 +144,36 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class AsyncClient:
+    """`Client` over grpc.aio, for many concurrent streams from one thread (the benchmarks)."""
+
+    def __init__(self, target: str) -> None:
+        self.channel = grpc.aio.insecure_channel(target)
+        self.stub = pb_grpc.GeneratorStub(self.channel)
+
+    async def stream(self, request: pb.GenerateRequest, timeout: float | None = None,
+                     retries: int = RETRIES) -> AsyncIterator[pb.GenerateResponse]:
+        state = Resumer(request, timeout, retries)
+        current = request
+        while True:
+            try:
+                async for chunk in self.stub.GenerateStream(current, timeout=state.remaining()):
+                    yield state.on_chunk(chunk)
+                return
+            except grpc.RpcError as e:
+                await asyncio.sleep(state.retry_after(e))
+                current = state.next_request()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
 
 
 def completion_json(responses: list[pb.GenerateResponse]) -> dict:

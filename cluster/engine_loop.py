@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 
 from model.completion import CompletionTracker
 from model.engine import Engine
+from model.errors import InvalidRequest
 from model.sampling import SamplingParams
 from model.tokenizer import Tokenizer
 
@@ -63,8 +64,9 @@ def _put_all(batch: list) -> None:
 
 class _Request:
     def __init__(self, loop: asyncio.AbstractEventLoop, prompt_ids: list[int], params: SamplingParams,
-                 tracker: CompletionTracker) -> None:
+                 tracker: CompletionTracker, resume_ids: list[int]) -> None:
         self.loop, self.prompt_ids, self.params, self.tracker = loop, prompt_ids, params, tracker
+        self.resume_ids = resume_ids
         self.out: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
         self.ended = asyncio.Event()  # its last chunk or its error has arrived
         self.t_last = time.perf_counter()  # arrival, then each token's time (TTFT / ITL)
@@ -111,17 +113,27 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="raymoe-engine", daemon=True)
         self._thread.start()
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       stop: list[str]) -> AsyncIterator[Chunk]:
-        """Yield one chunk per new token; the last carries finish_reason. Raises InvalidRequest for a
-        bad request, QueueFull when too many are waiting, or the error that ended the sequence."""
-        self.engine.check(prompt_ids, params)
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, stop: list[str],
+                       resume_ids: list[int] = (), resume_text_bytes: int = 0) -> AsyncIterator[Chunk]:
+        """Yield chunks of new tokens; the last carries finish_reason. resume_ids continues a
+        generation whose first tokens (and resume_text_bytes of their text) were delivered already:
+        only what follows is yielded. Raises InvalidRequest for a bad request, QueueFull when too
+        many are waiting, or the error that ended the sequence."""
+        tracker = CompletionTracker(prompt_ids, self.tokenizer, stop)
+        if resume_ids:
+            try:
+                done = tracker.resume(list(resume_ids), resume_text_bytes, params, self.engine.cfg.eos_token_ids)
+            except ValueError as e:
+                raise InvalidRequest(str(e), "resume_text_bytes") from None
+            if done:  # the broken stream had in fact ended: say so, generate nothing
+                yield Chunk("", [], [], [], done, len(resume_ids))
+                return
+        self.engine.check(prompt_ids, params, resume_ids)
         free_slots = self.engine.max_running - self.num_running  # requests that can start right away
         if self.num_waiting + self._inbox.qsize() >= self.max_queue + max(0, free_slots):
             raise QueueFull(f"server busy: {self.max_queue} requests already waiting; retry later")
         seq_id = next(self._ids)
-        req = _Request(asyncio.get_running_loop(), prompt_ids, params,
-                       CompletionTracker(prompt_ids, self.tokenizer, stop))
+        req = _Request(asyncio.get_running_loop(), prompt_ids, params, tracker, list(resume_ids))
         self._post(("add", seq_id, req))
         finished = False
         try:
@@ -213,7 +225,7 @@ class EngineLoop:
                 break
             if kind == "add":
                 try:
-                    self.engine.add(seq_id, req.prompt_ids, req.params)
+                    self.engine.add(seq_id, req.prompt_ids, req.params, req.resume_ids)
                     self._requests[seq_id] = req
                 except ValueError as e:  # InvalidRequest (checked again here) or a duplicate id
                     req.send(e)

@@ -65,7 +65,8 @@ class Generator:
         chunks = []
         try:
             req = self._parse(request)
-            async for chunk in self.loop.generate(req.prompt_ids, req.params, req.stop):
+            async for chunk in self.loop.generate(req.prompt_ids, req.params, req.stop, req.resume_ids,
+                                                  req.resume_text_bytes):
                 chunks.append(chunk)
         except asyncio.CancelledError:
             self._count("cancelled")
@@ -73,14 +74,17 @@ class Generator:
         except Exception as e:  # noqa: BLE001 — every failure becomes a status
             return self._fail(grpc_context, e, pb.GenerateResponse())
         self._count("ok")
-        return protocol.chunk_response(protocol.merge_chunks(chunks), req.prompt_ids, req.params.logprobs > 0)
+        return protocol.chunk_response(protocol.merge_chunks(chunks), req.prompt_ids, req.params.logprobs > 0,
+                                       req.params.seed)
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator[pb.GenerateResponse]:
         try:
             req = self._parse(request)
             first = True
-            async for chunk in self.loop.generate(req.prompt_ids, req.params, req.stop):
-                yield protocol.chunk_response(chunk, req.prompt_ids if first else None, req.params.logprobs > 0)
+            async for chunk in self.loop.generate(req.prompt_ids, req.params, req.stop, req.resume_ids,
+                                                  req.resume_text_bytes):
+                yield protocol.chunk_response(chunk, req.prompt_ids if first else None, req.params.logprobs > 0,
+                                              req.params.seed if first else None)
                 first = False
         except (asyncio.CancelledError, GeneratorExit):
             self._count("cancelled")

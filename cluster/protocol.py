@@ -21,19 +21,22 @@ def parse_request(req: pb.GenerateRequest, cfg: ModelConfig, limits: RequestLimi
         max_tokens=req.max_tokens or None, temperature=req.temperature if req.HasField("temperature") else None,
         top_p=req.top_p if req.HasField("top_p") else None, top_k=req.top_k,
         seed=req.seed if req.HasField("seed") else None, logprobs=req.logprobs, stop=list(req.stop),
-        stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos)
+        stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, resume_ids=req.resume_token_ids,
+        resume_text_bytes=req.resume_text_bytes)
 
 
 def _top(rows: list[list[tuple[int, float]]]) -> list[pb.TopLogprobs]:
     return [pb.TopLogprobs(alternatives=[pb.TokenLogprob(token_id=t, logprob=lp) for t, lp in row]) for row in rows]
 
 
-def chunk_response(chunk: Chunk, prompt_ids: list[int] | None, with_top: bool) -> pb.GenerateResponse:
+def chunk_response(chunk: Chunk, prompt_ids: list[int] | None, with_top: bool,
+                   seed: int | None = None) -> pb.GenerateResponse:
+    """prompt_ids and seed go on the first chunk of a stream (and on a unary response)."""
     return pb.GenerateResponse(
         text=chunk.text, token_ids=chunk.token_ids, logprobs=chunk.logprobs,
         top_logprobs=_top(chunk.top) if with_top else [], finish_reason=chunk.finish_reason or "",
         usage=pb.Usage(prompt_tokens=len(prompt_ids or ()), completion_tokens=chunk.completion_tokens),
-        prompt_token_ids=prompt_ids or [],
+        prompt_token_ids=prompt_ids or [], seed=seed,
     )
 
 

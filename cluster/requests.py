@@ -42,6 +42,8 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     stop: list[str]
+    resume_ids: list[int] = dataclasses.field(default_factory=list)  # tokens already delivered
+    resume_text_bytes: int = 0  # UTF-8 bytes of text already delivered for them
 
 
 def build_request(cfg: ModelConfig, limits: RequestLimits, tokenizer: Tokenizer | None, *,
@@ -49,7 +51,7 @@ def build_request(cfg: ModelConfig, limits: RequestLimits, tokenizer: Tokenizer 
                   max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
                   top_k: int | None = None, seed: int | None = None, logprobs: int | None = None,
                   stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
-                  add_bos: bool = True) -> Request:
+                  add_bos: bool = True, resume_ids: Sequence[int] = (), resume_text_bytes: int = 0) -> Request:
     """Check every field against the model and the limits; None means "not set" (the default)."""
     if (prompt is not None and prompt != "") == bool(prompt_ids):
         raise InvalidRequest("give exactly one of prompt and prompt_token_ids" if prompt
@@ -119,6 +121,20 @@ def build_request(cfg: ModelConfig, limits: RequestLimits, tokenizer: Tokenizer 
     if bad is not None:
         raise InvalidRequest(f"stop token id {bad} is outside the vocabulary [0, {cfg.vocab_size})", "stop_token_ids")
 
+    resumed = [int(r) for r in resume_ids]
+    if len(resumed) > n:
+        raise InvalidRequest(f"resume_token_ids has {len(resumed)} tokens, more than max_tokens ({n})",
+                             "resume_token_ids")
+    bad = next((r for r in resumed if not 0 <= r < cfg.vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(f"resume_token_ids: token id {bad} is outside the vocabulary [0, {cfg.vocab_size})",
+                             "resume_token_ids")
+    if resume_text_bytes and not resumed:
+        raise InvalidRequest("resume_text_bytes needs resume_token_ids", "resume_text_bytes")
+    if resumed and t > 0 and seed is None:
+        raise InvalidRequest("resuming a sampled generation needs its seed (the first response's `seed`)", "seed")
     params = SamplingParams(max_tokens=n, temperature=t, top_p=p, top_k=k, seed=None if seed is None else int(seed),
                             logprobs=lp, stop_token_ids=stops, ignore_eos=bool(ignore_eos))
-    return Request(ids, params, stop)
+    # The seed is fixed here, so the first response can tell the client which one to resume with.
+    params = dataclasses.replace(params, seed=params.effective_seed())
+    return Request(ids, params, stop, resumed, int(resume_text_bytes))

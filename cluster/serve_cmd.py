@@ -91,13 +91,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 client.wait_ready(args.wait_ready)
             if args.stream:
                 chunks = []
-                for chunk in client.stream(request, timeout=args.timeout):
+                for chunk in client.stream(request, timeout=args.timeout, retries=args.retries):
                     chunks.append(chunk)
                     if not args.json:
                         print(chunk.text, end="", flush=True)
                 responses = chunks
             else:
-                responses = [client.generate(request, timeout=args.timeout)]
+                responses = [client.generate(request, timeout=args.timeout, retries=args.retries)]
         except grpc.RpcError as e:
             print(f"\nraymoe: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1

@@ -56,6 +56,9 @@ class ServeSettings:
     replica_resources: dict[str, float] = dataclasses.field(default_factory=dict)  # custom Ray resources per replica
     grpc_port: int = 9000
     request_timeout_s: float = 600.0  # covers a whole stream
+    # A replica Serve stops (scale-down, redeploy) takes no new requests and lets its streams finish
+    # for up to this long; streams still running then are cut, and the project's clients resume them.
+    graceful_shutdown_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("expert_actors", "max_batch_tokens", "max_running", "kv_cache_tokens", "max_queue"):
@@ -132,6 +135,8 @@ class ServeSettings:
             # Serve's own queue also holds a burst while its router assigns replicas, so it must take a
             # whole batch's worth; our queue (QueueFull) is the bound clients normally meet.
             "max_queued_requests": self.max_running + self.max_queue,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_s,
+            "graceful_shutdown_wait_loop_s": min(1.0, self.graceful_shutdown_s),
         }
         if self.autoscale_max_replicas > self.replicas:
             opts["autoscaling_config"] = {"min_replicas": self.replicas, "max_replicas": self.autoscale_max_replicas,

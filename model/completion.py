@@ -38,6 +38,35 @@ class CompletionTracker:
         self.completion = Completion(list(prompt_ids))
         self.stream = TextStream(tokenizer, prompt_ids, stop) if tokenizer is not None else None
 
+    def resume(self, token_ids: list[int], text_bytes: int, params: SamplingParams,
+               eos_ids: frozenset[int] | tuple[int, ...]) -> str | None:
+        """Take the tokens a broken stream already delivered, of which the client has `text_bytes`
+        bytes of text, as if they had just been generated (nothing is sent for them). Returns the
+        finish reason if they already end the generation, else None. Raises ValueError when
+        text_bytes is not a prefix of their text."""
+        reason = None
+        for token in token_ids:
+            self.on_token(TokenEvent(None, token, float("nan"), [], None))
+            if token in params.stop_token_ids or (not params.ignore_eos and token in eos_ids):
+                reason = "stop"
+        c = self.completion
+        if self.stream is not None:
+            text = self.stream.text
+            chars = _chars_for_bytes(text, text_bytes)
+            if chars is None:
+                raise ValueError(f"resume_text_bytes {text_bytes} does not end a character of the resumed tokens' "
+                                 f"text ({len(text.encode())} bytes)")
+            self.stream.sent = chars
+            c.text = text[:chars]
+            if self.stream.stopped:
+                reason = "stop"
+        elif text_bytes:
+            raise ValueError("resume_text_bytes given, but this model has no tokenizer (no text is sent)")
+        if reason is None and len(token_ids) >= params.max_tokens:
+            reason = "length"
+        c.finish_reason = reason
+        return reason
+
     def on_token(self, ev: TokenEvent) -> tuple[str, bool]:
         """Apply one event; returns (new text, whether the sequence is now finished)."""
         c = self.completion
@@ -54,6 +83,16 @@ class CompletionTracker:
         c.finish_reason = c.finish_reason or ev.finish_reason
         c.text += delta
         return delta, c.finish_reason is not None
+
+
+def _chars_for_bytes(text: str, n: int) -> int | None:
+    """The number of characters of `text` whose UTF-8 encoding is `n` bytes (None if none is)."""
+    total = 0
+    for i, ch in enumerate(text):
+        if total == n:
+            return i
+        total += len(ch.encode())
+    return len(text) if total == n else None
 
 
 def complete(engine: Engine, tokenizer: Tokenizer | None, prompts: list[list[int]],

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/generator.proto\x12\traymoe.v1\"\x8e\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x10\n\x08logprobs\x18\n \x01(\r\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"<\n\x0bTopLogprobs\x12-\n\x0c\x61lternatives\x18\x01 \x03(\x0b\x32\x17.raymoe.v1.TokenLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xc5\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12,\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x16.raymoe.v1.TopLogprobs\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.raymoe.v1.Usage\x12\x18\n\x10prompt_token_ids\x18\x07 \x03(\x05\"0\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64_bos\x18\x02 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06pieces\x18\x02 \x03(\t\"\x12\n\x10ModelInfoRequest\"\xcc\x02\n\x0bModelConfig\x12\x12\n\nvocab_size\x18\x01 \x01(\r\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12\x19\n\x11intermediate_size\x18\x03 \x01(\r\x12\x19\n\x11num_hidden_layers\x18\x04 \x01(\r\x12\x1b\n\x13num_attention_heads\x18\x05 \x01(\r\x12\x1b\n\x13num_key_value_heads\x18\x06 \x01(\r\x12\x10\n\x08head_dim\x18\x07 \x01(\r\x12\x19\n\x11num_local_experts\x18\x08 \x01(\r\x12\x1b\n\x13num_experts_per_tok\x18\t \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\n \x01(\r\x12\x16\n\x0esliding_window\x18\x0b \x01(\r\x12\x12\n\nrope_theta\x18\x0c \x01(\x02\x12\r\n\x05\x64type\x18\r \x01(\t\"\xa0\x01\n\x0f\x45xpertActorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\x12\x0e\n\x06layers\x18\x03 \x03(\r\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x06 \x01(\x04\x12\x18\n\x10tokens_processed\x18\x07 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\"\xbc\x02\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x16.raymoe.v1.ModelConfig\x12\x31\n\rexpert_actors\x18\x03 \x03(\x0b\x32\x1a.raymoe.v1.ExpertActorInfo\x12\x18\n\x10max_batch_tokens\x18\x04 \x01(\r\x12\x13\n\x0bmax_running\x18\x05 \x01(\r\x12\x17\n\x0fkv_cache_tokens\x18\x06 \x01(\x04\x12\x1d\n\x04load\x18\x07 \x01(\x0b\x32\x0f.raymoe.v1.Load\x12(\n\x07routing\x18\x08 \x03(\x0b\x32\x17.raymoe.v1.LayerRouting\x12,\n\x0c\x65xpert_calls\x18\t \x01(\x0b\x32\x16.raymoe.v1.ExpertCalls\"l\n\x0b\x45xpertCalls\x12\x13\n\x0blayer_calls\x18\x01 \x01(\x04\x12\x14\n\x0cwall_seconds\x18\x02 \x01(\x01\x12\x1f\n\x17slowest_compute_seconds\x18\x03 \x01(\x01\x12\x11\n\ttransport\x18\x04 \x01(\t\"8\n\x0cLayerRouting\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x19\n\x11tokens_per_expert\x18\x02 \x03(\x04\"F\n\x04Load\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x1c\n\x14kv_cache_used_tokens\x18\x03 \x01(\x04\x32\xaa\x02\n\tGenerator\x12\x43\n\x08Generate\x12\x1a.raymoe.v1.GenerateRequest\x1a\x1b.raymoe.v1.GenerateResponse\x12K\n\x0eGenerateStream\x12\x1a.raymoe.v1.GenerateRequest\x1a\x1b.raymoe.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.raymoe.v1.TokenizeRequest\x1a\x1b.raymoe.v1.TokenizeResponse\x12\x46\n\tModelInfo\x12\x1b.raymoe.v1.ModelInfoRequest\x1a\x1c.raymoe.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/generator.proto\x12\traymoe.v1\"\xc3\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x10\n\x08logprobs\x18\n \x01(\r\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x18\n\x10resume_token_ids\x18\x0c \x03(\x05\x12\x19\n\x11resume_text_bytes\x18\r \x01(\rB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"<\n\x0bTopLogprobs\x12-\n\x0c\x61lternatives\x18\x01 \x03(\x0b\x32\x17.raymoe.v1.TokenLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xe1\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12,\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x16.raymoe.v1.TopLogprobs\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.raymoe.v1.Usage\x12\x18\n\x10prompt_token_ids\x18\x07 \x03(\x05\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"0\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64_bos\x18\x02 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06pieces\x18\x02 \x03(\t\"\x12\n\x10ModelInfoRequest\"\xcc\x02\n\x0bModelConfig\x12\x12\n\nvocab_size\x18\x01 \x01(\r\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12\x19\n\x11intermediate_size\x18\x03 \x01(\r\x12\x19\n\x11num_hidden_layers\x18\x04 \x01(\r\x12\x1b\n\x13num_attention_heads\x18\x05 \x01(\r\x12\x1b\n\x13num_key_value_heads\x18\x06 \x01(\r\x12\x10\n\x08head_dim\x18\x07 \x01(\r\x12\x19\n\x11num_local_experts\x18\x08 \x01(\r\x12\x1b\n\x13num_experts_per_tok\x18\t \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\n \x01(\r\x12\x16\n\x0esliding_window\x18\x0b \x01(\r\x12\x12\n\nrope_theta\x18\x0c \x01(\x02\x12\r\n\x05\x64type\x18\r \x01(\t\"\xa0\x01\n\x0f\x45xpertActorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\x12\x0e\n\x06layers\x18\x03 \x03(\r\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x06 \x01(\x04\x12\x18\n\x10tokens_processed\x18\x07 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\"\xbc\x02\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x16.raymoe.v1.ModelConfig\x12\x31\n\rexpert_actors\x18\x03 \x03(\x0b\x32\x1a.raymoe.v1.ExpertActorInfo\x12\x18\n\x10max_batch_tokens\x18\x04 \x01(\r\x12\x13\n\x0bmax_running\x18\x05 \x01(\r\x12\x17\n\x0fkv_cache_tokens\x18\x06 \x01(\x04\x12\x1d\n\x04load\x18\x07 \x01(\x0b\x32\x0f.raymoe.v1.Load\x12(\n\x07routing\x18\x08 \x03(\x0b\x32\x17.raymoe.v1.LayerRouting\x12,\n\x0c\x65xpert_calls\x18\t \x01(\x0b\x32\x16.raymoe.v1.ExpertCalls\"l\n\x0b\x45xpertCalls\x12\x13\n\x0blayer_calls\x18\x01 \x01(\x04\x12\x14\n\x0cwall_seconds\x18\x02 \x01(\x01\x12\x1f\n\x17slowest_compute_seconds\x18\x03 \x01(\x01\x12\x11\n\ttransport\x18\x04 \x01(\t\"8\n\x0cLayerRouting\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x19\n\x11tokens_per_expert\x18\x02 \x03(\x04\"F\n\x04Load\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x1c\n\x14kv_cache_used_tokens\x18\x03 \x01(\x04\x32\xaa\x02\n\tGenerator\x12\x43\n\x08Generate\x12\x1a.raymoe.v1.GenerateRequest\x1a\x1b.raymoe.v1.GenerateResponse\x12K\n\x0eGenerateStream\x12\x1a.raymoe.v1.GenerateRequest\x1a\x1b.raymoe.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.raymoe.v1.TokenizeRequest\x1a\x1b.raymoe.v1.TokenizeResponse\x12\x46\n\tModelInfo\x12\x1b.raymoe.v1.ModelInfoRequest\x1a\x1c.raymoe.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,33 +32,33 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.generator_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=38
-  _globals['_GENERATEREQUEST']._serialized_end=308
-  _globals['_TOKENLOGPROB']._serialized_start=310
-  _globals['_TOKENLOGPROB']._serialized_end=359
-  _globals['_TOPLOGPROBS']._serialized_start=361
-  _globals['_TOPLOGPROBS']._serialized_end=421
-  _globals['_USAGE']._serialized_start=423
-  _globals['_USAGE']._serialized_end=480
-  _globals['_GENERATERESPONSE']._serialized_start=483
-  _globals['_GENERATERESPONSE']._serialized_end=680
-  _globals['_TOKENIZEREQUEST']._serialized_start=682
-  _globals['_TOKENIZEREQUEST']._serialized_end=730
-  _globals['_TOKENIZERESPONSE']._serialized_start=732
-  _globals['_TOKENIZERESPONSE']._serialized_end=785
-  _globals['_MODELINFOREQUEST']._serialized_start=787
-  _globals['_MODELINFOREQUEST']._serialized_end=805
-  _globals['_MODELCONFIG']._serialized_start=808
-  _globals['_MODELCONFIG']._serialized_end=1140
-  _globals['_EXPERTACTORINFO']._serialized_start=1143
-  _globals['_EXPERTACTORINFO']._serialized_end=1303
-  _globals['_MODELINFORESPONSE']._serialized_start=1306
-  _globals['_MODELINFORESPONSE']._serialized_end=1622
-  _globals['_EXPERTCALLS']._serialized_start=1624
-  _globals['_EXPERTCALLS']._serialized_end=1732
-  _globals['_LAYERROUTING']._serialized_start=1734
-  _globals['_LAYERROUTING']._serialized_end=1790
-  _globals['_LOAD']._serialized_start=1792
-  _globals['_LOAD']._serialized_end=1862
-  _globals['_GENERATOR']._serialized_start=1865
-  _globals['_GENERATOR']._serialized_end=2163
+  _globals['_GENERATEREQUEST']._serialized_end=361
+  _globals['_TOKENLOGPROB']._serialized_start=363
+  _globals['_TOKENLOGPROB']._serialized_end=412
+  _globals['_TOPLOGPROBS']._serialized_start=414
+  _globals['_TOPLOGPROBS']._serialized_end=474
+  _globals['_USAGE']._serialized_start=476
+  _globals['_USAGE']._serialized_end=533
+  _globals['_GENERATERESPONSE']._serialized_start=536
+  _globals['_GENERATERESPONSE']._serialized_end=761
+  _globals['_TOKENIZEREQUEST']._serialized_start=763
+  _globals['_TOKENIZEREQUEST']._serialized_end=811
+  _globals['_TOKENIZERESPONSE']._serialized_start=813
+  _globals['_TOKENIZERESPONSE']._serialized_end=866
+  _globals['_MODELINFOREQUEST']._serialized_start=868
+  _globals['_MODELINFOREQUEST']._serialized_end=886
+  _globals['_MODELCONFIG']._serialized_start=889
+  _globals['_MODELCONFIG']._serialized_end=1221
+  _globals['_EXPERTACTORINFO']._serialized_start=1224
+  _globals['_EXPERTACTORINFO']._serialized_end=1384
+  _globals['_MODELINFORESPONSE']._serialized_start=1387
+  _globals['_MODELINFORESPONSE']._serialized_end=1703
+  _globals['_EXPERTCALLS']._serialized_start=1705
+  _globals['_EXPERTCALLS']._serialized_end=1813
+  _globals['_LAYERROUTING']._serialized_start=1815
+  _globals['_LAYERROUTING']._serialized_end=1871
+  _globals['_LOAD']._serialized_start=1873
+  _globals['_LOAD']._serialized_end=1943
+  _globals['_GENERATOR']._serialized_start=1946
+  _globals['_GENERATOR']._serialized_end=2244
 # @@protoc_insertion_point(module_scope)

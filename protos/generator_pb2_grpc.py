@@ -67,7 +67,8 @@ class GeneratorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GenerateStream(self, request, context):
-        """Generate a completion, streaming a chunk per new token (text is the delta since the last chunk).
+        """Generate a completion, streaming its new tokens as they come (text is the delta since the last
+        chunk); a broken stream can be continued with resume_token_ids.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -68,3 +68,30 @@ def test_interval_stretches_with_the_running_streams(make_loop):
     assert loop.stream_interval() == pytest.approx(0.2)
     loop.max_messages_per_s = 0.0
     assert loop.stream_interval() == 0.05
+
+
+@pytest.mark.parametrize("params", [SamplingParams(max_tokens=30, ignore_eos=True),
+                                    SamplingParams(max_tokens=30, ignore_eos=True, temperature=0.9, top_p=0.9, seed=7)])
+def test_resumed_stream_continues_exactly(make_loop, params, tokenizer):
+    """A stream broken after k tokens, resumed with those tokens (and the text bytes delivered), goes on
+    with exactly the tokens and text the unbroken stream has; usage counts every token once."""
+    loop = make_loop(0.0)
+    loop.tokenizer = tokenizer
+    prompt = tokenizer.encode("The cluster sends")
+
+    async def run(resume=(), text_bytes=0):
+        return [c async for c in loop.generate(prompt, params, [], list(resume), text_bytes)]
+
+    whole = asyncio.run(run())
+    ids = [t for c in whole for t in c.token_ids]
+    text = "".join(c.text for c in whole)
+    for k in (1, 7, 29):
+        delivered = [c for c in whole if c.completion_tokens <= k]
+        k = sum(len(c.token_ids) for c in delivered)
+        sent_text = "".join(c.text for c in delivered)
+        rest = asyncio.run(run(ids[:k], len(sent_text.encode())))
+        assert [t for c in rest for t in c.token_ids] == ids[k:]
+        assert sent_text + "".join(c.text for c in rest) == text
+        assert rest[-1].completion_tokens == len(ids) and rest[-1].finish_reason == "length"
+    done = asyncio.run(run(ids, len(text.encode())))  # it had in fact ended: one empty last chunk
+    assert len(done) == 1 and done[0].token_ids == [] and done[0].finish_reason == "length"

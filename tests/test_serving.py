@@ -129,7 +129,7 @@ def test_invalid_arguments(server, kw, fragment):
 
 
 def test_cancelled_stream_frees_its_sequence(server):
-    stream = server.stream(request(prompt_token_ids=[1, 5, 9], max_tokens=1500, ignore_eos=True))
+    stream = server.stub.GenerateStream(request(prompt_token_ids=[1, 5, 9], max_tokens=1500, ignore_eos=True))
     next(stream), next(stream)
     assert load(server).running >= 1 and load(server).kv_cache_used_tokens > 0
     stream.cancel()
@@ -148,7 +148,7 @@ def test_deadline_exceeded_frees_its_sequence(server):
 def test_queue_overflow_is_resource_exhausted(server):
     def run(_):
         try:
-            server.generate(request(prompt_token_ids=[1, 2, 3], max_tokens=200, ignore_eos=True))
+            server.generate(request(prompt_token_ids=[1, 2, 3], max_tokens=200, ignore_eos=True), retries=0)
             return "ok"
         except grpc.RpcError as e:
             return e.code()

@@ -83,7 +83,7 @@ def test_unreachable_experts_give_unavailable(remote_server):
     ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
     for _ in range(2):  # the server stays up and answers every request with the same clear status
         with pytest.raises(grpc.RpcError) as err:
-            client.generate(pb.GenerateRequest(prompt_token_ids=[1, 2, 3], max_tokens=4), timeout=60)
+            client.generate(pb.GenerateRequest(prompt_token_ids=[1, 2, 3], max_tokens=4), timeout=60, retries=0)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "experts" in err.value.details() and "Traceback" not in err.value.details()
     assert list(client.stub.Tokenize(pb.TokenizeRequest(text="hi")).token_ids)
