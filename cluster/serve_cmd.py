@@ -11,13 +11,15 @@ import threading
 from .settings import APP_NAME, SERVICER_FUNCTIONS, ServeSettings
 
 
-def deploy(settings: ServeSettings, http_port: int = 8000) -> None:
+def deploy(settings: ServeSettings, http_port: int = 8000, proxy_location: str | None = None) -> None:
+    """Start Serve's proxies (on every node by default; "HeadOnly" where several Ray nodes share one
+    machine and so one port) and deploy the application."""
     from ray import serve
     from ray.serve.config import gRPCOptions
 
     from .app import build_app
 
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port},
+    serve.start(proxy_location=proxy_location, http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options=gRPCOptions(port=settings.grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS,
                                          request_timeout_s=settings.request_timeout_s))
     serve.run(build_app(settings.to_dict()), name=APP_NAME, route_prefix="/")
