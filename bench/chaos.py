@@ -11,8 +11,8 @@ place). Clients are the project's own (`cluster.client.Client`: broken streams a
 
 It reports requests sent and how each ended (identical to the reference, differing, tokens missing
 or duplicated, lost = an error after the client's retries, cancelled, refused as expected), latency
-p50/p99 of completed requests, and the resident memory of every raymoe process alive at both the
-start and the end. Exit status 1 if any request was lost or not identical.
+p50/p99 of completed requests, and the resident memory of every raymoe process alive both after a
+warm-up under load (the first 10 s) and at the end. Exit status 1 if any request was lost or not identical.
 
     python bench/chaos.py [--minutes 10] [--fault-every 30] [--clients 8] [--checkpoint DIR] [--json]
 """
@@ -180,8 +180,8 @@ class Chaos:
     def faults(self, t0: float, until: float) -> None:
         """On the main thread (removing a node uses signals): a fault every --fault-every s until `until`."""
         i = 0
-        while time.monotonic() + self.args.fault_every < until:
-            time.sleep(self.args.fault_every)
+        while t0 + (i + 1) * self.args.fault_every < until:
+            time.sleep(max(0.0, t0 + (i + 1) * self.args.fault_every - time.monotonic()))
             kind = FAULTS[i % len(FAULTS)]
             i += 1
             try:
@@ -259,13 +259,14 @@ class Chaos:
                 reference = [run_request(client, r, s, 180) for r, s in pool]
             print(f"reference: {len(pool)} requests measured fault-free; soaking for {self.args.minutes:g} min with "
                   f"{self.args.clients} clients, a fault every {self.args.fault_every:g} s", flush=True)
-            start_mem = self.memory()
             t0 = time.monotonic()
             threads = [threading.Thread(target=self.client_loop, args=(i, pool, reference), daemon=True)
                        for i in range(self.args.clients)]
             for th in threads:
                 th.start()
             until = t0 + self.args.minutes * 60
+            time.sleep(min(10.0, self.args.fault_every / 2))  # warmed up under load: the baseline
+            start_mem = self.memory()
             self.faults(t0, until)
             time.sleep(max(0.0, until - time.monotonic()))
             self.stop.set()

@@ -2,7 +2,8 @@
 
 Used by `raymoe run --expert-actors N [--expert-replicas R] [--actor-cpus C] [--address ADDR]`, by
 `raymoe eval-demo --expert-actors N` and (the connection only) by `raymoe serve`. Without
---address a local Ray instance is started for the command (token auth off unless RAY_AUTH_MODE is
+--address a private local Ray instance is started for the command (even when another Ray cluster runs
+on the machine; `--address auto` joins that one instead) (token auth off unless RAY_AUTH_MODE is
 set, no dashboard, actor logs kept out of our stdout so --json output stays one object) and shut
 down at the end; with --address the command joins that cluster and leaves it running.
 """
@@ -35,7 +36,9 @@ def ray_connection(address: str | None, num_cpus: int | None = None) -> Iterator
             raise UserError(f"cannot join the Ray cluster at {address}: {e}") from None
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, loopback-only instance
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        # address="local": always a private instance, even when `ray start` left a cluster running on
+        # this machine (a plain ray.init() would join it and then refuse num_cpus).
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         yield True
     finally:

@@ -167,3 +167,35 @@ def test_dtype_auto_is_the_checkpoints_own(tiny_dir, tmp_path, raw, want):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, **raw}))
     parsed = ModelConfig.from_file(tmp_path / "config.json")
     assert resolve_dtype("auto", parsed) == want and resolve_dtype("float32", parsed) == "float32"
+
+
+def test_beside_a_running_ray_cluster():
+    """With `ray start --head` running on the machine, a command without --address starts its own
+    private Ray instance instead of joining that cluster (and failing to ask it for CPUs)."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", "--block",
+                             "--num-cpus=1", "--include-dashboard=false"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:  # the other cluster's GCS is up
+            assert time.monotonic() < deadline and head.poll() is None, "ray start --head did not come up"
+            time.sleep(0.5)
+        out = subprocess.run([sys.executable, "-m", "cluster.cli", "run", "--expert-actors", "1", "--actor-cpus", "0.5",
+                              "--prompt", "123+456=", "--max-tokens", "8"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=180, env=env)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "579"
+    finally:
+        head.send_signal(signal.SIGTERM)  # --block: ray start stops the processes it started
+        head.wait(60)
+        marker = Path("/tmp/ray/ray_current_cluster")  # what `ray start` left for later ray.init() calls
+        if marker.exists() and marker.read_text().strip().endswith(f":{port}"):
+            marker.unlink()

@@ -27,7 +27,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, namespace="pool-host-test")
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False, namespace="pool-host-test")
     yield
     release_shared_pool(APP)
     ray.shutdown()
