@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from model.config import ModelConfig
 from model.moe import swiglu_grouped
+from model.progress import LoadProgress
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -73,28 +77,24 @@ class ExpertActor:
 
     def __init__(self, checkpoint: str, experts: Sequence[int], layers: Sequence[int], *, dtype: str = "float32",
                  device: str = "cpu", num_threads: int = 1, name: str = "") -> None:
-        from model.weights import Checkpoint
-
         torch.set_num_threads(max(1, num_threads))  # one process per core share: no oversubscription
         self.name = name
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         self.experts, self.layers = tuple(experts), tuple(layers)
-        t0 = time.perf_counter()
-        ckpt = Checkpoint(checkpoint)
-        self.num_experts = ckpt.config.num_local_experts
+        self.num_experts = ModelConfig.from_file(Path(checkpoint) / "config.json").num_local_experts
         self.weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for layer in self.layers:
-            w13, w2 = ckpt.experts(layer, self.experts, self.dtype)
-            self.weights[layer] = (w13.to(self.device), w2.to(self.device))
-        self.load_s = time.perf_counter() - t0
+        # Weights load on a thread, so that Ray calls (progress, stats) answer while they do; a layer
+        # call waits for them, and a checkpoint that cannot be read makes the load FAILED, not the actor.
+        self.load = LoadProgress(0, what=name or "experts")
+        self._loaded = threading.Event()
         # global expert id → slot in this actor's stacked weights (-1: not hosted here)
         self.slot = torch.full((self.num_experts,), -1, dtype=torch.long)
         self.slot[list(self.experts)] = torch.arange(len(self.experts))
         self.tokens = 0  # (token, expert) pairs computed since this process started
         self.calls = 0
         self.busy_s = 0.0  # time spent inside forward (the rest of a call's latency is transport)
-        from ray.util.metrics import Counter, Histogram
+        from ray.util.metrics import Counter, Gauge, Histogram
 
         from .metrics import LATENCY_BUCKETS
 
@@ -105,6 +105,14 @@ class ExpertActor:
         self.pairs_counter = Counter("raymoe_expert_pairs", "(token, expert) pairs computed by an actor",
                                      tag_keys=("actor",))
         self.pairs_counter.set_default_tags(tags)
+        load_bytes = Gauge("raymoe_expert_load_bytes", "Bytes of expert weights an actor has read (of "
+                           "raymoe_expert_load_total_bytes)", tag_keys=("actor",))
+        load_total = Gauge("raymoe_expert_load_total_bytes", "Bytes of expert weights an actor reads at start",
+                           tag_keys=("actor",))
+        for gauge in (load_bytes, load_total):
+            gauge.set_default_tags(tags)
+        self._load_total = load_total
+        self.load.on_add = lambda p: load_bytes.set(p.bytes_read)
         import ray
 
         from .direct import DirectServer
@@ -112,9 +120,32 @@ class ExpertActor:
         # Layer calls may also come over a socket (actors/direct.py); Ray still places, names and
         # restarts this actor and hands out the endpoint.
         self.direct = DirectServer(self.forward_timed, host=ray.util.get_node_ip_address())
+        threading.Thread(target=self._load_weights, args=(checkpoint,), name="raymoe-expert-load", daemon=True).start()
 
     def __repr__(self) -> str:  # the Ray dashboard and log prefixes show this
         return f"ExpertActor({self.name})"
+
+    def _load_weights(self, checkpoint: str) -> None:
+        """Read this actor's experts (only theirs), straight into the serving dtype, then the device."""
+        from model.weights import Checkpoint
+
+        try:
+            ckpt = Checkpoint(checkpoint)
+            self.load.total_bytes = ckpt.expert_nbytes(self.layers, self.experts)
+            self._load_total.set(self.load.total_bytes)
+            ckpt.progress = self.load
+            for layer in self.layers:
+                w13, w2 = ckpt.experts(layer, self.experts, self.dtype)
+                self.weights[layer] = (w13.to(self.device), w2.to(self.device))
+            self.load.done()
+        except BaseException as e:  # noqa: BLE001 — reported by progress() and every call
+            self.load.done(e)
+        finally:
+            self._loaded.set()
+
+    def progress(self) -> dict[str, Any]:
+        """How far loading got: state LOADING | READY | FAILED, bytes read of total, seconds."""
+        return self.load.snapshot()
 
     def forward(self, layer: int, payload: np.ndarray) -> np.ndarray:
         """payload (see `pack`) → [n, D] (wire format): per token, the router-weighted sum of its
@@ -123,6 +154,10 @@ class ExpertActor:
 
     def forward_timed(self, layer: int, payload: np.ndarray) -> tuple[np.ndarray, float]:
         """`forward`, and the seconds it took here (the caller's wait minus this is transport)."""
+        if not self._loaded.is_set():
+            self._loaded.wait()  # the caller's own timeout bounds this (a restarted actor reloads)
+        if self.load.state == "FAILED":
+            raise RuntimeError(f"{self.name}: loading the experts failed: {self.load.error}")
         t0 = time.perf_counter()
         x, rows, experts, weights = unpack(payload, self.dtype)
         out = to_wire(self.compute(layer, x, rows, experts, weights))
@@ -158,11 +193,12 @@ class ExpertActor:
         with warnings.catch_warnings():  # Ray's own property warns about an API it calls internally
             warnings.simplefilter("ignore")
             reconstructed = bool(ctx.was_current_actor_reconstructed)
-        weight_bytes = sum(t.numel() * t.element_size() for pair in self.weights.values() for t in pair)
+        weight_bytes = sum(t.numel() * t.element_size() for pair in list(self.weights.values()) for t in pair)
         return {"name": self.name, "experts": list(self.experts), "layers": list(self.layers),
                 "weight_bytes": weight_bytes, "tokens": self.tokens, "calls": self.calls, "busy_s": self.busy_s,
                 "device": str(self.device), "threads": torch.get_num_threads(), "node_id": ctx.get_node_id(),
-                "host": socket.gethostname(), "pid": os.getpid(), "load_s": round(self.load_s, 3),
+                "host": socket.gethostname(), "pid": os.getpid(), "load_s": round(self.load.seconds, 3),
+                "state": self.load.state,
                 "reconstructed": reconstructed}
 
     def ping(self) -> str:

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import time
 import uuid
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import ray
 import torch
@@ -41,6 +42,12 @@ class ExpertsUnavailable(BackendUnavailable):
         self.layer, self.experts, self.reason = layer, sorted(set(experts)), reason
         where = "" if layer is None else f"layer {layer}: "
         super().__init__(f"{where}experts {self.experts} unavailable: {reason}")
+
+
+def brief(error: BaseException) -> str:
+    """A Ray error's first and last lines: what happened, without the remote traceback between."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return " … ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else type(error).__name__
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +152,12 @@ def remove_named_pool(name: str) -> None:
 
 
 class ExpertPool:
-    def __init__(self, checkpoint: str | Path, config: PoolConfig | None = None, name: str | None = None) -> None:
+    def __init__(self, checkpoint: str | Path, config: PoolConfig | None = None, name: str | None = None,
+                 on_progress: Callable[[list[dict]], None] | None = None, wait: bool = True) -> None:
+        """on_progress(snapshots) is called about every second while the actors load their experts
+        (each snapshot: what, state, bytes_read, total_bytes, seconds; see model/progress.py).
+        wait=False returns once the actors exist; the caller then does other loading and calls
+        wait_loaded() itself."""
         if not ray.is_initialized():
             raise RuntimeError("ExpertPool needs a Ray connection: call ray.init() first")
         self.config = config = config or PoolConfig()
@@ -197,11 +209,49 @@ class ExpertPool:
             self.actors.append(remote_class.options(**options).remote(
                 self.checkpoint, spec.experts, spec.layers, dtype=config.dtype, device=self.device,
                 num_threads=threads, name=spec.name))
+        if not wait:
+            return
         try:
-            ray.get([a.ping.remote() for a in self.actors], timeout=config.start_timeout_s)
-        except Exception as e:
+            self.wait_loaded(on_progress)
+        except BaseException:
             self.shutdown()
-            raise ExpertsUnavailable(None, every, f"expert actors failed to start: {e}") from None
+            raise
+
+    def failed(self) -> bool:
+        """Whether an actor failed to load its experts (the pool is then of no use)."""
+        try:
+            snaps = ray.get([a.progress.remote() for a in self.actors], timeout=self.config.start_timeout_s)
+        except ray.exceptions.RayError:
+            return False  # restarting or unreachable is for the callers' timeouts, not a load failure
+        return any(s["state"] == "FAILED" for s in snaps)
+
+    def wait_loaded(self, on_progress: Callable[[list[dict]], None] | None = None, every_s: float = 1.0) -> None:
+        """Wait until every actor has loaded its experts, calling on_progress(snapshots) about every
+        `every_s`. The wait is bounded by progress, not by the size: ExpertsUnavailable when an
+        actor failed to load or nothing was read for start_timeout_s (a 90 GB Mixtral takes minutes)."""
+        every, limit = list(range(self.model_config.num_local_experts)), self.config.start_timeout_s
+        last_read, last_change = -1, time.monotonic()
+        while True:
+            try:
+                snaps = ray.get([a.progress.remote() for a in self.actors], timeout=limit)
+            except ray.exceptions.GetTimeoutError:
+                raise ExpertsUnavailable(None, every, f"expert actors did not start within {limit:g} s") from None
+            except ray.exceptions.RayError as e:
+                raise ExpertsUnavailable(None, every, f"expert actors failed to start: {brief(e)}") from None
+            if on_progress is not None:
+                on_progress(snaps)
+            failed = [s for s in snaps if s["state"] == "FAILED"]
+            if failed:
+                raise ExpertsUnavailable(None, every, f"{failed[0]['what']} could not load its experts: "
+                                         f"{failed[0]['error']}")
+            if all(s["state"] == "READY" for s in snaps):
+                return
+            read = sum(s["bytes_read"] for s in snaps)
+            if read > last_read:
+                last_read, last_change = read, time.monotonic()
+            elif time.monotonic() - last_change > limit:
+                raise ExpertsUnavailable(None, every, f"loading made no progress for {limit:g} s")
+            time.sleep(every_s)
 
     # --- a named pool: find what an earlier creator started -----------------------------------
 

@@ -45,8 +45,12 @@ class PoolHost:
         cfg = PoolConfig(**config)
         name = self.pool_name(pool_key(checkpoint, cfg))
         with self._lock:
+            if name in self.pools and self.pools[name].failed():  # e.g. the checkpoint was unreadable then
+                self.pools.pop(name).shutdown()
             if name not in self.pools:  # new to this host process: attach to a live one or start it
-                self.pools[name] = ExpertPool(checkpoint, cfg, name=name)
+                # Without waiting for the weights: each replica loads its own part meanwhile, then
+                # waits (ExpertPool.wait_loaded) with its own progress.
+                self.pools[name] = ExpertPool(checkpoint, cfg, name=name, wait=False)
             self.retiring.pop(name, None)
             # The pool asked for last is the deployment's: every other one of this app (known here,
             # or left by an earlier host process) serves its old replicas a while longer, then goes.

@@ -27,6 +27,7 @@ import numpy as np
 import ray
 
 from .direct import ConnectionLost, DirectChannel
+from .pool import brief
 
 if TYPE_CHECKING:
     from .pool import ExpertPool
@@ -63,7 +64,7 @@ class RayCalls:
         except ray.exceptions.RayActorError as e:  # dead for good, or unreachable without retries
             failed = [a for a in actors if self.pool.actor_id(a) == e.actor_id] or \
                 [a for r, a in zip(calls, actors) if _failed(r)] or list(actors)
-            raise Unreachable(failed, _first_and_last_line(e)) from None
+            raise Unreachable(failed, brief(e)) from None
 
 
 def _failed(ref: ray.ObjectRef) -> bool:
@@ -76,11 +77,6 @@ def _failed(ref: ray.ObjectRef) -> bool:
         return False
     except Exception:  # noqa: BLE001
         return True
-
-
-def _first_and_last_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return " … ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else type(e).__name__
 
 
 @dataclasses.dataclass
@@ -174,7 +170,7 @@ class DirectCalls:
         except ray.exceptions.GetTimeoutError:
             raise Unreachable([actor], f"no answer within {timeout_s:g} s") from None
         except ray.exceptions.RayActorError as e:
-            raise Unreachable([actor], _first_and_last_line(e)) from None
+            raise Unreachable([actor], brief(e)) from None
 
     def _drop(self, actor: int) -> None:
         channel = self._channels().pop(actor, None)

@@ -77,8 +77,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     prompt = prompt_from_args(args, tokenizer)
     from .remote_session import experts_factory_from_args
 
+    from model.progress import LoadProgress, progress_line
+
+    from .startup import Ticker
+
     with experts_factory_from_args(args, ckpt.dir) as factory:  # None: every expert in this process
-        model = load_model(ckpt, dtype=getattr(torch, args.dtype), experts_factory=factory)
+        loading = LoadProgress(0, what="dense part" if factory else "weights")
+        with Ticker(lambda: None if loading.state == "READY" or not loading.total_bytes else
+                    f"raymoe: loading {loading.what}: {progress_line([loading.snapshot()])}"):
+            model = load_model(ckpt, dtype=getattr(torch, args.dtype), experts_factory=factory, progress=loading)
         # Sized for this one request, but never past the context: an oversized request is then
         # refused by Engine.check with its message instead of allocating a huge cache.
         engine = Engine(model, kv_cache_tokens=min(len(prompt) + params.max_tokens, ckpt.config.max_position_embeddings))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -28,6 +29,7 @@ def ray_connection(address: str | None, num_cpus: int | None = None) -> Iterator
         yield False
         return
     if address:
+        print(f"raymoe: joining the Ray cluster at {address}", file=sys.stderr, flush=True)
         try:
             ray.init(address=address, log_to_driver=False)
         except (ConnectionError, RuntimeError) as e:
@@ -35,10 +37,17 @@ def ray_connection(address: str | None, num_cpus: int | None = None) -> Iterator
 
             raise UserError(f"cannot join the Ray cluster at {address}: {e}") from None
     else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, loopback-only instance
-        # address="local": always a private instance, even when `ray start` left a cluster running on
-        # this machine (a plain ray.init() would join it and then refuse num_cpus).
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        import time
+
+        from .startup import Ticker
+
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private instance for this command
+        t0 = time.monotonic()
+        with Ticker(lambda: f"raymoe: starting a private Ray instance ({time.monotonic() - t0:.0f} s)"):
+            # address="local": always a private instance, even when `ray start` left a cluster running
+            # on this machine (a plain ray.init() would join it and then refuse num_cpus).
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                     log_to_driver=False)
     try:
         yield True
     finally:
@@ -79,9 +88,14 @@ def experts_factory_from_args(args: argparse.Namespace, checkpoint: str | Path) 
                             device=getattr(args, "expert_device", "auto"),
                             transport=getattr(args, "expert_transport", "direct"),
                             call_timeout_s=getattr(args, "expert_timeout", None) or 60.0)
+        from .startup import PoolProgress, Ticker
+
+        progress = PoolProgress(num_actors)
         with ray_connection(getattr(args, "address", None)) as started:
             check_expert_device(config.device, started)
-            with ExpertPool(checkpoint, config) as pool:
+            with Ticker(progress.line):  # on stderr: stdout stays the command's own output
+                pool = ExpertPool(checkpoint, config, on_progress=progress)
+            with pool:
                 yield remote_experts_factory(pool)
     except ExpertsUnavailable as e:
         raise UserError(str(e)) from None

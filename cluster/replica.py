@@ -21,6 +21,23 @@ from .settings import APP_NAME, ServeSettings
 STATS_TIMEOUT_S = 2.0  # ModelInfo reports an actor that takes longer as UNREACHABLE
 
 
+def _progress_logger(every_s: float = 2.0):
+    """An on_progress callback writing a line to the replica's log at most every `every_s`."""
+    import logging
+    import time
+
+    from model.progress import progress_line
+
+    last = [0.0]
+
+    def log(snapshots: list[dict]) -> None:
+        if time.monotonic() - last[0] >= every_s:
+            last[0] = time.monotonic()
+            logging.getLogger("ray.serve").info("loading experts: %s", progress_line(snapshots))
+
+    return log
+
+
 def build_engine_loop(s: ServeSettings) -> tuple[EngineLoop, dict[str, Any]]:
     torch.set_num_threads(max(1, int(s.replica_num_cpus)))  # the replica's CPU share, not the host's cores
     ckpt = Checkpoint(s.checkpoint or default_checkpoint())
@@ -36,6 +53,8 @@ def build_engine_loop(s: ServeSettings) -> tuple[EngineLoop, dict[str, Any]]:
         factory = remote_experts_factory(pool)
     device = "cuda" if s.replica_num_gpus > 0 else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to the replica's GPU
     model = load_model(ckpt, dtype=getattr(torch, dtype), experts_factory=factory, device=device)
+    if pool is not None:  # the actors loaded their experts meanwhile; wait for the rest
+        pool.wait_loaded(_progress_logger())
     engine = Engine(model, kv_cache_tokens=s.kv_cache_tokens, max_batch_tokens=s.max_batch_tokens,
                     max_running=s.max_running, micro_batches=s.effective_micro_batches(pool.device if pool else None))
     metrics = ServingMetrics(model.cfg.num_hidden_layers, model.cfg.num_local_experts)

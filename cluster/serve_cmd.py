@@ -54,7 +54,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if settings.expert_actors:
             check_expert_device(settings.expert_device, started)
         try:
-            deploy(settings, args.http_port)
+            import time
+
+            from .startup import Ticker, serve_progress_line
+
+            t0 = time.monotonic()
+            with Ticker(lambda: serve_progress_line(APP_NAME, t0)):  # on stderr, like every progress line
+                deploy(settings, args.http_port)
             target = f"127.0.0.1:{settings.grpc_port}"
             print(f"raymoe: serving {settings.checkpoint or 'the default model'} on {target} (gRPC); Ctrl-C stops\n"
                   f"  try: raymoe generate --target {target} --prompt '123+456=' --stream", flush=True)

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors import safe_open
 
 from .config import ModelConfig
+from .progress import LoadProgress
+from .safetensors_file import SafetensorsError, SafetensorsFile
 from .transformer import ExpertsFactory, Mixtral
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -32,6 +33,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.dir}: checkpoint directory not found")
         self.config = ModelConfig.from_file(self.dir / "config.json")
         self.reads: list[str] = []
+        self.progress: LoadProgress | None = None  # counts the bytes of every tensor read
         self._handles: dict[str, object] = {}
         index = self.dir / "model.safetensors.index.json"
         single = self.dir / "model.safetensors"
@@ -51,17 +53,47 @@ class Checkpoint:
     def has(self, name: str) -> bool:
         return name in self._files
 
-    def tensor(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def tensor(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """One tensor, in `dtype` (no copy when the file has it), or copied into `out` (no other copy
+        is kept: loading stays near the size of what is loaded)."""
         if name not in self._files:
             raise CheckpointError(f"{self.dir}: missing tensor {name}")
+        f = self._handle(self._files[name])
+        if name not in f.tensors:  # listed in the index but absent from its shard
+            raise CheckpointError(f"{self.dir}: cannot read tensor {name} from {self._files[name]} (not in that file)")
+        file_dtype, file_shape, nbytes = f.info(name)
+        if tuple(file_shape) != tuple(shape):
+            raise CheckpointError(f"{self.dir}: tensor {name} has shape {tuple(file_shape)}, expected {tuple(shape)}")
+        direct = out is not None and out.dtype == file_dtype and out.is_contiguous() and out.device.type == "cpu"
         try:
-            t = self._handle(self._files[name]).get_tensor(name)
-        except Exception as e:  # listed in the index but absent from (or unreadable in) its shard
+            t = f.read(name, out if direct else None)
+        except (OSError, SafetensorsError) as e:
             raise CheckpointError(f"{self.dir}: cannot read tensor {name} from {self._files[name]} ({e})") from None
         self.reads.append(name)
-        if tuple(t.shape) != tuple(shape):
-            raise CheckpointError(f"{self.dir}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        if self.progress is not None:
+            self.progress.add(nbytes)
+        if out is not None:
+            return t if direct else out.copy_(t)
         return t.to(dtype)
+
+    def nbytes(self, name: str) -> int:
+        """Bytes of a tensor in its file, from the header (nothing is read)."""
+        if name not in self._files:
+            raise CheckpointError(f"{self.dir}: missing tensor {name}")
+        f = self._handle(self._files[name])
+        if name not in f.tensors:
+            raise CheckpointError(f"{self.dir}: cannot read tensor {name} from {self._files[name]} (not in that file)")
+        return f.info(name)[2]
+
+    def expert_nbytes(self, layers: Iterable[int], expert_ids: Iterable[int]) -> int:
+        ids = list(expert_ids)
+        return sum(self.nbytes(f"{self._moe_prefix(layer)}experts.{e}.{w}.weight")
+                   for layer in layers for e in ids for w in ("w1", "w2", "w3"))
+
+    def dense_nbytes(self) -> int:
+        experts = ".block_sparse_moe.experts."
+        return sum(self.nbytes(name) for name in self._files if experts not in name)
 
     def _handle(self, filename: str):
         if filename not in self._handles:
@@ -69,8 +101,8 @@ class Checkpoint:
             if not path.exists():
                 raise CheckpointError(f"{self.dir}: shard {filename} listed in the index is missing")
             try:
-                self._handles[filename] = safe_open(str(path), framework="pt")
-            except Exception as e:  # safetensors raises its own error types for corrupt headers
+                self._handles[filename] = SafetensorsFile(path)
+            except (OSError, SafetensorsError) as e:
                 raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
         return self._handles[filename]
 
@@ -87,10 +119,11 @@ class Checkpoint:
         for i in range(c.num_hidden_layers):
             hf, ours = f"model.layers.{i}.", f"layers.{i}."
             attn = hf + "self_attn."
-            state[ours + "attn.wqkv.weight"] = torch.cat([
-                self.tensor(attn + "q_proj.weight", (q, d), dtype),
-                self.tensor(attn + "k_proj.weight", (kv, d), dtype),
-                self.tensor(attn + "v_proj.weight", (kv, d), dtype)])
+            wqkv = torch.empty(q + 2 * kv, d, dtype=dtype)  # q, k, v read straight into the fused weight
+            self.tensor(attn + "q_proj.weight", (q, d), dtype, out=wqkv[:q])
+            self.tensor(attn + "k_proj.weight", (kv, d), dtype, out=wqkv[q:q + kv])
+            self.tensor(attn + "v_proj.weight", (kv, d), dtype, out=wqkv[q + kv:])
+            state[ours + "attn.wqkv.weight"] = wqkv
             state[ours + "attn.wo.weight"] = self.tensor(attn + "o_proj.weight", (d, q), dtype)
             state[ours + "input_layernorm.weight"] = self.tensor(hf + "input_layernorm.weight", (d,), dtype)
             state[ours + "post_attention_layernorm.weight"] = self.tensor(
@@ -104,38 +137,49 @@ class Checkpoint:
         c = self.config
         d, f = c.hidden_size, c.intermediate_size
         prefix = self._moe_prefix(layer) + "experts."
-        w13, w2 = [], []
-        for e in expert_ids:
-            if not 0 <= e < c.num_local_experts:
-                raise CheckpointError(f"expert {e} does not exist (the model has {c.num_local_experts})")
+        ids = list(expert_ids)
+        bad = [e for e in ids if not 0 <= e < c.num_local_experts]
+        if bad:
+            raise CheckpointError(f"expert {bad[0]} does not exist (the model has {c.num_local_experts})")
+        w13 = torch.empty(len(ids), 2 * f, d, dtype=dtype)  # filled in place: one copy of the weights
+        w2 = torch.empty(len(ids), d, f, dtype=dtype)
+        for i, e in enumerate(ids):
             p = f"{prefix}{e}."
-            w13.append(torch.cat([self.tensor(p + "w1.weight", (f, d), dtype),
-                                  self.tensor(p + "w3.weight", (f, d), dtype)]))
-            w2.append(self.tensor(p + "w2.weight", (d, f), dtype))
-        return torch.stack(w13), torch.stack(w2)
+            self.tensor(p + "w1.weight", (f, d), dtype, out=w13[i, :f])
+            self.tensor(p + "w3.weight", (f, d), dtype, out=w13[i, f:])
+            self.tensor(p + "w2.weight", (d, f), dtype, out=w2[i])
+        return w13, w2
 
     def _moe_prefix(self, layer: int) -> str:
         return f"model.layers.{layer}.block_sparse_moe."
 
 
 def load_model(directory: str | Path | Checkpoint, *, dtype: torch.dtype = torch.float32,
-               experts_factory: ExpertsFactory | None = None, device: str = "cpu") -> Mixtral:
+               experts_factory: ExpertsFactory | None = None, device: str = "cpu",
+               progress: LoadProgress | None = None) -> Mixtral:
     """Build a Mixtral from a checkpoint. Without a factory all experts load locally; with one, the
-    factory supplies each layer's experts (e.g. remote) and only the dense part is read here."""
+    factory supplies each layer's experts (e.g. remote) and only the dense part is read here.
+    `progress` (its total set here) counts the bytes as they are read."""
     ckpt = directory if isinstance(directory, Checkpoint) else Checkpoint(directory)
     cfg = ckpt.config
-    with torch.device("meta"):
+    if progress is not None:
+        progress.total_bytes = ckpt.dense_nbytes() + (0 if experts_factory is not None else ckpt.expert_nbytes(
+            range(cfg.num_hidden_layers), range(cfg.num_local_experts)))
+        ckpt.progress = progress
+    with torch.device("meta"):  # no memory: the loaded tensors become the parameters (assign)
         model = Mixtral(cfg, experts_factory)
-    model = model.to_empty(device=device).to(dtype)
-    if cfg.tie_word_embeddings:  # materialising from meta unties shared parameters
-        model.lm_head.weight = model.embed_tokens.weight
     state = ckpt.dense_state(dtype)
     if experts_factory is None:
         every = range(cfg.num_local_experts)
         for i in range(cfg.num_hidden_layers):
             state[f"layers.{i}.moe.experts.w13"], state[f"layers.{i}.moe.experts.w2"] = ckpt.experts(i, every, dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
     missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:  # a bug in the mapping, not in the checkpoint
         raise RuntimeError(f"name mapping out of date: missing {missing}, unexpected {unexpected}")
+    model = model.to(device)
+    if progress is not None:
+        progress.done()
     return model.eval().requires_grad_(False)

@@ -142,7 +142,9 @@ def test_cli_run_with_expert_actors_prints_the_same_json(cluster, ckpt, capsys):
     assert main(argv) == 0
     local = json.loads(capsys.readouterr().out)
     assert main(argv + ["--expert-actors", "2", "--actor-cpus", "0.25"]) == 0
-    remote = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    remote = json.loads(captured.out)  # stdout: the one JSON object; progress went to stderr
+    assert "raymoe: starting 2 expert actor(s)" in captured.err
     assert remote.pop("token_ids") == local.pop("token_ids")
     torch.testing.assert_close(torch.tensor(remote.pop("logprobs")), torch.tensor(local.pop("logprobs")),
                                atol=1e-5, rtol=0)

@@ -1,0 +1,91 @@
+"""What a starting command shows while weights load: a progress line every couple of seconds.
+
+`raymoe run` prints the front's dense part and its expert actors' loading on stderr (stdout stays
+one JSON object with --json); `raymoe serve` prints its expert actors' loading, found by name in
+the cluster, until the server answers. Lines look like
+    raymoe: loading experts: 1.37 of 5.25 GB (26%), 412 MB/s; experts[0-1]@layers[0-1] 31%; ...
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from typing import Callable, TextIO
+
+from model.progress import progress_line
+
+EVERY_S = 2.0
+
+
+class Ticker:
+    """Prints `line()` (when it returns text) at once and then every `every_s` until closed."""
+
+    def __init__(self, line: Callable[[], str | None], every_s: float = EVERY_S, out: TextIO | None = None) -> None:
+        self.line, self.every_s, self.out = line, every_s, out or sys.stderr
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="raymoe-progress", daemon=True)
+
+    def _run(self) -> None:
+        next_at = time.monotonic()
+        while True:
+            try:
+                text = self.line()
+            except Exception as e:  # noqa: BLE001 — progress must never break the command
+                text = f"raymoe: (progress unavailable: {type(e).__name__})"
+            if text:
+                print(text, file=self.out, flush=True)
+            next_at += self.every_s  # on a fixed beat, however long line() took
+            if self._stop.wait(max(0.0, next_at - time.monotonic())):
+                return
+
+    def __enter__(self) -> "Ticker":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+class PoolProgress:
+    """An ExpertPool's on_progress callback that keeps the latest snapshots for a Ticker."""
+
+    def __init__(self, num_actors: int) -> None:
+        self.num_actors, self.snapshots, self.t0 = num_actors, [], time.monotonic()
+
+    def __call__(self, snapshots: list[dict]) -> None:
+        self.snapshots = snapshots
+
+    def line(self) -> str:
+        if not self.snapshots:
+            return f"raymoe: starting {self.num_actors} expert actor(s) ({time.monotonic() - self.t0:.0f} s)"
+        if all(s["state"] == "READY" for s in self.snapshots):
+            return ""
+        return f"raymoe: loading experts: {progress_line(self.snapshots)}"
+
+
+def cluster_expert_progress(app: str) -> list[dict]:
+    """Loading snapshots of the expert actors of `app`'s pools, asked by name (a server starting)."""
+    import ray
+    from ray.util import list_named_actors
+
+    from actors.pool import named_pools
+
+    names = named_pools(f"{app}-experts-")
+    handles = [ray.get_actor(a["name"], namespace=a["namespace"]) for a in list_named_actors(all_namespaces=True)
+               if any(a["name"].endswith("/" + n) for n in names)]
+    if not handles:
+        return []
+    ready, _ = ray.wait([h.progress.remote() for h in handles], num_returns=len(handles), timeout=0.5)
+    return [ray.get(r) for r in ready]
+
+
+def serve_progress_line(app: str, t0: float) -> str:
+    snaps = cluster_expert_progress(app)
+    waited = f"{time.monotonic() - t0:.0f} s"
+    if not snaps:
+        return f"raymoe: starting the front replica and its expert pool ({waited})"
+    if all(s["state"] == "READY" for s in snaps):
+        return f"raymoe: experts loaded; waiting for the front replica(s) ({waited})"
+    return f"raymoe: loading experts: {progress_line(snaps)}"
