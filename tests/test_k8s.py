@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import importlib.util
 import math
 import re
@@ -35,8 +36,10 @@ except ModuleNotFoundError:  # Python 3.10: pip's vendored copy of the same pars
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
-# CI lays shared/ beside the clone: resolve from the repository, never from an absolute path.
-CRD_PATH = ROOT.parent / "shared" / "kuberay" / "ray.io_rayservices.v1.7.0.yaml"
+# KubeRay's RayService CRD is not part of the repository: it is found beside it (CI lays shared/
+# there) or at $RAYMOE_KUBERAY_CRD. Without it the CRD checks skip, saying how to enable them;
+# RAYMOE_REQUIRE_CRD=1 (set by .ci/run) makes its absence a failure instead.
+CRD_PATH = Path(os.environ.get("RAYMOE_KUBERAY_CRD") or ROOT.parent / "shared" / "kuberay" / "ray.io_rayservices.v1.7.0.yaml")
 OVERLAYS = ("cpu", "gpu")
 
 
@@ -109,7 +112,12 @@ def strict(schema: Any) -> Any:
 @functools.cache
 def crd_schema() -> dict[str, Any]:
     """The v1 openAPIV3Schema of KubeRay's RayService CRD, as shipped (callers must not modify it)."""
-    assert CRD_PATH.exists(), f"KubeRay's RayService CRD not found at {CRD_PATH} (shared/ beside the repo)"
+    if not CRD_PATH.exists():
+        why = (f"KubeRay's RayService CRD not found at {CRD_PATH}: put ray.io_rayservices.v1.7.0.yaml there "
+               "(shared/kuberay/ beside the repository) or set RAYMOE_KUBERAY_CRD to its path")
+        if os.environ.get("RAYMOE_REQUIRE_CRD") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
     crd = yaml.load(CRD_PATH.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 18k lines
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return version["schema"]["openAPIV3Schema"]
