@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
                     measure("engine+actors", lambda p, k: run_engine(remote, p, k, pool, base.effective_micro_batches(pool.device)))
             for name in [p for p in paths if p.startswith("served")]:
                 settings = dataclasses.replace(
-                    base, grpc_port=free_port(), expert_actors=0 if name == "served-local" else args.expert_actors,
+                    base, grpc_port=free_port(), http_port=free_port(), expert_actors=0 if name == "served-local" else args.expert_actors,
                     expert_transport="ray" if name == "served-ray" else "direct")
                 serve_one(name, settings, measure)
     report(results, levels, args)
@@ -263,7 +263,7 @@ def serve_one(name: str, settings, measure) -> None:
     from cluster.serve_cmd import deploy, release_pool
 
     try:
-        deploy(settings, http_port=free_port())
+        deploy(settings)
         target = f"127.0.0.1:{settings.grpc_port}"
         with Client(target) as c:
             c.wait_ready(300)

@@ -124,8 +124,8 @@ class Chaos:
         self.settings = ServeSettings(
             checkpoint=checkpoint, expert_actors=2, expert_num_cpus=0.5, expert_resources={"expert_host": 1},
             expert_timeout_s=60, replicas=2, replica_num_cpus=0.5, replica_resources={"front_host": 1},
-            grpc_port=free_port(), graceful_shutdown_s=2.0, max_running=32)
-        deploy(self.settings, http_port=free_port(), proxy_location="HeadOnly")
+            grpc_port=free_port(), http_port=free_port(), graceful_shutdown_s=2.0, max_running=32)
+        deploy(self.settings, proxy_location="HeadOnly")
         self.target = f"127.0.0.1:{self.settings.grpc_port}"
 
     def add_worker(self):

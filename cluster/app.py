@@ -12,10 +12,19 @@ from ray import serve
 from ray.serve import Application
 
 from .ingress import Generator
+from .openai_api import app as openai_app
 from .settings import DEPLOYMENT_NAME, ServeSettings
 
 
-def build_app(args: dict[str, Any]) -> Application:
+def build_app(args: dict[str, Any], api_key: str | None = None) -> Application:
+    """api_key (when given) travels in the replicas' runtime environment as RAYMOE_API_KEY."""
     settings = ServeSettings.from_dict(dict(args))
-    deployment = serve.deployment(name=DEPLOYMENT_NAME)(Generator).options(**settings.deployment_options())
+    options = settings.deployment_options()
+    if api_key:
+        from .auth import ENV
+
+        options["ray_actor_options"] = {**options["ray_actor_options"], "runtime_env": {"env_vars": {ENV: api_key}}}
+    # One deployment, two doors: the gRPC methods (named as the RPCs) and the OpenAI HTTP routes.
+    front = serve.ingress(openai_app)(Generator)
+    deployment = serve.deployment(name=DEPLOYMENT_NAME)(front).options(**options)
     return deployment.bind(settings.to_dict())

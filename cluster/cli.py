@@ -39,6 +39,10 @@ def _add_expert_device(p) -> None:
                         "else a CPU share; gpu without GPUs is an error")
 
 
+def _add_api_key(p) -> None:
+    p.add_argument("--api-key", default=None, help="the server's API key (default: $RAYMOE_API_KEY)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raymoe", description="Serve Mixtral-style MoE models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,38 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     remote.add_argument("--address", help="join this Ray cluster (e.g. auto or HOST:6379) instead of starting one")
     _add_expert_device(remote)
 
-    srv = sub.add_parser("serve", help="serve the model over gRPC on a local (or existing) Ray cluster")
-    srv.add_argument("--checkpoint", help="Hugging Face Mixtral directory (default: the demo model)")
-    _add_dtype(srv)
-    srv.add_argument("--expert-actors", type=int, default=0, help="host the experts on N Ray actors")
-    srv.add_argument("--expert-replicas", type=int, default=1, help="copies of each expert, on different actors")
-    srv.add_argument("--replicas", type=int, default=1, help="front replicas (attention, batching, sampling)")
-    srv.add_argument("--grpc-port", type=int, default=9000)
-    srv.add_argument("--http-port", type=int, default=8000, help="Serve's HTTP proxy port (unused by raymoe)")
-    srv.add_argument("--address", help="join this Ray cluster instead of starting one (e.g. auto)")
-    srv.add_argument("--max-running", type=int, default=64, help="sequences decoded together per replica")
-    srv.add_argument("--kv-cache-tokens", type=int, default=32768, help="KV cache size per replica")
-    srv.add_argument("--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED")
-    srv.add_argument("--stream-interval-ms", type=float, default=50.0,
-                     help="send a stream's tokens at most this often (first token and end at once); 0 = every token")
-    srv.add_argument("--stream-messages-per-s", type=float, default=320.0,
-                     help="with many streams, stretch the interval so a replica sends about this many "
-                          "messages per second in all (0 = no bound)")
-    _add_expert_device(srv)
-    lim = srv.add_argument_group("limits on one request (INVALID_ARGUMENT beyond them)")
-    lim.add_argument("--max-prompt-tokens", type=int, default=0, help="0 = the model's context minus one")
-    lim.add_argument("--max-tokens-limit", type=int, default=0,
-                     help="cap on a request's max_tokens; 0 = what the context leaves after the prompt")
-    lim.add_argument("--max-stop-strings", type=int, default=16)
-    lim.add_argument("--max-stop-chars", type=int, default=256, help="characters per stop string")
-    lim.add_argument("--max-stop-token-ids", type=int, default=64)
-    lim.add_argument("--max-logprobs", type=int, default=20, help="top alternatives per token")
+    srv = sub.add_parser("serve", help="serve the model (gRPC and OpenAI-compatible HTTP) on Ray")
+    from .serve_flags import add_serve_args
+
+    add_serve_args(srv)
 
     gen = sub.add_parser("generate", help="send a request to a running server (gRPC client)")
     gen.add_argument("--target", default="127.0.0.1:9000", help="HOST:PORT of the server")
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     gen.add_argument("--wait-ready", type=float, default=0, help="first wait up to N s for the server")
+    _add_api_key(gen)
     gen.add_argument("--retries", type=int, default=5,
                      help="resume a stream broken by the server's side (replica lost, connection dropped) up to "
                           "N times, within --timeout; 0 = never")
@@ -99,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="expert actors, their health and load, and routing balance of a server")
     st.add_argument("--target", default="127.0.0.1:9000", help="HOST:PORT of the server")
     st.add_argument("--timeout", type=float, default=30.0)
+    _add_api_key(st)
 
     init = sub.add_parser("init-model", help="write a random checkpoint of a named shape")
     init.add_argument("--preset", choices=["tiny", "small", "mixtral-shaped"], default="tiny",
@@ -130,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=64, help="prompts generated together")
     where = ev.add_mutually_exclusive_group()
     where.add_argument("--target", help="score a running server at HOST:PORT instead (gRPC)")
+    _add_api_key(ev)
     where.add_argument("--expert-actors", type=int, default=None, metavar="N",
                        help="run the experts on N Ray actors (a local Ray instance unless --address)")
     ev.add_argument("--address", help="with --expert-actors: join this Ray cluster")

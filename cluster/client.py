@@ -87,9 +87,18 @@ class Resumer:
         return resumed
 
 
+def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """The metadata carrying the server's API key (the argument, else $RAYMOE_API_KEY; none: empty)."""
+    import os
+
+    key = api_key if api_key is not None else os.environ.get("RAYMOE_API_KEY", "")
+    return (("authorization", f"Bearer {key}"),) if key else ()
+
+
 class Client:
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, api_key: str | None = None) -> None:
         self.target = target
+        self.metadata = auth_metadata(api_key)  # sent with every call (`stub` calls made directly: add it)
         self.channel = grpc.insecure_channel(target)
         self.stub = pb_grpc.GeneratorStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
@@ -116,7 +125,7 @@ class Client:
         state = Resumer(request, timeout, retries)
         while True:
             try:
-                return self.stub.Generate(request, timeout=state.remaining())
+                return self.stub.Generate(request, timeout=state.remaining(), metadata=self.metadata)
             except grpc.RpcError as e:
                 time.sleep(state.retry_after(e))
                 self.resumptions += 1
@@ -128,13 +137,16 @@ class Client:
         current = request
         while True:
             try:
-                for chunk in self.stub.GenerateStream(current, timeout=state.remaining()):
+                for chunk in self.stub.GenerateStream(current, timeout=state.remaining(), metadata=self.metadata):
                     yield state.on_chunk(chunk)
                 return
             except grpc.RpcError as e:
                 time.sleep(state.retry_after(e))
                 current = state.next_request()
                 self.resumptions += 1
+
+    def model_info(self, timeout: float | None = None) -> pb.ModelInfoResponse:
+        return self.stub.ModelInfo(pb.ModelInfoRequest(), timeout=timeout, metadata=self.metadata)
 
     def close(self) -> None:
         self.channel.close()
@@ -149,7 +161,8 @@ class Client:
 class AsyncClient:
     """`Client` over grpc.aio, for many concurrent streams from one thread (the benchmarks)."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, api_key: str | None = None) -> None:
+        self.metadata = auth_metadata(api_key)
         self.channel = grpc.aio.insecure_channel(target)
         self.stub = pb_grpc.GeneratorStub(self.channel)
 
@@ -159,7 +172,8 @@ class AsyncClient:
         current = request
         while True:
             try:
-                async for chunk in self.stub.GenerateStream(current, timeout=state.remaining()):
+                async for chunk in self.stub.GenerateStream(current, timeout=state.remaining(),
+                                                            metadata=self.metadata):
                     yield state.on_chunk(chunk)
                 return
             except grpc.RpcError as e:

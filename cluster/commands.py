@@ -147,7 +147,7 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
     if args.target:
         from .demo_eval import server_generate
 
-        print_eval(evaluate(checkpoint, n=args.n, seed=seed, generate=server_generate(args.target)))
+        print_eval(evaluate(checkpoint, n=args.n, seed=seed, generate=server_generate(args.target, api_key=args.api_key)))
     elif args.expert_actors is not None:
         from .demo_eval import remote_experts_generate
 

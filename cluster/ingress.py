@@ -19,6 +19,7 @@ from . import protocol
 from model.errors import InvalidRequest
 
 from .engine_loop import QueueFull
+from .openai_api import OpenAIRoutes
 from .replica import PoolHealth, actor_infos
 from .settings import ServeSettings
 
@@ -27,6 +28,10 @@ log = logging.getLogger("ray.serve")
 
 class StreamFailed(Exception):
     """Ends a stream whose status code has been set on the gRPC context."""
+
+
+class Unauthenticated(Exception):
+    pass
 
 
 def _status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -40,31 +45,50 @@ def _status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
     if isinstance(error, QueueFull):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+    if isinstance(error, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key: send the metadata 'authorization: Bearer KEY'"
     if isinstance(error, BackendUnavailable) and not isinstance(error, RayError):
         return grpc.StatusCode.UNAVAILABLE, str(error)  # names layers, experts and actors; no addresses
     log.error("request failed", exc_info=error)  # the details stay in the replica's log
     return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the replica's log"
 
 
-class Generator:
+class Generator(OpenAIRoutes):
+    """The front deployment: these gRPC methods, and the OpenAI-compatible HTTP routes it inherits."""
+
     def __init__(self, settings: dict) -> None:
+        import time
+        from pathlib import Path
+
+        from model.chat import ChatTemplate
+
+        from .auth import ApiKey
         from .replica import build_engine_loop
 
         self.settings = ServeSettings.from_dict(settings)
         self.limits = self.settings.request_limits()
+        self.api_key = ApiKey()
         self.loop, self.info = build_engine_loop(self.settings)
         # An actor that misses pings for this long (restarts take a few seconds) makes Check NOT_SERVING.
         self.pool_health = PoolHealth(self.info["pool"], stale_s=min(15.0, self.settings.expert_timeout_s))
         self.tokenizer = self.loop.tokenizer
         self.cfg = self.loop.engine.cfg
+        self.chat = ChatTemplate.from_dir(self.info["checkpoint"]) if self.tokenizer is not None else None
+        self.model_id = Path(self.info["checkpoint"]).name  # what /v1/models lists and requests name
+        self.created = int(time.time())
 
-    def _parse(self, request: pb.GenerateRequest):
+    def _parse(self, request: pb.GenerateRequest, grpc_context):
+        self._authorize(grpc_context)
         return protocol.parse_request(request, self.cfg, self.limits, self.tokenizer)
+
+    def _authorize(self, grpc_context) -> None:
+        if not self.api_key.allows_grpc(grpc_context):
+            raise Unauthenticated()
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
         chunks = []
         try:
-            req = self._parse(request)
+            req = self._parse(request, grpc_context)
             async for chunk in self.loop.generate(req.prompt_ids, req.params, req.stop, req.resume_ids,
                                                   req.resume_text_bytes):
                 chunks.append(chunk)
@@ -79,7 +103,7 @@ class Generator:
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator[pb.GenerateResponse]:
         try:
-            req = self._parse(request)
+            req = self._parse(request, grpc_context)
             first = True
             async for chunk in self.loop.generate(req.prompt_ids, req.params, req.stop, req.resume_ids,
                                                   req.resume_text_bytes):
@@ -97,6 +121,8 @@ class Generator:
         self._count("ok")
 
     async def Tokenize(self, request: pb.TokenizeRequest, grpc_context=None) -> pb.TokenizeResponse:
+        if not self.api_key.allows_grpc(grpc_context):
+            return self._fail(grpc_context, Unauthenticated(), pb.TokenizeResponse())
         if self.tokenizer is None:
             return self._fail(grpc_context, InvalidRequest("this model has no tokenizer", "text"),
                               pb.TokenizeResponse())
@@ -104,6 +130,8 @@ class Generator:
         return pb.TokenizeResponse(token_ids=ids, pieces=[self.tokenizer.piece(i) for i in ids])
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context=None) -> pb.ModelInfoResponse:
+        if not self.api_key.allows_grpc(grpc_context):
+            return self._fail(grpc_context, Unauthenticated(), pb.ModelInfoResponse())
         engine = self.loop.engine
         actors = await actor_infos(self.info["pool"])
         return pb.ModelInfoResponse(

@@ -21,8 +21,10 @@ from model.transformer import ExpertsFactory
 
 
 @contextlib.contextmanager
-def ray_connection(address: str | None, num_cpus: int | None = None) -> Iterator[bool]:
-    """Connect to Ray for the duration; yields whether this call started the connection."""
+def ray_connection(address: str | None, num_cpus: int | None = None,
+                   dashboard_port: int | None = None) -> Iterator[bool]:
+    """Connect to Ray for the duration; yields whether this call started the connection. A private
+    instance gets the Ray dashboard on 127.0.0.1:dashboard_port when that is given."""
     import ray
 
     if ray.is_initialized():  # e.g. a test or a notebook already connected: reuse, leave it be
@@ -46,8 +48,9 @@ def ray_connection(address: str | None, num_cpus: int | None = None) -> Iterator
         with Ticker(lambda: f"raymoe: starting a private Ray instance ({time.monotonic() - t0:.0f} s)"):
             # address="local": always a private instance, even when `ray start` left a cluster running
             # on this machine (a plain ray.init() would join it and then refuse num_cpus).
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                     log_to_driver=False)
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), log_to_driver=False,
+                     include_dashboard=dashboard_port is not None, dashboard_host="127.0.0.1",
+                     **({"dashboard_port": dashboard_port} if dashboard_port is not None else {}))
     try:
         yield True
     finally:

@@ -11,18 +11,22 @@ import threading
 from .settings import APP_NAME, SERVICER_FUNCTIONS, ServeSettings
 
 
-def deploy(settings: ServeSettings, http_port: int = 8000, proxy_location: str | None = None) -> None:
+def deploy(settings: ServeSettings, proxy_location: str | None = None, api_key: str | None = None) -> None:
     """Start Serve's proxies (on every node by default; "HeadOnly" where several Ray nodes share one
-    machine and so one port) and deploy the application."""
+    machine and so one port) and deploy the application. api_key: put the key in the replicas'
+    runtime environment (when joining a cluster whose processes do not have it in theirs)."""
     from ray import serve
     from ray.serve.config import gRPCOptions
 
     from .app import build_app
 
-    serve.start(proxy_location=proxy_location, http_options={"host": "127.0.0.1", "port": http_port},
+    serve.start(proxy_location=proxy_location,
+                http_options={"host": settings.http_host, "port": settings.http_port,
+                              "request_timeout_s": settings.request_timeout_s},
                 grpc_options=gRPCOptions(port=settings.grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS,
                                          request_timeout_s=settings.request_timeout_s))
-    serve.run(build_app(settings.to_dict()), name=APP_NAME, route_prefix="/")
+    app = build_app(settings.to_dict(), api_key=api_key)
+    serve.run(app, name=APP_NAME, route_prefix="/")
 
 
 def release_pool(settings: ServeSettings) -> None:
@@ -34,23 +38,22 @@ def release_pool(settings: ServeSettings) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    settings = ServeSettings(checkpoint=args.checkpoint, dtype=args.dtype, expert_actors=args.expert_actors,
-                             expert_replicas=args.expert_replicas, replicas=args.replicas, grpc_port=args.grpc_port,
-                             max_running=args.max_running, kv_cache_tokens=args.kv_cache_tokens,
-                             max_queue=args.max_queue, expert_device=args.expert_device,
-                             expert_transport=args.expert_transport, stream_interval_ms=args.stream_interval_ms,
-                             stream_messages_per_s=args.stream_messages_per_s,
-                             max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
-                             max_stop_strings=args.max_stop_strings, max_stop_chars=args.max_stop_chars,
-                             max_stop_token_ids=args.max_stop_token_ids, max_logprobs=args.max_logprobs)
+    import os
+
     from ray import serve
 
+    from .auth import ENV
     from .remote_session import check_expert_device, ray_connection
+    from .serve_flags import settings_from_args
 
+    settings = settings_from_args(args)
+    if args.api_key is not None:  # the replicas read it from their environment (see cluster/auth.py)
+        os.environ[ENV] = args.api_key
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with ray_connection(args.address, settings.local_ray_cpus()) as started:
+    dashboard = None if args.address or args.no_dashboard else args.dashboard_port
+    with ray_connection(args.address, settings.local_ray_cpus(), dashboard_port=dashboard) as started:
         if settings.expert_actors:
             check_expert_device(settings.expert_device, started)
         try:
@@ -60,10 +63,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
             t0 = time.monotonic()
             with Ticker(lambda: serve_progress_line(APP_NAME, t0)):  # on stderr, like every progress line
-                deploy(settings, args.http_port)
-            target = f"127.0.0.1:{settings.grpc_port}"
-            print(f"raymoe: serving {settings.checkpoint or 'the default model'} on {target} (gRPC); Ctrl-C stops\n"
-                  f"  try: raymoe generate --target {target} --prompt '123+456=' --stream", flush=True)
+                deploy(settings, api_key=os.environ.get(ENV) if args.address else None)
+            grpc_at = f"127.0.0.1:{settings.grpc_port}"
+            http_at = f"http://{settings.http_host}:{settings.http_port}"
+            key = " (API key required)" if os.environ.get(ENV) else ""
+            lines = [f"raymoe: serving {settings.checkpoint or 'the default model'}{key}; Ctrl-C stops",
+                     f"  gRPC       {grpc_at} (all interfaces)   try: raymoe generate --target {grpc_at} "
+                     f"--prompt '123+456=' --stream",
+                     f"  HTTP       {http_at}/v1   (OpenAI-compatible)   try: curl {http_at}/v1/completions "
+                     f"-d '{{\"prompt\": \"123+456=\", \"max_tokens\": 8}}'"]
+            if dashboard is not None:
+                lines.append(f"  dashboard  http://127.0.0.1:{dashboard}")
+            print("\n".join(lines), flush=True)
             stop.wait()
         finally:
             print("raymoe: shutting down", file=sys.stderr, flush=True)
@@ -93,7 +104,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise UserError(f"--prompt-ids must be comma-separated integers (got {args.prompt_ids!r})") from None
     else:
         request.prompt = args.prompt
-    with Client(args.target) as client:
+    with Client(args.target, api_key=args.api_key) as client:
         try:
             if args.wait_ready:
                 client.wait_ready(args.wait_ready)

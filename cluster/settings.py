@@ -55,6 +55,8 @@ class ServeSettings:
     replica_num_gpus: float = 0.0  # > 0: the front replica (attention, KV cache, dense layers) runs on a GPU
     replica_resources: dict[str, float] = dataclasses.field(default_factory=dict)  # custom Ray resources per replica
     grpc_port: int = 9000
+    http_port: int = 8000  # the OpenAI-compatible HTTP API
+    http_host: str = "127.0.0.1"  # where Serve's HTTP proxy binds (0.0.0.0 in a pod)
     request_timeout_s: float = 600.0  # covers a whole stream
     # A replica Serve stops (scale-down, redeploy) takes no new requests and lets its streams finish
     # for up to this long; streams still running then are cut, and the project's clients resume them.
@@ -149,6 +151,8 @@ class ServeSettings:
         """A Serve config (the `serveConfigV2` of a RayService) deploying exactly this."""
         return {
             "grpc_options": {"port": self.grpc_port, "grpc_servicer_functions": SERVICER_FUNCTIONS,
+                             "request_timeout_s": self.request_timeout_s},
+            "http_options": {"host": self.http_host, "port": self.http_port,
                              "request_timeout_s": self.request_timeout_s},
             "applications": [{
                 "name": APP_NAME,

@@ -45,13 +45,11 @@ def render(info) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     import grpc
 
-    from protos import generator_pb2 as pb
-
     from .client import Client
 
-    with Client(args.target) as client:
+    with Client(args.target, api_key=args.api_key) as client:
         try:
-            info = client.stub.ModelInfo(pb.ModelInfoRequest(), timeout=args.timeout)
+            info = client.model_info(timeout=args.timeout)
         except grpc.RpcError as e:
             print(f"raymoe: {args.target}: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1

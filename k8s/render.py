@@ -32,7 +32,7 @@ FRONT_RESOURCES: dict[str, float] = {"front_host": 1}
 OVERLAYS: dict[str, ServeSettings] = {
     # The demo model shipped in the image (checkpoint None), two expert actors on one CPU each,
     # one front replica that Serve may double under load.
-    "cpu": ServeSettings(checkpoint=None, expert_actors=2, expert_num_cpus=1.0, expert_device="cpu",
+    "cpu": ServeSettings(checkpoint=None, expert_actors=2, expert_num_cpus=1.0, expert_device="cpu", http_host="0.0.0.0",
                          expert_resources=dict(EXPERT_RESOURCES),
                          replicas=1, autoscale_max_replicas=2, replica_num_cpus=1.0,
                          replica_resources=dict(FRONT_RESOURCES)),
@@ -40,6 +40,7 @@ OVERLAYS: dict[str, ServeSettings] = {
     # CPU fallback; the CPU share feeds it) per expert,
     # 1-4 front replicas.
     "gpu": ServeSettings(checkpoint=f"{MODELS_MOUNT}/Mixtral-8x7B-v0.1", expert_actors=8, expert_device="gpu",
+                         http_host="0.0.0.0",
                          expert_num_cpus=1.0, expert_resources=dict(EXPERT_RESOURCES),
                          replicas=1, autoscale_max_replicas=4, replica_num_cpus=4.0,
                          replica_resources=dict(FRONT_RESOURCES)),

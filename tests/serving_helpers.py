@@ -28,10 +28,14 @@ def running_server(namespace: str, ready_timeout: float = 120, ray_options: dict
     from cluster.serve_cmd import deploy, release_pool
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, namespace=namespace, log_to_driver=False, **(ray_options or {}))
-    config = ServeSettings(grpc_port=free_port(), **settings)
+    config = ServeSettings(grpc_port=free_port(), http_port=free_port(), **settings)
     try:
-        deploy(config, http_port=free_port())
+        deploy(config)
         with Client(f"127.0.0.1:{config.grpc_port}") as client:
+            client.http_port = config.http_port  # the OpenAI-compatible API, for tests that use it
+            from model.default import default_checkpoint
+
+            client.checkpoint = config.checkpoint or str(default_checkpoint())
             client.wait_ready(ready_timeout)
             yield client
     finally:

@@ -199,3 +199,27 @@ def test_beside_a_running_ray_cluster():
         marker = Path("/tmp/ray/ray_current_cluster")  # what `ray start` left for later ray.init() calls
         if marker.exists() and marker.read_text().strip().endswith(f":{port}"):
             marker.unlink()
+
+
+def test_serve_settings_from_a_config_file_and_flags(tmp_path, capsys):
+    """`raymoe serve --config FILE`: the file's settings, then the flags given; every ServeSettings
+    field has a flag."""
+    import dataclasses
+
+    from cluster.cli import build_parser
+    from cluster.serve_flags import FLAGS, settings_from_args
+    from cluster.settings import ServeSettings
+
+    config = tmp_path / "serve.yaml"
+    config.write_text("expert_actors: 3\nreplicas: 2\nmax_queue: 9\nstream_interval_ms: 0\n")
+    args = build_parser().parse_args(["serve", "--config", str(config), "--replicas", "4", "--http-host", "0.0.0.0",
+                                      "--autoscale", "2:5"])
+    s = settings_from_args(args)
+    assert (s.expert_actors, s.max_queue, s.stream_interval_ms, s.http_host) == (3, 9, 0, "0.0.0.0")
+    assert (s.replicas, s.autoscale_max_replicas) == (2, 5)  # --autoscale wins over --replicas
+    flagged = {field for _, field, _, _ in FLAGS} | {"autoscale_max_replicas"}
+    unflagged = {f.name for f in dataclasses.fields(ServeSettings)} - flagged
+    assert unflagged <= {"expert_resources", "replica_resources"}, unflagged  # dicts: --config only
+    config.write_text("expert_actors: 3\nno_such_setting: 1\n")
+    assert_user_error(capsys, ["serve", "--config", str(config)], "no_such_setting")
+    assert_user_error(capsys, ["serve", "--autoscale", "3"], "--autoscale", "MIN:MAX")

@@ -187,9 +187,24 @@ def slots(pod: dict[str, float], ask: dict[str, float]) -> int:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_renders_one_rayservice(rendered, overlay):
     kinds = sorted(d["kind"] for d in rendered[overlay])
-    assert kinds == (["PersistentVolumeClaim", "RayService"] if overlay == "gpu" else ["RayService"])
+    assert kinds == sorted(["NetworkPolicy", "RayService"] + (["PersistentVolumeClaim"] if overlay == "gpu" else []))
     rs = rayservice(rendered[overlay])
     assert rs["apiVersion"] == "ray.io/v1" and rs["metadata"]["name"] == "raymoe"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_the_serve_ports_are_open_and_the_key_comes_from_a_secret(rendered, overlay):
+    (policy,) = [d for d in rendered[overlay] if d["kind"] == "NetworkPolicy"]
+    open_ports = sorted(p["port"] for rule in policy["spec"]["ingress"] if "from" not in rule for p in rule["ports"])
+    from k8s.render import OVERLAYS as SETTINGS
+
+    settings = SETTINGS[overlay]
+    assert open_ports == sorted([settings.grpc_port, settings.http_port])
+    assert settings.http_host == "0.0.0.0"  # in a pod the HTTP proxy must be reachable by the Service
+    front = next(g for g in rayservice(rendered[overlay])["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+                 if g["groupName"] == "front")
+    (env,) = [e for e in front["template"]["spec"]["containers"][0]["env"] if e["name"] == "RAYMOE_API_KEY"]
+    assert env["valueFrom"]["secretKeyRef"] == {"name": "raymoe-api-key", "key": "api-key", "optional": True}
 
 
 @pytest.mark.parametrize("target", ["base", *OVERLAYS])

@@ -170,3 +170,19 @@ def test_tokenize_model_info_and_health(server, tokenizer):
     assert info.max_running == MAX_RUNNING and info.kv_cache_tokens >= 8192
     health = health_pb2_grpc.HealthStub(server.channel)
     assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_http_chat_without_a_template_is_a_clear_400(server):
+    """The tiny checkpoint has no tokenizer_config.json: chat completions say so (the OpenAI door's
+    other behaviour is in test_openai_api.py)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{server.http_port}/v1/chat/completions",
+                                 data=json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode())
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=30)
+    answer = json.loads(err.value.read())
+    assert err.value.code == 400 and answer["error"]["code"] == "no_chat_template"
+    assert "chat template" in answer["error"]["message"]

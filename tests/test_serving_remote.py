@@ -80,7 +80,14 @@ def test_unreachable_experts_give_unavailable(remote_server):
     victim = info.expert_actors[0]
     actor = next(a for a in ray.util.list_named_actors(all_namespaces=True)
                  if a["name"].startswith(victim.name + "#"))
-    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+    handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+    ray.kill(handle, no_restart=True)
+    from ray._private.state import actors
+
+    deadline = time.monotonic() + 30  # ray.kill returns at once; a direct connection works until the process is gone
+    while actors().get(handle._actor_id.hex(), {}).get("State") != "DEAD":
+        assert time.monotonic() < deadline, "the killed actor never died"
+        time.sleep(0.1)
     for _ in range(2):  # the server stays up and answers every request with the same clear status
         with pytest.raises(grpc.RpcError) as err:
             client.generate(pb.GenerateRequest(prompt_token_ids=[1, 2, 3], max_tokens=4), timeout=60, retries=0)

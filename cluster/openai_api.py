@@ -1,0 +1,377 @@
+"""The OpenAI-compatible HTTP door: /v1/completions, /v1/chat/completions, /v1/models, /health.
+
+Served on Serve's HTTP proxy by the same front replica as the gRPC methods (the Generator class
+inherits these routes; `serve.ingress` binds them), so both doors drive one engine loop. A body is
+parsed here by hand — never by a framework's model, whose failures would be 422s — into the same
+`build_request` arguments the gRPC door uses, so a field means the same thing and meets the same
+limits either way. Every error is OpenAI-shaped JSON, {"error": {"message", "type", "param",
+"code"}}, with its status: 400 invalid body, 401 missing or wrong key, 404 unknown model, 429 server
+busy, 503 experts unavailable, 500 otherwise (with no internals in the message).
+
+Where raymoe differs from OpenAI, on purpose: `temperature` defaults to 0 (greedy), as in raymoe's
+gRPC API; `n`, `best_of`, `echo`, `suffix`, penalties, `logit_bias`, tools and response formats other
+than their neutral values are refused with a 400 naming the field rather than ignored. Extra
+fields raymoe understands: `top_k`, `ignore_eos`, `stop_token_ids`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from model.errors import BackendUnavailable, InvalidRequest
+
+app = FastAPI(title="raymoe", description="OpenAI-compatible API of a raymoe server", docs_url=None, redoc_url=None)
+
+COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "n", "user",
+          "presence_penalty", "frequency_penalty", "logit_bias", "top_k", "ignore_eos", "stop_token_ids"}
+COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"}
+CHAT_FIELDS = COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_tokens", "response_format",
+                        "tools", "tool_choice", "parallel_tool_calls"}
+NEUTRAL = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
+           "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
+           "tools": (None, []), "tool_choice": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
+           "response_format": (None, {"type": "text"})}
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                       "code": self.code}}, status_code=self.status)
+
+
+@app.exception_handler(HttpError)
+async def _http_error(_request: Request, error: HttpError) -> JSONResponse:
+    return error.response()
+
+
+def http_error_for(error: BaseException) -> HttpError:
+    """The same classification as the gRPC door's (cluster.ingress._status_for)."""
+    from ray.exceptions import RayError
+
+    from .engine_loop import QueueFull
+
+    if isinstance(error, HttpError):
+        return error
+    if isinstance(error, InvalidRequest) and not isinstance(error, RayError):
+        param = {"prompt_token_ids": "prompt", "resume_token_ids": None}.get(error.field, error.field)
+        return HttpError(400, str(error), param=param)
+    if isinstance(error, QueueFull):
+        return HttpError(429, str(error), "rate_limit_error", code="server_busy")
+    if isinstance(error, BackendUnavailable) and not isinstance(error, RayError):
+        return HttpError(503, str(error), "service_unavailable", code="experts_unavailable")
+    import logging
+
+    logging.getLogger("ray.serve").error("HTTP request failed", exc_info=error)
+    return HttpError(500, f"internal error ({type(error).__name__}); see the replica's log", "internal_error")
+
+
+# --- parsing -----------------------------------------------------------------------------------
+
+def _typed(body: dict, name: str, kinds: tuple[type, ...], what: str) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise HttpError(400, f"{name} must be {what} (got {type(value).__name__})", param=name)
+    return value
+
+
+def _common(body: dict, allowed: set[str]) -> dict[str, Any]:
+    """The sampling fields shared by both endpoints, type-checked (ranges: build_request)."""
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise HttpError(400, f"unsupported field {unknown[0]!r}", param=unknown[0])
+    for name, neutral in NEUTRAL.items():
+        if name in body and body[name] not in neutral:
+            raise HttpError(400, f"{name} {body[name]!r} is not supported (only {neutral[1]!r})", param=name)
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    elif stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise HttpError(400, "stop must be a string or a list of strings", param="stop")
+    stop_ids = body.get("stop_token_ids") or []
+    if not (isinstance(stop_ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids)):
+        raise HttpError(400, "stop_token_ids must be a list of integers", param="stop_token_ids")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise HttpError(400, "stream_options must be an object", param="stream_options")
+    number = (int, float)
+    return dict(max_tokens=_typed(body, "max_tokens", (int,), "an integer"),
+                temperature=_typed(body, "temperature", number, "a number"),
+                top_p=_typed(body, "top_p", number, "a number"),
+                top_k=_typed(body, "top_k", (int,), "an integer"),
+                seed=_typed(body, "seed", (int,), "an integer"),
+                stop=stop or [], stop_token_ids=stop_ids,
+                ignore_eos=bool(_typed(body, "ignore_eos", (bool,), "a boolean")))
+
+
+def parse_completion(body: dict) -> tuple[dict, tuple[bool, bool]]:
+    """A completions body → (build_request kwargs, (stream?, include usage in the stream?))."""
+    kw = _common(body, COMPLETION_FIELDS)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        kw["prompt"] = prompt
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        kw["prompt_ids"] = prompt
+    elif isinstance(prompt, list) and len(prompt) > 1:
+        raise HttpError(400, "a batch of prompts is not supported: send one prompt per request", param="prompt")
+    else:
+        raise HttpError(400, "prompt must be a string or a list of token ids", param="prompt")
+    kw["logprobs"] = _typed(body, "logprobs", (int,), "an integer")
+    return kw, _stream_flags(body)
+
+
+def parse_chat(body: dict) -> tuple[dict, list[dict], bool, bool, bool]:
+    """A chat body → (build_request kwargs without the prompt, messages, stream?, usage in stream?,
+    logprobs wanted?)."""
+    kw = _common(body, CHAT_FIELDS)
+    if body.get("max_completion_tokens") is not None:
+        kw["max_tokens"] = _typed(body, "max_completion_tokens", (int,), "an integer")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise HttpError(400, "messages must be a non-empty list", param="messages")
+    plain = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise HttpError(400, f"messages[{i}] must be an object with a string role", param="messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise HttpError(400, f"messages[{i}].content: only text parts are supported", param="messages")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise HttpError(400, f"messages[{i}].content must be a string", param="messages")
+        plain.append({**{k: v for k, v in m.items() if k != "content"}, "content": content})
+    want_logprobs = _typed(body, "logprobs", (bool,), "a boolean")
+    top = _typed(body, "top_logprobs", (int,), "an integer")
+    if top and not want_logprobs:
+        raise HttpError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    kw["logprobs"] = (top or 0) if want_logprobs else 0
+    stream, usage = _stream_flags(body)
+    return kw, plain, stream, usage, bool(want_logprobs)
+
+
+def _stream_flags(body: dict) -> tuple[bool, bool]:
+    stream = _typed(body, "stream", (bool,), "a boolean") or False
+    usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    if usage and not stream:
+        raise HttpError(400, "stream_options is only for stream: true", param="stream_options")
+    return stream, usage
+
+
+# --- the routes --------------------------------------------------------------------------------
+
+def _front() -> "OpenAIRoutes":
+    """The replica's Generator. The routes are plain functions that look it up, rather than methods
+    bound by Serve's class-based views: those are bound by changing the functions' signatures in
+    the process that applies `serve.ingress`, which a replica unpickling the app does not repeat."""
+    from ray import serve
+
+    return serve.get_replica_context().servable_object
+
+
+@app.get("/health")
+async def health() -> JSONResponse:
+    return await _front().http_health()
+
+
+@app.get("/v1/models")
+async def models(request: Request) -> JSONResponse:
+    return await _front().http_models(request)
+
+
+@app.post("/v1/completions")
+async def completions(request: Request):
+    return await _front().http_completions(request)
+
+
+@app.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    return await _front().http_chat_completions(request)
+
+
+class OpenAIRoutes:
+    """Mixed into the front deployment (cluster.ingress.Generator), which provides `loop`, `cfg`,
+    `limits`, `tokenizer`, `chat`, `model_id`, `api_key` and `pool_health`."""
+
+    async def http_health(self) -> JSONResponse:
+        ok = self.loop.alive and self.pool_health.ok
+        return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
+
+    async def http_models(self, request: Request) -> JSONResponse:
+        try:
+            self._http_auth(request)
+        except HttpError as e:
+            return e.response()
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "raymoe"}]})
+
+    async def http_completions(self, request: Request):
+        try:
+            self._http_auth(request)
+            body = await self._json_body(request)
+            kw, (stream, usage) = parse_completion(body)
+            self._check_model(body)
+            req = self._build(kw)
+        except Exception as e:  # noqa: BLE001
+            return http_error_for(e).response()
+        view = _CompletionView(self, req, "text_completion", "cmpl")
+        return await view.respond(stream, usage)
+
+    async def http_chat_completions(self, request: Request):
+        try:
+            self._http_auth(request)
+            body = await self._json_body(request)
+            kw, messages, stream, usage, want_logprobs = parse_chat(body)
+            self._check_model(body)
+            if self.chat is None or self.tokenizer is None:
+                raise HttpError(400, "this model has no chat template (no chat_template in its "
+                                "tokenizer_config.json); use /v1/completions", param="messages",
+                                code="no_chat_template")
+            from model.chat import ChatError
+
+            try:
+                kw["prompt_ids"] = self.chat.prompt_ids(self.tokenizer, messages)
+            except ChatError as e:
+                raise HttpError(400, str(e), param="messages") from None
+            req = self._build(kw)
+        except Exception as e:  # noqa: BLE001
+            return http_error_for(e).response()
+        view = _CompletionView(self, req, "chat.completion", "chatcmpl", chat=True, chat_logprobs=want_logprobs)
+        return await view.respond(stream, usage)
+
+    # --- helpers ---
+
+    def _http_auth(self, request: Request) -> None:
+        if not self.api_key.allows(request.headers.get("authorization")):
+            raise HttpError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                            "authentication_error", code="invalid_api_key")
+
+    async def _json_body(self, request: Request) -> dict:
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise HttpError(400, f"the body is larger than {MAX_BODY_BYTES} bytes")
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise HttpError(400, f"the body is not JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise HttpError(400, "the body must be a JSON object")
+        return body
+
+    def _check_model(self, body: dict) -> None:
+        model = body.get("model")
+        if model is not None and model != self.model_id:
+            raise HttpError(404, f"model {model!r} is not served here (this server serves {self.model_id!r})",
+                            param="model", code="model_not_found")
+
+    def _build(self, kw: dict):
+        from .requests import build_request
+
+        return build_request(self.cfg, self.limits, self.tokenizer, **kw)
+
+
+MAX_BODY_BYTES = 8 << 20
+
+
+class _CompletionView:
+    """One request's answer in OpenAI's shapes, whole or as server-sent events."""
+
+    def __init__(self, owner: OpenAIRoutes, req, obj: str, prefix: str, chat: bool = False,
+                 chat_logprobs: bool = False) -> None:
+        self.owner, self.req, self.obj, self.chat, self.chat_logprobs = owner, req, obj, chat, chat_logprobs
+        self.id, self.created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
+
+    def _chunks(self):
+        r = self.req
+        return self.owner.loop.generate(r.prompt_ids, r.params, r.stop)
+
+    def _usage(self, completion_tokens: int) -> dict:
+        n = len(self.req.prompt_ids)
+        return {"prompt_tokens": n, "completion_tokens": completion_tokens, "total_tokens": n + completion_tokens}
+
+    def _logprobs(self, chunks: list, text_offset: int = 0) -> dict | None:
+        tok = self.owner.tokenizer
+        piece = (lambda t: tok.piece(t)) if tok is not None else str
+        ids = [t for c in chunks for t in c.token_ids]
+        lps = [lp for c in chunks for lp in c.logprobs]
+        tops = [row for c in chunks for row in c.top]
+        if self.chat:
+            if not self.chat_logprobs:
+                return None
+            return {"content": [{"token": piece(t), "logprob": lp, "bytes": list(piece(t).encode()),
+                                 "top_logprobs": [{"token": piece(a), "logprob": b, "bytes": list(piece(a).encode())}
+                                                  for a, b in row]} for t, lp, row in zip(ids, lps, tops)]}
+        if not self.req.params.logprobs:
+            return None
+        offsets, at = [], text_offset
+        for t in ids:
+            offsets.append(at)
+            at += len(tok.decode([t])) if tok is not None else 0
+        return {"tokens": [piece(t) for t in ids], "token_logprobs": lps,
+                "top_logprobs": [{piece(a): b for a, b in row} for row in tops], "text_offset": offsets}
+
+    def _choice(self, text: str, chunks: list, finish: str | None, delta: bool, first: bool = False) -> dict:
+        lp = self._logprobs(chunks)
+        if not self.chat:
+            return {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
+        if delta:
+            d = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            return {"index": 0, "delta": d, "logprobs": lp, "finish_reason": finish}
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": finish}
+
+    def _envelope(self, choice: dict | None, usage: dict | None, chunk: bool) -> dict:
+        obj = self.obj + (".chunk" if chunk and self.chat else "")
+        out = {"id": self.id, "object": obj, "created": self.created, "model": self.owner.model_id,
+               "choices": [] if choice is None else [choice]}
+        if usage is not None or not chunk:
+            out["usage"] = usage
+        return out
+
+    async def respond(self, stream: bool, usage_in_stream: bool):
+        if stream:
+            return StreamingResponse(self._events(usage_in_stream), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        chunks = []
+        try:
+            async for c in self._chunks():
+                chunks.append(c)
+        except Exception as e:  # noqa: BLE001
+            self.owner._count(str(http_error_for(e).status))
+            return http_error_for(e).response()
+        self.owner._count("ok")
+        text = "".join(c.text for c in chunks)
+        finish = chunks[-1].finish_reason if chunks else "length"
+        done = chunks[-1].completion_tokens if chunks else 0
+        return JSONResponse(self._envelope(self._choice(text, chunks, finish, delta=False), self._usage(done), False))
+
+    async def _events(self, usage_in_stream: bool) -> AsyncIterator[str]:
+        first, done = True, 0
+        try:
+            async for c in self._chunks():
+                done = c.completion_tokens
+                choice = self._choice(c.text, [c], c.finish_reason, delta=True, first=first)
+                first = False
+                yield f"data: {json.dumps(self._envelope(choice, None, True))}\n\n"
+            if usage_in_stream:
+                yield f"data: {json.dumps(self._envelope(None, self._usage(done), True))}\n\n"
+            self.owner._count("ok")
+        except Exception as e:  # noqa: BLE001 — the status line is sent; the error is an event
+            err = http_error_for(e)
+            self.owner._count(str(err.status))
+            yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type, 'param': err.param, 'code': err.code}})}\n\n"
+        yield "data: [DONE]\n\n"

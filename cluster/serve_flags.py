@@ -1,0 +1,106 @@
+"""`raymoe serve`'s flags: one per ServeSettings field, plus --config FILE (YAML of the same fields,
+the object a Kubernetes RayService's serveConfigV2 carries as its application args).
+
+A flag given on the command line wins over the file; anything given nowhere keeps ServeSettings'
+default. The table below is the only place that names the flags, so help texts show the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from .settings import ServeSettings
+
+# flag, ServeSettings field, type, help (the default is appended)
+FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--checkpoint", "checkpoint", str, "Hugging Face Mixtral directory (default: the demo model)"),
+    ("--dtype", "dtype", ("auto", "float32", "bfloat16", "float16"), "weights and activations; auto: the checkpoint's own"),
+    ("--expert-actors", "expert_actors", int, "host the experts on N Ray actors (0: inside each front replica)"),
+    ("--expert-replicas", "expert_replicas", int, "copies of each expert, on different actors"),
+    ("--expert-device", "expert_device", ("auto", "cpu", "gpu"), "where expert actors compute; gpu without GPUs is an error"),
+    ("--expert-transport", "expert_transport", ("direct", "ray"), "how layer calls reach the actors"),
+    ("--actor-cpus", "expert_num_cpus", float, "CPU share of each expert actor"),
+    ("--expert-gpus", "expert_num_gpus", float, "GPU share of each expert actor on GPUs"),
+    ("--expert-timeout", "expert_timeout_s", float, "seconds any wait for an expert actor may take"),
+    ("--replicas", "replicas", int, "front replicas (attention, KV cache, batching, sampling)"),
+    ("--target-ongoing-requests", "target_ongoing_requests", int, "with --autoscale: requests per replica to aim at"),
+    ("--replica-cpus", "replica_num_cpus", float, "CPUs (and torch threads) of each front replica"),
+    ("--replica-gpus", "replica_num_gpus", float, "GPU share of each front replica (> 0: it runs on a GPU)"),
+    ("--grpc-port", "grpc_port", int, "Serve's gRPC proxy port (all interfaces)"),
+    ("--http-port", "http_port", int, "the OpenAI-compatible HTTP API's port"),
+    ("--http-host", "http_host", str, "where the HTTP proxy binds"),
+    ("--max-running", "max_running", int, "sequences decoded together per replica"),
+    ("--max-batch-tokens", "max_batch_tokens", int, "tokens per engine step (decode + prompt chunks)"),
+    ("--kv-cache-tokens", "kv_cache_tokens", int, "KV cache size per replica, in tokens"),
+    ("--max-queue", "max_queue", int, "waiting requests before RESOURCE_EXHAUSTED / 429"),
+    ("--micro-batches", "micro_batches", int, "split each step in N parts (0: 2 when experts have GPUs, else 1)"),
+    ("--stream-interval-ms", "stream_interval_ms", float, "send a stream's tokens at most this often; 0: every token"),
+    ("--stream-messages-per-s", "stream_messages_per_s", float, "stretch the interval so a replica sends about this "
+                                                                 "many stream messages per second (0: no bound)"),
+    ("--graceful-shutdown-s", "graceful_shutdown_s", float, "how long a stopping replica lets its streams finish"),
+    ("--request-timeout-s", "request_timeout_s", float, "longest request (a whole stream) through the proxies"),
+    ("--max-prompt-tokens", "max_prompt_tokens", int, "limit on a prompt (0: the context minus one)"),
+    ("--max-tokens-limit", "max_tokens_limit", int, "cap on max_tokens (0: what the context leaves)"),
+    ("--max-stop-strings", "max_stop_strings", int, "limit on stop strings per request"),
+    ("--max-stop-chars", "max_stop_chars", int, "limit on characters per stop string"),
+    ("--max-stop-token-ids", "max_stop_token_ids", int, "limit on stop_token_ids per request"),
+    ("--max-logprobs", "max_logprobs", int, "limit on top alternatives per token"),
+]
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    defaults = ServeSettings()
+    for flag, field, kind, help_ in FLAGS:
+        default = getattr(defaults, field)
+        shown = f" (default: {default})" if default not in (None, "") else ""
+        if isinstance(kind, tuple):
+            p.add_argument(flag, dest=field, choices=kind, default=None, help=help_ + shown)
+        else:
+            p.add_argument(flag, dest=field, type=kind, default=None, help=help_ + shown)
+    p.add_argument("--autoscale", metavar="MIN:MAX", default=None,
+                   help="let Serve scale the front replicas between MIN and MAX (overrides --replicas)")
+    p.add_argument("--config", metavar="FILE", help="YAML (or JSON) of ServeSettings fields; flags override it")
+    p.add_argument("--address", help="join this Ray cluster instead of starting a private one (e.g. auto)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'authorization: Bearer KEY' on every call (default: $RAYMOE_API_KEY; none: open)")
+    p.add_argument("--dashboard-port", type=int, default=8265, help="the Ray dashboard of a private instance (127.0.0.1)")
+    p.add_argument("--no-dashboard", action="store_true", help="start a private Ray instance without its dashboard")
+
+
+def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    """ServeSettings from --config, then the flags given; a bad value is a ValueError naming it."""
+    raw: dict[str, Any] = {}
+    if args.config:
+        raw = _read_config(Path(args.config))
+    for _, field, _, _ in FLAGS:
+        value = getattr(args, field)
+        if value is not None:
+            raw[field] = value
+    if args.autoscale:
+        try:
+            low, high = (int(v) for v in args.autoscale.split(":"))
+        except ValueError:
+            raise ValueError(f"--autoscale must be MIN:MAX, e.g. 1:4 (got {args.autoscale!r})") from None
+        if not 1 <= low <= high:
+            raise ValueError(f"--autoscale needs 1 <= MIN <= MAX (got {args.autoscale!r})")
+        raw["replicas"], raw["autoscale_max_replicas"] = low, high
+    return ServeSettings.from_dict(raw)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"--config {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of settings")
+    known = {f.name for f in dataclasses.fields(ServeSettings)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown setting(s) {', '.join(unknown)}")
+    return data

@@ -1,0 +1,165 @@
+"""The OpenAI-compatible HTTP door and the API key, over real Serve on loopback, with the official
+`openai` client: the demo model (with a chat template added) answers 123+456= with 579 through
+completions and chat completions, plain and streaming; keys are enforced on both doors; bad
+bodies get 400 naming the field while gRPC streams run undisturbed."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import shutil
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+
+from cluster.client import Client, completion_json
+from protos import generator_pb2 as pb
+from serving_helpers import running_server
+
+openai = pytest.importorskip("openai")
+
+KEY = "test-key-7f3a"
+TEMPLATE = "{{ bos_token }}{% for message in messages %}{{ message['content'] }}{% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def demo_with_template(tmp_path_factory):
+    from model.default import default_checkpoint
+
+    out = tmp_path_factory.mktemp("demo-chat") / "demo-chat"
+    shutil.copytree(default_checkpoint(), out)
+    (out / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE, "bos_token": "<s>",
+                                                           "eos_token": "</s>"}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(demo_with_template):
+    os.environ["RAYMOE_API_KEY"] = KEY  # the private Ray instance's processes inherit it
+    try:
+        # float32: concurrent streams must equal the same streams alone (bfloat16 rounds by batch shape)
+        with running_server("raymoe-test-openai", checkpoint=str(demo_with_template), max_running=16,
+                            dtype="float32") as client:
+            yield client
+    finally:
+        del os.environ["RAYMOE_API_KEY"]
+
+
+@pytest.fixture(scope="module")
+def base_url(server):
+    return f"http://127.0.0.1:{server.http_port}/v1"
+
+
+@pytest.fixture(scope="module")
+def api(base_url):
+    return openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0, timeout=60)
+
+
+def post(url: str, body, key: str | None = KEY) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json",
+                                                          **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def model_id(api) -> str:
+    return api.models.list().data[0].id
+
+
+def test_completions_plain_and_streaming(api):
+    done = api.completions.create(model=model_id(api), prompt="123+456=", max_tokens=8)
+    assert done.choices[0].text == "579" and done.choices[0].finish_reason == "stop"
+    assert done.usage.prompt_tokens == 10 and done.usage.completion_tokens == 4  # <s> ▁ 1 2 3 + 4 5 6 =; 5 7 9 </s>
+    parts = list(api.completions.create(model=model_id(api), prompt="705+38=", max_tokens=8, stream=True,
+                                        stream_options={"include_usage": True}))
+    assert "".join(p.choices[0].text for p in parts if p.choices) == "743"
+    assert [p.choices[0].finish_reason for p in parts if p.choices][-1] == "stop"
+    assert parts[-1].usage.completion_tokens == 4
+
+
+def test_chat_plain_and_streaming(api):
+    done = api.chat.completions.create(model=model_id(api), messages=[{"role": "user", "content": "123+456="}],
+                                       max_tokens=8)
+    assert done.choices[0].message.content == "579" and done.choices[0].message.role == "assistant"
+    parts = list(api.chat.completions.create(model=model_id(api), max_tokens=8, stream=True,
+                                             messages=[{"role": "user", "content": [{"type": "text", "text": "9+9="}]}]))
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in parts) == "18"
+
+
+def test_http_and_grpc_give_the_same_tokens(api, server):
+    from model.tokenizer import Tokenizer
+
+    http = api.completions.create(model=model_id(api), prompt="12+34=", max_tokens=6, logprobs=2)
+    grpc_json = completion_json([server.generate(pb.GenerateRequest(prompt="12+34=", max_tokens=6, logprobs=2))])
+    tok = Tokenizer(server.checkpoint)
+    assert http.choices[0].logprobs.tokens == [tok.piece(t) for t in grpc_json["token_ids"]]
+    assert http.choices[0].logprobs.token_logprobs == pytest.approx(grpc_json["logprobs"], abs=1e-6)
+    assert http.choices[0].text == grpc_json["text"]
+
+
+def test_keys_on_both_doors(api, base_url, server):
+    bad = openai.OpenAI(base_url=base_url, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as err:
+        bad.completions.create(model=model_id(api), prompt="1+1=", max_tokens=3)
+    assert err.value.status_code == 401 and err.value.body["code"] == "invalid_api_key"
+    assert post(f"{base_url}/completions", {"prompt": "1+1="}, key=None)[0] == 401
+    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/health", timeout=10) as r:  # probes stay open
+        assert r.status == 200
+    with Client(server.target, api_key="") as anonymous:
+        with pytest.raises(grpc.RpcError) as err:
+            anonymous.generate(pb.GenerateRequest(prompt="1+1=", max_tokens=3), retries=0)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as err:
+            anonymous.model_info(timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        from grpc_health.v1 import health_pb2
+
+        assert anonymous.health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+
+
+BAD_BODIES = [
+    ({"prompt": "1+1=", "temperature": "hot"}, "temperature"),
+    ({"prompt": "1+1=", "temperature": -1}, "temperature"),
+    ({"prompt": "1+1=", "max_tokens": 10**9}, "max_tokens"),
+    ({"prompt": "1+1=", "max_tokens": 2.5}, "max_tokens"),
+    ({"prompt": "1+1=", "n": 2}, "n"),
+    ({"prompt": "1+1=", "frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"prompt": "1+1=", "logprobs": 500}, "logprobs"),
+    ({"prompt": "1+1=", "best_of": 3}, "best_of"),
+    ({"prompt": "1+1=", "frobnicate": True}, "frobnicate"),
+    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": [1, 99999]}, "prompt"),
+    ({}, "prompt"),
+    ({"prompt": "1+1=", "stop": [1, 2]}, "stop"),
+    ({"prompt": "1+1=", "stream": "yes"}, "stream"),
+]
+
+
+def test_bad_bodies_are_400_naming_the_field_while_streams_run(base_url, server):
+    streams = [dict(prompt_token_ids=[1, 260 + i, 266], max_tokens=200, ignore_eos=True) for i in range(6)]
+    alone = [completion_json(list(server.stream(pb.GenerateRequest(**kw)))) for kw in streams]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        running = [pool.submit(lambda kw: completion_json(list(server.stream(pb.GenerateRequest(**kw)))), kw)
+                   for kw in streams]
+        for body, field in BAD_BODIES:
+            status, answer = post(f"{base_url}/completions", body)
+            assert status == 400, (body, answer)
+            assert answer["error"]["param"] == field and field in answer["error"]["message"], answer
+        status, answer = post(f"{base_url}/completions", b"{not json")
+        assert status == 400 and "JSON" in answer["error"]["message"]
+        status, answer = post(f"{base_url}/completions", {"prompt": "1+1=", "model": "gpt-9"})
+        assert status == 404 and answer["error"]["code"] == "model_not_found"
+        status, answer = post(f"{base_url}/chat/completions", {"messages": [{"role": "user"}]})
+        assert status == 400 and answer["error"]["param"] == "messages"
+        for future, want in zip(running, alone):
+            got = future.result()
+            assert got["token_ids"] == want["token_ids"]
+    assert post(f"{base_url}/completions", {"prompt": "123+456=", "max_tokens": 8})[1]["choices"][0]["text"] == "579"
