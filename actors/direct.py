@@ -35,8 +35,15 @@ import numpy as np
 
 HEADER = struct.Struct("<QIi")  # body bytes, call id, layer (request) / compute µs or FAILED (reply)
 TOKEN_BYTES = 16
-FAILED = -1
+FAILED, NOT_LOADED = -1, -2  # reply statuses: the call raised; the actor could not load its experts
 FRAME_TIMEOUT_S = 30.0  # for the rest of a frame once its first bytes arrived
+MAX_FRAME = 1 << 30  # a layer call's payload is tens of MB at most (2048 tokens × 4096 × 2 bytes)
+HANDSHAKE_TIMEOUT_S = 5.0
+MAX_CONNECTIONS = 512  # per actor: front replica threads, each with one connection
+
+
+class ExpertsNotLoaded(RuntimeError):
+    """The actor is alive but could not load its experts (its calls can never succeed)."""
 
 Handler = Callable[[int, np.ndarray], tuple[np.ndarray, float]]  # (layer, payload) → (result, compute s)
 
@@ -71,6 +78,8 @@ def send_frame(sock: socket.socket, a: int, b: int, body: np.ndarray | bytes) ->
 
 def recv_frame(sock: socket.socket) -> tuple[int, int, np.ndarray]:
     n, a, b = HEADER.unpack(recv_exactly(sock, HEADER.size).tobytes())
+    if n > MAX_FRAME:  # garbage, or a peer that is not ours: never allocate what it claims
+        raise ConnectionLost(f"frame of {n} bytes announced (at most {MAX_FRAME})")
     return a, b, recv_exactly(sock, n)
 
 
@@ -80,6 +89,8 @@ class DirectServer:
 
     def __init__(self, handler: Handler, host: str) -> None:
         self.handler, self.token = handler, os.urandom(TOKEN_BYTES)
+        self.connections = 0
+        self._lock = threading.Lock()
         self.sock = socket.create_server((host, 0), backlog=64)
         self.host, self.port = host, self.sock.getsockname()[1]
         threading.Thread(target=self._accept, name="raymoe-direct-accept", daemon=True).start()
@@ -96,21 +107,33 @@ class DirectServer:
             threading.Thread(target=self._serve, args=(conn,), name="raymoe-direct-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            if not hmac.compare_digest(recv_exactly(conn, TOKEN_BYTES).tobytes(), self.token):
+        with self._lock:
+            if self.connections >= MAX_CONNECTIONS:
                 conn.close()
                 return
+            self.connections += 1
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # a vanished peer is noticed
+            conn.settimeout(HANDSHAKE_TIMEOUT_S)  # a peer that sends no token holds nothing for long
+            if not hmac.compare_digest(recv_exactly(conn, TOKEN_BYTES).tobytes(), self.token):
+                raise ConnectionLost("wrong token")
+            conn.settimeout(None)
         except (OSError, ConnectionLost):
-            conn.close()
+            self._closed(conn)
             return
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._work, args=(conn, inbox), name="raymoe-direct-work", daemon=True).start()
         try:
             while True:
                 inbox.put(recv_frame(conn))
-        except (OSError, ConnectionLost):
+        except Exception:  # noqa: BLE001 — any failure ends this connection, never the reader silently
             inbox.put(None)
+
+    def _closed(self, conn: socket.socket) -> None:
+        conn.close()
+        with self._lock:
+            self.connections -= 1
 
     def _work(self, conn: socket.socket, inbox: queue.SimpleQueue) -> None:
         try:
@@ -120,41 +143,52 @@ class DirectServer:
                     reply, seconds = self.handler(layer, payload)
                     status = min(int(seconds * 1e6), 2**31 - 1)
                 except Exception as e:  # noqa: BLE001 — the caller raises it; this connection lives on
-                    reply, status = f"{type(e).__name__}: {e}".encode(), FAILED
+                    reply = f"{type(e).__name__}: {e}".encode()
+                    status = NOT_LOADED if isinstance(e, ExpertsNotLoaded) else FAILED
                 send_frame(conn, call_id, status, reply)
         except OSError:
             pass
         finally:
-            conn.close()
+            self._closed(conn)
 
 
 class DirectChannel:
     """The caller's end of one connection. Not thread-safe: one engine thread uses it."""
 
     def __init__(self, endpoint: tuple[str, int, bytes], timeout_s: float) -> None:
+        """timeout_s bounds the connect and every send (a peer whose node vanished stops reading)."""
         host, port, self.token = endpoint
         self.sock = socket.create_connection((host, port), timeout=timeout_s)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self.send_timeout_s = timeout_s
         self.sock.sendall(self.token)
         self.replies: dict[int, tuple[int, np.ndarray]] = {}  # received ahead of their caller
         self.broken = False
+        self._poll = select.poll()  # not select(): descriptors past 1024 are common in big replicas
+        self._poll.register(self.sock, select.POLLIN)
 
     def send(self, call_id: int, layer: int, payload: np.ndarray) -> None:
+        if self.broken:
+            raise ConnectionLost("connection already broken")
         try:
+            self.sock.settimeout(self.send_timeout_s)
             send_frame(self.sock, call_id, layer, payload)
         except OSError as e:
             self.broken = True
             raise ConnectionLost(str(e)) from None
 
-    def recv(self, call_id: int, timeout_s: float) -> tuple[np.ndarray, float]:
-        """The reply to `call_id` and the actor's compute seconds. TimeoutError when no frame started within `timeout_s` (the
-        connection stays usable); ConnectionLost when it broke (also mid-frame); RuntimeError
-        carrying the actor's error."""
+    def recv(self, call_id: int, timeout_s: float, frame_timeout_s: float = FRAME_TIMEOUT_S) -> tuple[np.ndarray, float]:
+        """The reply to `call_id` and the actor's compute seconds. TimeoutError when no frame started
+        within `timeout_s` (the connection stays usable); ConnectionLost when it broke (also
+        mid-frame, or when the rest of a frame took longer than frame_timeout_s); ExpertsNotLoaded
+        or RuntimeError carrying the actor's error."""
         while call_id not in self.replies:
-            ready, _, _ = select.select([self.sock], [], [], max(0.0, timeout_s))
-            if not ready:
+            if self.broken:
+                raise ConnectionLost("connection already broken")
+            if not self._poll.poll(max(0.0, timeout_s) * 1000):
                 raise TimeoutError(f"no reply within {timeout_s:g} s")
-            self.sock.settimeout(FRAME_TIMEOUT_S)  # the rest of a frame whose first bytes came
+            self.sock.settimeout(max(0.001, frame_timeout_s))  # the rest of a frame whose first bytes came
             try:
                 got, status, body = recv_frame(self.sock)
             except (OSError, ConnectionLost) as e:
@@ -162,8 +196,9 @@ class DirectChannel:
                 raise ConnectionLost(str(e)) from None
             self.replies[got] = (status, body)
         status, body = self.replies.pop(call_id)
-        if status == FAILED:
-            raise RuntimeError(body.tobytes().decode(errors="replace"))
+        if status in (FAILED, NOT_LOADED):
+            text = body.tobytes().decode(errors="replace")
+            raise ExpertsNotLoaded(text) if status == NOT_LOADED else RuntimeError(text)
         return body, status / 1e6
 
     def close(self) -> None:

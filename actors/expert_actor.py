@@ -21,11 +21,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import ray
 import torch
 
 from model.config import ModelConfig
 from model.moe import swiglu_grouped
 from model.progress import LoadProgress
+
+from .direct import DirectServer, ExpertsNotLoaded
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -113,9 +116,7 @@ class ExpertActor:
             gauge.set_default_tags(tags)
         self._load_total = load_total
         self.load.on_add = lambda p: load_bytes.set(p.bytes_read)
-        import ray
 
-        from .direct import DirectServer
 
         # Layer calls may also come over a socket (actors/direct.py); Ray still places, names and
         # restarts this actor and hands out the endpoint.
@@ -129,6 +130,7 @@ class ExpertActor:
         """Read this actor's experts (only theirs), straight into the serving dtype, then the device."""
         from model.weights import Checkpoint
 
+        ckpt = None
         try:
             ckpt = Checkpoint(checkpoint)
             self.load.total_bytes = ckpt.expert_nbytes(self.layers, self.experts)
@@ -141,8 +143,11 @@ class ExpertActor:
         except BaseException as e:  # noqa: BLE001 — reported by progress() and every call
             self.load.done(e)
         finally:
+            if ckpt is not None:
+                ckpt.close()
             self._loaded.set()
 
+    @ray.method(concurrency_group="control")
     def progress(self) -> dict[str, Any]:
         """How far loading got: state LOADING | READY | FAILED, bytes read of total, seconds."""
         return self.load.snapshot()
@@ -157,7 +162,7 @@ class ExpertActor:
         if not self._loaded.is_set():
             self._loaded.wait()  # the caller's own timeout bounds this (a restarted actor reloads)
         if self.load.state == "FAILED":
-            raise RuntimeError(f"{self.name}: loading the experts failed: {self.load.error}")
+            raise ExpertsNotLoaded(f"{self.name}: loading the experts failed: {self.load.error}")
         t0 = time.perf_counter()
         x, rows, experts, weights = unpack(payload, self.dtype)
         out = to_wire(self.compute(layer, x, rows, experts, weights))
@@ -186,9 +191,8 @@ class ExpertActor:
         out_rows = swiglu_grouped(xt[row], counts, w13, w2)  # one matmul per expert over its rows
         return torch.zeros_like(xt).index_add_(0, row, (out_rows * w[:, None]).to(xt.dtype)).cpu()
 
+    @ray.method(concurrency_group="control")
     def stats(self) -> dict[str, Any]:
-        import ray
-
         ctx = ray.get_runtime_context()
         with warnings.catch_warnings():  # Ray's own property warns about an API it calls internally
             warnings.simplefilter("ignore")
@@ -201,9 +205,11 @@ class ExpertActor:
                 "state": self.load.state,
                 "reconstructed": reconstructed}
 
+    @ray.method(concurrency_group="control")
     def ping(self) -> str:
         return self.name
 
+    @ray.method(concurrency_group="control")
     def direct_endpoint(self) -> tuple[str, int, bytes]:
         """(host, port, token) of this process's direct-transport listener; a restart changes the token."""
         return self.direct.endpoint()

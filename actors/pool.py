@@ -195,9 +195,25 @@ class ExpertPool:
                 not total.get("GPU") else ""
             raise ExpertsUnavailable(None, every, f"could not reserve {n} × {self.bundle} for the expert actors "
                                      f"within {config.start_timeout_s:g} s{why} (cluster has {total})") from None
+        try:
+            self._start_actors(name)
+        except Exception as e:  # noqa: BLE001 — nothing half-made is left behind
+            self.shutdown()
+            raise ExpertsUnavailable(None, every, f"expert actors could not be created: {brief(e)}") from None
+        if not wait:
+            return
+        try:
+            self.wait_loaded(on_progress)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start_actors(self, name: str | None) -> None:
+        config = self.config
         tag = uuid.uuid4().hex[:6]
         threads = config.num_threads or max(1, int(self.bundle.get("CPU", 1)))
-        remote_class = ray.remote(ExpertActor)
+        # progress, stats, pings and endpoints answer while a layer call waits for a reload
+        remote_class = ray.remote(concurrency_groups={"control": 2})(ExpertActor)
         for spec in self.placement.actors:
             actor_name = f"{spec.name}#{spec.index}.{tag}" if name is None else self._actor_name(name, spec.index)
             options = dict(name=actor_name, num_cpus=self.bundle.get("CPU", 0),
@@ -209,18 +225,11 @@ class ExpertPool:
             self.actors.append(remote_class.options(**options).remote(
                 self.checkpoint, spec.experts, spec.layers, dtype=config.dtype, device=self.device,
                 num_threads=threads, name=spec.name))
-        if not wait:
-            return
-        try:
-            self.wait_loaded(on_progress)
-        except BaseException:
-            self.shutdown()
-            raise
 
     def failed(self) -> bool:
         """Whether an actor failed to load its experts (the pool is then of no use)."""
         try:
-            snaps = ray.get([a.progress.remote() for a in self.actors], timeout=self.config.start_timeout_s)
+            snaps = ray.get([a.progress.remote() for a in self.actors], timeout=5.0)
         except ray.exceptions.RayError:
             return False  # restarting or unreachable is for the callers' timeouts, not a load failure
         return any(s["state"] == "FAILED" for s in snaps)

@@ -18,6 +18,7 @@ Surviving faults and redeploys:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import threading
 import time
@@ -57,8 +58,8 @@ class PoolHost:
             deadline = time.monotonic() + self.retire_after_s
             for other in (named_pools(self.pool_name("")) | set(self.pools)) - {name}:
                 self.retiring.setdefault(other, deadline)
-            pool = self.pools[name]
-            pool.config = cfg  # this caller's timeouts
+            pool = copy.copy(self.pools[name])  # this caller's copy, with its timeouts and transport
+            pool.config = cfg
             return pool
 
     def ping(self) -> list[str]:

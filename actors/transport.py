@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import ray
 
-from .direct import ConnectionLost, DirectChannel
+from .direct import ConnectionLost, DirectChannel, ExpertsNotLoaded
 from .pool import brief
 
 if TYPE_CHECKING:
@@ -61,6 +61,9 @@ class RayCalls:
                 except Exception:  # noqa: BLE001
                     pass
             raise Unreachable([actors[calls.index(r)] for r in late], f"no answer within {timeout_s:g} s") from None
+        except ExpertsNotLoaded as e:  # a RayTaskError wrapping it: alive, but it can never answer
+            failed = [a for r, a in zip(calls, actors) if _failed(r)] or list(actors)
+            raise Unreachable(failed, brief(e)) from None
         except ray.exceptions.RayActorError as e:  # dead for good, or unreachable without retries
             failed = [a for a in actors if self.pool.actor_id(a) == e.actor_id] or \
                 [a for r, a in zip(calls, actors) if _failed(r)] or list(actors)
@@ -113,39 +116,68 @@ class DirectCalls:
     def gather(self, calls: list[DirectCall], actors: list[int], timeout_s: float) -> list[Reply]:
         deadline = time.monotonic() + timeout_s
         for call in calls:  # every call is on the wire before we wait for the first
-            if call.channel is None:
-                self._send(call, deadline, timeout_s)
-        return [self._result(call, deadline, timeout_s) for call in calls]
+            self._send(call, deadline, timeout_s)
+        replies: list[Reply | None] = []
+        for call in calls:
+            try:
+                replies.append(self._result(call, deadline, timeout_s))
+            except Unreachable as e:
+                if e.reason.startswith("no answer"):  # the deadline passed: name every call still open
+                    late = [c.actor for c in calls[len(replies) + 1:] if not self._answered(c)]
+                    for a in late:  # their late replies must not pile up on a kept channel
+                        self._drop(a, self._channels().get(a))
+                    raise Unreachable(sorted(set(late) | {call.actor}), e.reason) from None
+                raise
+        return replies
+
+    def _answered(self, call: DirectCall) -> bool:
+        """Whether the call's reply has arrived, without waiting (used once the deadline passed)."""
+        channel = call.channel
+        if channel is None or channel.broken:
+            return False
+        if call.id in channel.replies:
+            return True
+        try:
+            channel.recv(call.id, 0.0)
+            return True
+        except Exception:  # noqa: BLE001 — not arrived, or the channel broke
+            return False
 
     def _send(self, call: DirectCall, deadline: float, timeout_s: float) -> None:
+        if call.channel is not None and call.channel.broken:  # sent on a channel that broke since
+            call.channel = None
         while call.channel is None:
             channel = self._connect(call.actor, deadline, timeout_s)
             try:
                 channel.send(call.id, call.layer, call.payload)
                 call.channel = channel
             except ConnectionLost:
-                self._drop(call.actor)
+                self._drop(call.actor, channel)
 
     def _result(self, call: DirectCall, deadline: float, timeout_s: float) -> Reply:
-        probe = None  # an outstanding "who are you now?" to the actor, through Ray
+        probe, probed = None, None  # an outstanding "who are you now?" to the actor, and the channel it is about
         while True:
             self._send(call, deadline, timeout_s)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise Unreachable([call.actor], f"no answer within {timeout_s:g} s")
+            channel = call.channel
             try:
-                return call.channel.recv(call.id, min(remaining, STALL_S))
+                return channel.recv(call.id, min(remaining, STALL_S), frame_timeout_s=remaining)
             except ConnectionLost:  # the actor (or its node) went away: reconnect to its successor
-                self._drop(call.actor)
+                self._drop(call.actor, channel)
                 call.channel = None
+            except ExpertsNotLoaded as e:  # alive, but it can never answer: its experts are unavailable
+                raise Unreachable([call.actor], str(e)) from None
             except TimeoutError:  # busy, or gone without closing the connection (a lost node)?
-                probe = probe or self.pool.actors[call.actor].direct_endpoint.remote()
+                if probe is None or probed is not channel:
+                    probe, probed = self.pool.actors[call.actor].direct_endpoint.remote(), channel
                 ready, _ = ray.wait([probe], timeout=0)
                 if ready:
                     endpoint = self._endpoint(probe, call.actor, 0, timeout_s)
                     probe = None
-                    if endpoint[2] != call.channel.token:  # a new process: the call died with the old one
-                        self._drop(call.actor)
+                    if endpoint[2] != channel.token:  # a new process: the call died with the old one
+                        self._drop(call.actor, channel)
                         call.channel = None
 
     def _connect(self, actor: int, deadline: float, timeout_s: float) -> DirectChannel:
@@ -172,10 +204,14 @@ class DirectCalls:
         except ray.exceptions.RayActorError as e:
             raise Unreachable([actor], brief(e)) from None
 
-    def _drop(self, actor: int) -> None:
-        channel = self._channels().pop(actor, None)
-        if channel is not None:
-            channel.close()
+    def _drop(self, actor: int, channel: DirectChannel | None) -> None:
+        """Close `channel` (and forget it, if it is still this thread's channel to `actor`)."""
+        if channel is None:
+            return
+        channels = self._channels()
+        if channels.get(actor) is channel:
+            del channels[actor]
+        channel.close()
 
 
 def make_transport(name: str, pool: "ExpertPool") -> RayCalls | DirectCalls:

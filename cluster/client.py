@@ -43,10 +43,12 @@ class Resumer:
     def __init__(self, request: pb.GenerateRequest, timeout: float | None, retries: int) -> None:
         self.request, self.retries = request, retries
         self.deadline = None if timeout is None else time.monotonic() + timeout
-        self.token_ids: list[int] = []
-        self.text_bytes = 0
-        self.seed: int | None = None
+        # What the caller already has: a request may itself be a resumption (its own resume fields).
+        self.token_ids: list[int] = list(request.resume_token_ids)
+        self.text_bytes = request.resume_text_bytes
+        self.seed: int | None = request.seed if request.HasField("seed") else None
         self.chunks = 0
+        self.finished = False  # the last chunk (with finish_reason) arrived: nothing to resume
         self.attempts = 0  # resumptions so far
 
     def remaining(self) -> float | None:
@@ -60,6 +62,7 @@ class Resumer:
         elif chunk.HasField("seed"):
             self.seed = chunk.seed
         self.chunks += 1
+        self.finished = self.finished or bool(chunk.finish_reason)
         self.token_ids.extend(chunk.token_ids)
         self.text_bytes += len(chunk.text.encode())
         return chunk
@@ -67,7 +70,9 @@ class Resumer:
     def retry_after(self, error: grpc.RpcError) -> float:
         """Seconds to wait before resuming, or re-raise when this error must reach the caller."""
         left = self.remaining()
-        if error.code() not in RETRYABLE or self.attempts >= self.retries or (left is not None and left <= 0):
+        own_fault = error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than" in (error.details() or "")
+        if (error.code() not in RETRYABLE or own_fault or self.attempts >= self.retries
+                or (left is not None and left <= 0)):
             raise error
         self.attempts += 1
         wait = min(5.0, BACKOFF_S * 2 ** (self.attempts - 1))
@@ -75,7 +80,7 @@ class Resumer:
 
     def next_request(self) -> pb.GenerateRequest:
         """The request that continues the stream from what was received."""
-        if not self.chunks:  # nothing arrived: start again (a fresh seed is fine, nothing was seen)
+        if not self.chunks and not self.token_ids:  # nothing arrived: start again (a fresh seed is fine)
             return self.request
         resumed = pb.GenerateRequest()
         resumed.CopyFrom(self.request)
@@ -141,6 +146,8 @@ class Client:
                     yield state.on_chunk(chunk)
                 return
             except grpc.RpcError as e:
+                if state.finished:  # it broke after its last chunk: the caller has everything
+                    return
                 time.sleep(state.retry_after(e))
                 current = state.next_request()
                 self.resumptions += 1
@@ -177,6 +184,8 @@ class AsyncClient:
                     yield state.on_chunk(chunk)
                 return
             except grpc.RpcError as e:
+                if state.finished:
+                    return
                 await asyncio.sleep(state.retry_after(e))
                 current = state.next_request()
 

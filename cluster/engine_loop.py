@@ -119,6 +119,8 @@ class EngineLoop:
         generation whose first tokens (and resume_text_bytes of their text) were delivered already:
         only what follows is yielded. Raises InvalidRequest for a bad request, QueueFull when too
         many are waiting, or the error that ended the sequence."""
+        if not self.alive:
+            raise RuntimeError("the engine loop has stopped")
         tracker = CompletionTracker(prompt_ids, self.tokenizer, stop)
         if resume_ids:
             try:
@@ -180,42 +182,49 @@ class EngineLoop:
 
     def _run(self) -> None:
         while not self._stopped:
-            self._drain_inbox()
-            if not self.engine.has_work():
-                self._observe(0.0, (0, 0))
-                self._wake.wait(timeout=1.0)
-                self._wake.clear()
-                continue
-            t0 = time.perf_counter()
             try:
-                events = self.engine.step()  # fails sequences, not the step; this guards the scheduler
-            except Exception as e:  # noqa: BLE001 — a bug: the running sequences fail, the server lives on
-                self._fail_running(e)
+                self._iterate()
+            except Exception as e:  # noqa: BLE001 — a bug outside the step: fail what is in flight, go on
+                import logging
+
+                logging.getLogger("ray.serve").error("engine loop error", exc_info=e)
+                self._fail_all(e)
+                time.sleep(0.01)  # never a hot loop
+
+    def _iterate(self) -> None:
+        """One turn of the loop: take new requests and aborts, run a step, hand out its tokens."""
+        self._drain_inbox()
+        if not self.engine.has_work():
+            self._observe(0.0, (0, 0))
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            return
+        t0 = time.perf_counter()
+        events = self.engine.step()  # fails sequences, not the step; a raise here is a bug (see _run)
+        now = time.perf_counter()
+        self._observe(now - t0, self.engine.last_batch)
+        out: list[tuple[_Request, Chunk | BaseException]] = []
+        for ev in events:
+            req = self._requests.get(ev.seq_id)
+            if req is None:
                 continue
-            now = time.perf_counter()
-            self._observe(now - t0, self.engine.last_batch)
-            out: list[tuple[_Request, Chunk | BaseException]] = []
-            for ev in events:
-                req = self._requests.get(ev.seq_id)
-                if req is None:
-                    continue
-                if ev.error is not None:
-                    self._requests.pop(ev.seq_id)
-                    out.append((req, ev.error))
-                    continue
-                text, done = req.tracker.on_token(ev)
-                c = req.tracker.completion
-                if done and ev.finish_reason is None:  # a stop string ended it
-                    self.engine.abort(ev.seq_id, "stop")
-                if done:
-                    self._requests.pop(ev.seq_id)
-                if self.metrics is not None:
-                    (self.metrics.ttft if req.first else self.metrics.itl).observe(now - req.t_last)
-                req.first, req.t_last = False, now
-                out.append((req, Chunk(text, [ev.token_id], [ev.logprob], [ev.top], c.finish_reason if done else None,
-                                       len(c.token_ids))))
-            _send_all(out)
-            self._update_counts()
+            if ev.error is not None:
+                self._requests.pop(ev.seq_id)
+                out.append((req, ev.error))
+                continue
+            text, done = req.tracker.on_token(ev)
+            c = req.tracker.completion
+            if done and ev.finish_reason is None:  # a stop string ended it
+                self.engine.abort(ev.seq_id, "stop")
+            if done:
+                self._requests.pop(ev.seq_id)
+            if self.metrics is not None:
+                (self.metrics.ttft if req.first else self.metrics.itl).observe(now - req.t_last)
+            req.first, req.t_last = False, now
+            out.append((req, Chunk(text, [ev.token_id], [ev.logprob], [ev.top], c.finish_reason if done else None,
+                                   len(c.token_ids))))
+        _send_all(out)
+        self._update_counts()
 
     def _drain_inbox(self) -> None:
         while True:
@@ -227,15 +236,16 @@ class EngineLoop:
                 try:
                     self.engine.add(seq_id, req.prompt_ids, req.params, req.resume_ids)
                     self._requests[seq_id] = req
-                except ValueError as e:  # InvalidRequest (checked again here) or a duplicate id
+                except Exception as e:  # noqa: BLE001 — InvalidRequest (checked again here), or a bug
                     req.send(e)
             elif seq_id in self._requests:  # abort
                 self._requests.pop(seq_id)
                 self.engine.abort(seq_id, "cancelled")
         self._update_counts()
 
-    def _fail_running(self, error: Exception) -> None:
-        for seq_id in list(self.engine.running):
+    def _fail_all(self, error: Exception) -> None:
+        """Every sequence in the engine (running or waiting) ends with `error`; memory is freed."""
+        for seq_id in [*self.engine.running, *(s.seq_id for s in self.engine.waiting)]:
             self.engine.abort(seq_id, "error")
             req = self._requests.pop(seq_id, None)
             if req is not None:

@@ -8,6 +8,7 @@ a bad request never harms the replica or other requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import AsyncIterator
 
@@ -77,9 +78,10 @@ class Generator(OpenAIRoutes):
         self.model_id = Path(self.info["checkpoint"]).name  # what /v1/models lists and requests name
         self.created = int(time.time())
 
-    def _parse(self, request: pb.GenerateRequest, grpc_context):
+    async def _parse(self, request: pb.GenerateRequest, grpc_context):
         self._authorize(grpc_context)
-        return protocol.parse_request(request, self.cfg, self.limits, self.tokenizer)
+        # Tokenizing a long prompt takes a while: never on the event loop other streams share.
+        return await asyncio.to_thread(protocol.parse_request, request, self.cfg, self.limits, self.tokenizer)
 
     def _authorize(self, grpc_context) -> None:
         if not self.api_key.allows_grpc(grpc_context):
@@ -88,10 +90,11 @@ class Generator(OpenAIRoutes):
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
         chunks = []
         try:
-            req = self._parse(request, grpc_context)
-            async for chunk in self.loop.generate(req.prompt_ids, req.params, req.stop, req.resume_ids,
-                                                  req.resume_text_bytes):
-                chunks.append(chunk)
+            req = await self._parse(request, grpc_context)
+            async with contextlib.aclosing(self.loop.generate(req.prompt_ids, req.params, req.stop, req.resume_ids,
+                                                              req.resume_text_bytes)) as stream:
+                async for chunk in stream:
+                    chunks.append(chunk)
         except asyncio.CancelledError:
             self._count("cancelled")
             raise
@@ -103,13 +106,15 @@ class Generator(OpenAIRoutes):
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator[pb.GenerateResponse]:
         try:
-            req = self._parse(request, grpc_context)
+            req = await self._parse(request, grpc_context)
             first = True
-            async for chunk in self.loop.generate(req.prompt_ids, req.params, req.stop, req.resume_ids,
-                                                  req.resume_text_bytes):
-                yield protocol.chunk_response(chunk, req.prompt_ids if first else None, req.params.logprobs > 0,
-                                              req.params.seed if first else None)
-                first = False
+            # aclosing: a client gone mid-stream aborts the sequence now, not when the GC gets to it
+            async with contextlib.aclosing(self.loop.generate(req.prompt_ids, req.params, req.stop, req.resume_ids,
+                                                              req.resume_text_bytes)) as stream:
+                async for chunk in stream:
+                    yield protocol.chunk_response(chunk, req.prompt_ids if first else None, req.params.logprobs > 0,
+                                                  req.params.seed if first else None)
+                    first = False
         except (asyncio.CancelledError, GeneratorExit):
             self._count("cancelled")
             raise
@@ -126,7 +131,10 @@ class Generator(OpenAIRoutes):
         if self.tokenizer is None:
             return self._fail(grpc_context, InvalidRequest("this model has no tokenizer", "text"),
                               pb.TokenizeResponse())
-        ids = self.tokenizer.encode(request.text, bos=request.add_bos)
+        if len(request.text) > 64 * self.cfg.max_position_embeddings:
+            return self._fail(grpc_context, InvalidRequest(f"text is too long ({len(request.text)} characters)",
+                                                           "text"), pb.TokenizeResponse())
+        ids = await asyncio.to_thread(self.tokenizer.encode, request.text, bos=request.add_bos)
         return pb.TokenizeResponse(token_ids=ids, pieces=[self.tokenizer.piece(i) for i in ids])
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context=None) -> pb.ModelInfoResponse:
@@ -159,6 +167,11 @@ class Generator(OpenAIRoutes):
     def _count(self, status: str) -> None:
         if self.loop.metrics is not None:
             self.loop.metrics.requests.inc(tags={"status": status})
+
+    def check_health(self) -> None:
+        """Serve's own health check: a replica whose engine thread died is replaced."""
+        if not self.loop.alive:
+            raise RuntimeError("the engine loop has stopped")
 
     async def Check(self, request, grpc_context=None):
         from grpc_health.v1 import health_pb2

@@ -16,6 +16,8 @@ fields raymoe understands: `top_k`, `ignore_eos`, `stop_token_ids`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -23,10 +25,12 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.errors import BackendUnavailable, InvalidRequest
 
-app = FastAPI(title="raymoe", description="OpenAI-compatible API of a raymoe server", docs_url=None, redoc_url=None)
+app = FastAPI(title="raymoe", description="OpenAI-compatible API of a raymoe server", docs_url=None, redoc_url=None,
+              openapi_url=None)
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "n", "user",
           "presence_penalty", "frequency_penalty", "logit_bias", "top_k", "ignore_eos", "stop_token_ids"}
@@ -53,6 +57,13 @@ class HttpError(Exception):
 @app.exception_handler(HttpError)
 async def _http_error(_request: Request, error: HttpError) -> JSONResponse:
     return error.response()
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _framework_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """Unknown paths and methods answer in OpenAI's shape too."""
+    return HttpError(error.status_code, str(error.detail), "invalid_request_error",
+                     code="not_found" if error.status_code == 404 else None).response()
 
 
 def http_error_for(error: BaseException) -> HttpError:
@@ -107,6 +118,10 @@ def _common(body: dict, allowed: set[str]) -> dict[str, Any]:
     if options is not None and not isinstance(options, dict):
         raise HttpError(400, "stream_options must be an object", param="stream_options")
     number = (int, float)
+    if body.get("max_tokens") == 0:
+        raise HttpError(400, "max_tokens must be at least 1 (got 0)", param="max_tokens")
+    if "model" in body and not isinstance(body["model"], (str, type(None))):
+        raise HttpError(400, "model must be a string", param="model")
     return dict(max_tokens=_typed(body, "max_tokens", (int,), "an integer"),
                 temperature=_typed(body, "temperature", number, "a number"),
                 top_p=_typed(body, "top_p", number, "a number"),
@@ -132,6 +147,11 @@ def parse_completion(body: dict) -> tuple[dict, tuple[bool, bool]]:
         raise HttpError(400, "prompt must be a string or a list of token ids", param="prompt")
     kw["logprobs"] = _typed(body, "logprobs", (int,), "an integer")
     return kw, _stream_flags(body)
+
+
+def wants_logprobs(body: dict) -> bool:
+    """Completions: `logprobs: 0` still asks for the chosen tokens' logprobs (no alternatives)."""
+    return body.get("logprobs") is not None
 
 
 def parse_chat(body: dict) -> tuple[dict, list[dict], bool, bool, bool]:
@@ -160,6 +180,8 @@ def parse_chat(body: dict) -> tuple[dict, list[dict], bool, bool, bool]:
     top = _typed(body, "top_logprobs", (int,), "an integer")
     if top and not want_logprobs:
         raise HttpError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if top is not None and not 0 <= top <= 20:
+        raise HttpError(400, f"top_logprobs must be between 0 and 20 (got {top})", param="top_logprobs")
     kw["logprobs"] = (top or 0) if want_logprobs else 0
     stream, usage = _stream_flags(body)
     return kw, plain, stream, usage, bool(want_logprobs)
@@ -226,10 +248,10 @@ class OpenAIRoutes:
             body = await self._json_body(request)
             kw, (stream, usage) = parse_completion(body)
             self._check_model(body)
-            req = self._build(kw)
+            req = await asyncio.to_thread(self._build, kw)  # tokenizing: off the shared event loop
         except Exception as e:  # noqa: BLE001
             return http_error_for(e).response()
-        view = _CompletionView(self, req, "text_completion", "cmpl")
+        view = _CompletionView(self, req, "text_completion", "cmpl", logprobs=wants_logprobs(body))
         return await view.respond(stream, usage)
 
     async def http_chat_completions(self, request: Request):
@@ -245,13 +267,13 @@ class OpenAIRoutes:
             from model.chat import ChatError
 
             try:
-                kw["prompt_ids"] = self.chat.prompt_ids(self.tokenizer, messages)
+                kw["prompt_ids"] = await asyncio.to_thread(self.chat.prompt_ids, self.tokenizer, messages)
             except ChatError as e:
                 raise HttpError(400, str(e), param="messages") from None
-            req = self._build(kw)
+            req = await asyncio.to_thread(self._build, kw)
         except Exception as e:  # noqa: BLE001
             return http_error_for(e).response()
-        view = _CompletionView(self, req, "chat.completion", "chatcmpl", chat=True, chat_logprobs=want_logprobs)
+        view = _CompletionView(self, req, "chat.completion", "chatcmpl", chat=True, logprobs=want_logprobs)
         return await view.respond(stream, usage)
 
     # --- helpers ---
@@ -262,13 +284,15 @@ class OpenAIRoutes:
                             "authentication_error", code="invalid_api_key")
 
     async def _json_body(self, request: Request) -> dict:
+        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+            raise HttpError(400, f"the body is larger than {MAX_BODY_BYTES} bytes")
         raw = await request.body()
         if len(raw) > MAX_BODY_BYTES:
             raise HttpError(400, f"the body is larger than {MAX_BODY_BYTES} bytes")
         try:
             body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise HttpError(400, f"the body is not JSON ({e})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise HttpError(400, f"the body is not JSON ({type(e).__name__})") from None
         if not isinstance(body, dict):
             raise HttpError(400, "the body must be a JSON object")
         return body
@@ -292,9 +316,10 @@ class _CompletionView:
     """One request's answer in OpenAI's shapes, whole or as server-sent events."""
 
     def __init__(self, owner: OpenAIRoutes, req, obj: str, prefix: str, chat: bool = False,
-                 chat_logprobs: bool = False) -> None:
-        self.owner, self.req, self.obj, self.chat, self.chat_logprobs = owner, req, obj, chat, chat_logprobs
+                 logprobs: bool = False) -> None:
+        self.owner, self.req, self.obj, self.chat, self.logprobs = owner, req, obj, chat, logprobs
         self.id, self.created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
+        self.text_offset = 0  # characters of the completion so far (completions' text_offset)
 
     def _chunks(self):
         r = self.req
@@ -304,26 +329,38 @@ class _CompletionView:
         n = len(self.req.prompt_ids)
         return {"prompt_tokens": n, "completion_tokens": completion_tokens, "total_tokens": n + completion_tokens}
 
-    def _logprobs(self, chunks: list, text_offset: int = 0) -> dict | None:
+    def _token(self, token_id: int) -> tuple[str, list[int]]:
+        """A token's text and UTF-8 bytes as it stands in the output (a byte piece is its byte)."""
         tok = self.owner.tokenizer
-        piece = (lambda t: tok.piece(t)) if tok is not None else str
+        if tok is None:
+            return str(token_id), []
+        piece = tok.piece(token_id)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # sentencepiece byte fallback
+            raw = bytes([int(piece[3:5], 16)])
+        else:
+            raw = piece.replace("\u2581", " ").encode()
+        return raw.decode(errors="replace"), list(raw)
+
+    def _logprobs(self, chunks: list) -> dict | None:
+        if not self.logprobs:
+            return None
         ids = [t for c in chunks for t in c.token_ids]
         lps = [lp for c in chunks for lp in c.logprobs]
         tops = [row for c in chunks for row in c.top]
         if self.chat:
-            if not self.chat_logprobs:
-                return None
-            return {"content": [{"token": piece(t), "logprob": lp, "bytes": list(piece(t).encode()),
-                                 "top_logprobs": [{"token": piece(a), "logprob": b, "bytes": list(piece(a).encode())}
-                                                  for a, b in row]} for t, lp, row in zip(ids, lps, tops)]}
-        if not self.req.params.logprobs:
-            return None
-        offsets, at = [], text_offset
+            def entry(t, lp):
+                text, raw = self._token(t)
+                return {"token": text, "logprob": lp, "bytes": raw}
+            return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, b) for a, b in row]}
+                                for t, lp, row in zip(ids, lps, tops)]}
+        offsets, texts = [], []
         for t in ids:
-            offsets.append(at)
-            at += len(tok.decode([t])) if tok is not None else 0
-        return {"tokens": [piece(t) for t in ids], "token_logprobs": lps,
-                "top_logprobs": [{piece(a): b for a, b in row} for row in tops], "text_offset": offsets}
+            text, _ = self._token(t)
+            offsets.append(self.text_offset)
+            texts.append(text)
+            self.text_offset += len(text)
+        return {"tokens": texts, "token_logprobs": lps,
+                "top_logprobs": [{self._token(a)[0]: b for a, b in row} for row in tops], "text_offset": offsets}
 
     def _choice(self, text: str, chunks: list, finish: str | None, delta: bool, first: bool = False) -> dict:
         lp = self._logprobs(chunks)
@@ -334,39 +371,50 @@ class _CompletionView:
             return {"index": 0, "delta": d, "logprobs": lp, "finish_reason": finish}
         return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": finish}
 
-    def _envelope(self, choice: dict | None, usage: dict | None, chunk: bool) -> dict:
+    def _envelope(self, choice: dict | None, usage: dict | None, chunk: bool, usage_field: bool = True) -> dict:
         obj = self.obj + (".chunk" if chunk and self.chat else "")
         out = {"id": self.id, "object": obj, "created": self.created, "model": self.owner.model_id,
                "choices": [] if choice is None else [choice]}
-        if usage is not None or not chunk:
+        if usage_field:
             out["usage"] = usage
         return out
 
     async def respond(self, stream: bool, usage_in_stream: bool):
+        chunks = self._chunks()
+        try:  # the first chunk before the status line: a refused request is still a 400 / 429 / 503
+            first = await chunks.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except Exception as e:  # noqa: BLE001
+            self.owner._count(str(http_error_for(e).status))
+            return http_error_for(e).response()
         if stream:
-            return StreamingResponse(self._events(usage_in_stream), media_type="text/event-stream",
+            return StreamingResponse(self._events(first, chunks, usage_in_stream), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        chunks = []
+        got = [] if first is None else [first]
         try:
-            async for c in self._chunks():
-                chunks.append(c)
+            async with contextlib.aclosing(chunks):
+                async for c in chunks:
+                    got.append(c)
         except Exception as e:  # noqa: BLE001
             self.owner._count(str(http_error_for(e).status))
             return http_error_for(e).response()
         self.owner._count("ok")
-        text = "".join(c.text for c in chunks)
-        finish = chunks[-1].finish_reason if chunks else "length"
-        done = chunks[-1].completion_tokens if chunks else 0
-        return JSONResponse(self._envelope(self._choice(text, chunks, finish, delta=False), self._usage(done), False))
+        text = "".join(c.text for c in got)
+        finish = got[-1].finish_reason if got else "length"
+        done = got[-1].completion_tokens if got else 0
+        return JSONResponse(self._envelope(self._choice(text, got, finish, delta=False), self._usage(done), False))
 
-    async def _events(self, usage_in_stream: bool) -> AsyncIterator[str]:
-        first, done = True, 0
+    async def _events(self, first, chunks, usage_in_stream: bool) -> AsyncIterator[str]:
+        is_first, done = True, 0
         try:
-            async for c in self._chunks():
-                done = c.completion_tokens
-                choice = self._choice(c.text, [c], c.finish_reason, delta=True, first=first)
-                first = False
-                yield f"data: {json.dumps(self._envelope(choice, None, True))}\n\n"
+            async with contextlib.aclosing(chunks):  # a client gone mid-stream aborts the sequence now
+                pending = [] if first is None else [first]
+                async for c in _chain(pending, chunks):
+                    done = c.completion_tokens
+                    choice = self._choice(c.text, [c], c.finish_reason, delta=True, first=is_first)
+                    is_first = False
+                    yield f"data: {json.dumps(self._envelope(choice, None, True, usage_field=usage_in_stream))}\n\n"
             if usage_in_stream:
                 yield f"data: {json.dumps(self._envelope(None, self._usage(done), True))}\n\n"
             self.owner._count("ok")
@@ -375,3 +423,10 @@ class _CompletionView:
             self.owner._count(str(err.status))
             yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type, 'param': err.param, 'code': err.code}})}\n\n"
         yield "data: [DONE]\n\n"
+
+
+async def _chain(first: list, rest) -> AsyncIterator:
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item

@@ -1,6 +1,7 @@
 """Chat messages → prompt token ids, with the checkpoint's own chat template.
 
-`tokenizer_config.json` holds `chat_template` (a Jinja template) and the special tokens it names
+`tokenizer_config.json` holds `chat_template` (a Jinja template; `chat_template.jinja` beside it wins,
+as transformers saves it) and the special tokens it names
 (`bos_token`, `eos_token`, ...). The template is rendered as transformers' `apply_chat_template`
 does: a sandboxed Jinja environment with trim_blocks and lstrip_blocks, `raise_exception`, a
 `tojson` that does not escape HTML, `strftime_now`, and the special tokens as variables. The text it
@@ -61,13 +62,14 @@ class ChatTemplate:
         """The checkpoint's template, or None when it has none (no tokenizer_config.json or no
         chat_template in it)."""
         path = Path(directory) / "tokenizer_config.json"
-        if not path.exists():
+        jinja_file = Path(directory) / "chat_template.jinja"  # where transformers saves it nowadays
+        if not path.exists() and not jinja_file.exists():
             return None
         try:
-            config = json.loads(path.read_text())
+            config = json.loads(path.read_text()) if path.exists() else {}
         except (OSError, json.JSONDecodeError) as e:
             raise ChatError(f"{path}: not valid JSON ({e})") from None
-        template = config.get("chat_template")
+        template = jinja_file.read_text() if jinja_file.exists() else config.get("chat_template")
         if isinstance(template, list):  # several named templates: the default one
             template = next((t.get("template") for t in template if t.get("name") == "default"), None)
         if not isinstance(template, str) or not template:
@@ -86,11 +88,13 @@ class ChatTemplate:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise ChatError(f"messages[{i}] must be an object with a string role")
-        try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        **self.special_tokens)
+        try:  # tools and documents as transformers passes them when there are none
+            return self.template.render(messages=messages, tools=None, documents=None,
+                                        add_generation_prompt=add_generation_prompt, **self.special_tokens)
         except self._jinja.exceptions.TemplateError as e:
             raise ChatError(f"the chat template refused the conversation: {e}") from None
+        except Exception as e:  # noqa: BLE001 — e.g. a template indexing a key a message lacks
+            raise ChatError(f"the chat template failed on these messages ({type(e).__name__}: {e})") from None
 
     def encode(self, tokenizer: Tokenizer, text: str) -> list[int]:
         """Rendered text → ids: special tokens written as text become their ids."""

@@ -9,8 +9,10 @@ Memory: a sequence is admitted when the KV cache can hold its prompt (not its wh
 and takes blocks as it grows. When the cache runs out, the running sequence that arrived last is
 preempted: its blocks are freed and it goes back to the queue (in its place by arrival) with the
 tokens it has, to be recomputed (prompt + output re-prefilled) when memory frees up. Sampling
-depends only on (seed, position), so a preempted sequence produces exactly the tokens it would
-have. A waiting request that fits may start before an earlier one that does not, but only
+depends only on (seed, position), so a preempted sequence produces the tokens it would have
+(the recomputation is one prefill instead of step-by-step decoding, so float rounding can
+differ in the last bits: only a near-tie between two tokens could flip). A waiting request
+that fits may start before an earlier one that does not, but only
 `max_overtakes` times in a row: after that the queue is strictly first come, first served until
 the earlier one starts, so a large request is never starved.
 
@@ -220,9 +222,11 @@ class Engine:
             if len(batch) == 1:
                 return [self._fail(batch[0][0], e)]
             events = []
-            for item in batch:
+            for i, item in enumerate(batch):
                 try:
                     events += self._run([item])
+                except BackendUnavailable as e:  # the experts went away meanwhile: the rest need them too
+                    return events + [self._fail(seq, e) for seq, _ in batch[i:]]
                 except Exception as e:  # noqa: BLE001
                     events.append(self._fail(item[0], e))
             return events
@@ -294,8 +298,12 @@ class Engine:
         """Run a batch of prompts to completion (all joining at once, mixed lengths welcome)."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         seqs = [self.add(("generate", i), p, sp) for i, (p, sp) in enumerate(zip(prompts, plist))]
-        while self.has_work():
-            for ev in self.step():
-                if ev.error is not None:
-                    raise ev.error
+        try:
+            while self.has_work():
+                for ev in self.step():
+                    if ev.error is not None:
+                        raise ev.error
+        finally:  # an error leaves nothing behind: the engine can be used again
+            for seq in seqs:
+                self.abort(seq.seq_id, "error")
         return seqs

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 from pathlib import Path
 
 import torch
@@ -30,6 +31,8 @@ class SafetensorsError(ValueError):
 
 class SafetensorsFile:
     def __init__(self, path: str | Path) -> None:
+        if sys.byteorder != "little":  # the bytes are copied as they are: little-endian only
+            raise SafetensorsError("this reader needs a little-endian machine")
         self.path = Path(path)
         self.fd = os.open(self.path, os.O_RDONLY)
         try:
@@ -54,12 +57,15 @@ class SafetensorsFile:
                 try:
                     dtype, shape, (begin, end) = DTYPES[info["dtype"]], tuple(int(s) for s in info["shape"]), \
                         info["data_offsets"]
-                except (KeyError, TypeError, ValueError) as e:
+                except KeyError as e:  # a dtype this reader does not know, or a missing key
+                    raise SafetensorsError(f"tensor {name}: unsupported or missing {e}") from None
+                except (TypeError, ValueError) as e:
                     raise SafetensorsError(f"tensor {name}: bad header entry ({e!r})") from None
                 numel = 1
                 for s in shape:
                     numel *= s
-                if end - begin != numel * dtype.itemsize or not 0 <= begin <= end <= size - self.data_start:
+                if not (isinstance(begin, int) and isinstance(end, int)) or end - begin != numel * dtype.itemsize \
+                        or not 0 <= begin <= end <= size - self.data_start:
                     raise SafetensorsError(f"tensor {name}: offsets {begin}..{end} do not match its shape or the file")
                 self.tensors[name] = (dtype, shape, self.data_start + begin, end - begin)
         except BaseException:
@@ -80,6 +86,8 @@ class SafetensorsFile:
         dtype, shape, offset, nbytes = self.tensors[name]
         if out is None:
             out = torch.empty(shape, dtype=dtype)
+        elif out.dtype != dtype or tuple(out.shape) != shape or not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError(f"tensor {name}: `out` must be a contiguous CPU {dtype} tensor of shape {shape}")
         buf = memoryview(out.view(-1).view(torch.uint8).numpy())
         done = 0
         while done < nbytes:

@@ -114,7 +114,10 @@ def _draw(logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -
     sorted_logits, sorted_ids = torch.sort(logits / temp, dim=-1, descending=True)  # [R, V]
     rank = torch.arange(logits.shape[-1])[None, :]
     top_k = torch.tensor([p.top_k or logits.shape[-1] for p in params])[:, None]
-    sorted_logits = sorted_logits.masked_fill(rank >= top_k, float("-inf"))
+    # By value, as transformers' TopKLogitsWarper: every token tied with the k-th stays (ties are
+    # common in bfloat16), so the result never depends on how the sort ordered them.
+    kth = sorted_logits.gather(1, (top_k - 1).clamp(max=logits.shape[-1] - 1))
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1).double()  # the best token always keeps a positive mass
     top_p = torch.tensor([p.top_p for p in params], dtype=torch.float64)[:, None]
     before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly better tokens

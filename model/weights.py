@@ -95,6 +95,12 @@ class Checkpoint:
         experts = ".block_sparse_moe.experts."
         return sum(self.nbytes(name) for name in self._files if experts not in name)
 
+    def close(self) -> None:
+        """Close the files opened so far (a Checkpoint reopens them if it is used again)."""
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
     def _handle(self, filename: str):
         if filename not in self._handles:
             path = self.dir / filename
@@ -160,7 +166,17 @@ def load_model(directory: str | Path | Checkpoint, *, dtype: torch.dtype = torch
     """Build a Mixtral from a checkpoint. Without a factory all experts load locally; with one, the
     factory supplies each layer's experts (e.g. remote) and only the dense part is read here.
     `progress` (its total set here) counts the bytes as they are read."""
-    ckpt = directory if isinstance(directory, Checkpoint) else Checkpoint(directory)
+    owned = not isinstance(directory, Checkpoint)
+    ckpt = Checkpoint(directory) if owned else directory
+    try:
+        return _load(ckpt, dtype, experts_factory, device, progress)
+    finally:
+        if owned:
+            ckpt.close()
+
+
+def _load(ckpt: Checkpoint, dtype: torch.dtype, experts_factory: ExpertsFactory | None, device: str,
+          progress: LoadProgress | None) -> Mixtral:
     cfg = ckpt.config
     if progress is not None:
         progress.total_bytes = ckpt.dense_nbytes() + (0 if experts_factory is not None else ckpt.expert_nbytes(

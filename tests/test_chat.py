@@ -69,3 +69,15 @@ def test_template_errors_and_absence(tmp_path, tiny_dir):
         chat.render([])
     with pytest.raises(ChatError, match=r"messages\[0\]"):
         chat.render(["hi"])
+
+
+def test_templates_see_no_tools_and_jinja_files_win(tmp_path, tiny_dir):
+    """As transformers renders: `tools` and `documents` are None (not undefined), and a
+    chat_template.jinja beside the config is the template."""
+    ckpt = checkpoint_with(tmp_path, tiny_dir, "{% if tools is not none %}TOOLS{% endif %}{{ messages[0]['content'] }}")
+    assert ChatTemplate.from_dir(ckpt).render([{"role": "user", "content": "hi"}]) == "hi"
+    (ckpt / "chat_template.jinja").write_text("[{{ messages[0]['content'] }}]")
+    assert ChatTemplate.from_dir(ckpt).render([{"role": "user", "content": "hi"}]) == "[hi]"
+    (ckpt / "chat_template.jinja").write_text("{{ messages[0]['content'] + 1 }}")
+    with pytest.raises(ChatError, match="failed on these messages"):  # a TypeError inside the template
+        ChatTemplate.from_dir(ckpt).render([{"role": "user", "content": "hi"}])

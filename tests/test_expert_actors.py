@@ -178,6 +178,17 @@ def test_actor_killed_mid_generation_is_restarted_and_the_call_retried(pool, ckp
     assert not any(s["reconstructed"] for i, s in enumerate(stats) if i != killed[0])
 
 
+def test_calls_in_flight_together_survive_a_restart(pool, ckpt):
+    """Two layer calls on the same connections (as micro-batches make them), then the actor restarts:
+    both are sent again to its successor and come back right, in either order."""
+    cfg = pool.model_config
+    calls = [(layer, *routed(cfg, 9, seed=60 + layer)) for layer in (0, 1)]
+    pending = [RemoteExperts(layer, pool).dispatch(x, w, idx) for layer, x, w, idx in calls]
+    ray.kill(pool.actors[0], no_restart=False)
+    for (layer, x, w, idx), p in reversed(list(zip(calls, pending))):
+        torch.testing.assert_close(p.result(), local_layer(ckpt, layer)(x, w, idx), atol=1e-6, rtol=1e-5)
+
+
 def test_dead_actor_is_named_in_bounded_time(pool):
     cfg = pool.model_config
     victim = 1

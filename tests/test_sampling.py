@@ -147,3 +147,10 @@ def test_extreme_temperatures_sample_a_real_token(batch_logits, temperature):
 def test_validate(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs).validate()
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth():
+    """By value, as transformers: with k=2 and three tokens tied for second place, all three stay."""
+    logits = torch.tensor([3.0, 1.0, 1.0, 1.0, -2.0])
+    freq = frequencies(SamplingParams(temperature=1.0, top_k=2), logits=logits)
+    assert (freq[1:4] > 0.05).all() and freq[4] == 0
