@@ -312,6 +312,7 @@ def plot(results: dict[str, dict[int, Result]], levels: list[int], args) -> None
         ax.set_xlabel("concurrent streams")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+    b.set_yscale("log")  # 1 stream costs 10x more per token than 128
     a.legend(fontsize=8)
     fig.suptitle(f"raymoe, {args.expert_actors} expert actors, {args.new_tokens} new tokens")
     Path(args.plot).parent.mkdir(parents=True, exist_ok=True)

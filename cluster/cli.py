@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve":  # before the heavy imports: a starting server says so at once
+        print("raymoe: starting the server", file=sys.stderr, flush=True)
     from .commands import run_command
 
     return run_command(args)
