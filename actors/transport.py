@@ -32,7 +32,7 @@ from .pool import brief
 if TYPE_CHECKING:
     from .pool import ExpertPool
 
-TRANSPORTS = ("direct", "ray")
+from . import TRANSPORTS
 Reply = tuple[np.ndarray, float]  # an actor's partial sum (wire bytes) and its compute seconds
 STALL_S = 1.0  # a direct call silent this long makes us ask Ray whether its actor is still the same
 

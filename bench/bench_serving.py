@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         del local
     need_ray = [p for p in paths if p == "engine+actors" or p.startswith("served")]
     if need_ray:
-        from cluster.remote_session import ray_connection
+        from cli.ray_session import ray_connection
         from cluster.settings import ServeSettings
 
         gpu = args.device == "cuda"
@@ -260,7 +260,7 @@ def serve_one(name: str, settings, measure) -> None:
     from ray import serve
 
     from cluster.client import Client
-    from cluster.serve_cmd import deploy, release_pool
+    from cluster.deploy import deploy, release_pool
 
     try:
         deploy(settings)

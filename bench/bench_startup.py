@@ -73,7 +73,7 @@ def main() -> int:
     ap.add_argument("--kv-cache-tokens", type=int, default=4096)
     args = ap.parse_args()
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
-    raymoe = [sys.executable, "-m", "cluster.cli"]
+    raymoe = [sys.executable, "-m", "cli.main"]
     root = Path(__file__).resolve().parents[1]
     tmp = tempfile.TemporaryDirectory()
     ckpt = Path(args.checkpoint) if args.checkpoint else Path(tmp.name) / "mixtral-shaped"

@@ -112,7 +112,7 @@ class Chaos:
         import ray
         from ray.cluster_utils import Cluster
 
-        from cluster.serve_cmd import deploy
+        from cluster.deploy import deploy
         from cluster.settings import ServeSettings
 
         self.cluster = Cluster(initialize_head=True, head_node_args={
@@ -135,7 +135,7 @@ class Chaos:
         import ray
         from ray import serve
 
-        from cluster.serve_cmd import release_pool
+        from cluster.deploy import release_pool
 
         try:
             serve.shutdown()

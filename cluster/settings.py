@@ -72,7 +72,7 @@ class ServeSettings:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16 (got {self.dtype!r})")
         if self.expert_device not in ("auto", "cpu", "gpu"):
             raise ValueError(f"expert_device must be auto, cpu or gpu (got {self.expert_device!r})")
-        from actors.transport import TRANSPORTS
+        from actors import TRANSPORTS
 
         if self.expert_transport not in TRANSPORTS:
             raise ValueError(f"expert_transport must be one of {', '.join(TRANSPORTS)} (got {self.expert_transport!r})")

@@ -25,7 +25,7 @@ def running_server(namespace: str, ready_timeout: float = 120, ray_options: dict
     import ray
     from ray import serve
 
-    from cluster.serve_cmd import deploy, release_pool
+    from cluster.deploy import deploy, release_pool
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, namespace=namespace, log_to_driver=False, **(ray_options or {}))
     config = ServeSettings(grpc_port=free_port(), http_port=free_port(), **settings)

@@ -1,4 +1,4 @@
-"""The `raymoe` command line, in-process through `cluster.cli.main` and once as a real subprocess."""
+"""The `raymoe` command line, in-process through `cli.main.main` and once as a real subprocess."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.cli import main
+from cli.main import main
 from model.engine import Engine
 from model.sampling import SamplingParams
 from model.weights import load_model
@@ -131,7 +131,7 @@ def test_prompt_text_needs_tokenizer(capsys, tmp_path, tiny_dir):
 
 def test_subprocess(tiny_dir, capsys):
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, capture_output=True,
+        return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, capture_output=True,
                               text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
     ok = cli("run", "--checkpoint", str(tiny_dir), "--prompt-ids", "1,2,3", "--max-tokens", "8", "--json")
@@ -145,7 +145,7 @@ def test_subprocess(tiny_dir, capsys):
 
 def test_expert_device_gpu_without_gpus_is_a_clear_error(tiny_dir):
     """Never a silent fallback to CPU: on a machine without GPUs, --expert-device gpu says so at once."""
-    bad = subprocess.run([sys.executable, "-m", "cluster.cli", "run", "--checkpoint", str(tiny_dir), "--prompt-ids",
+    bad = subprocess.run([sys.executable, "-m", "cli.main", "run", "--checkpoint", str(tiny_dir), "--prompt-ids",
                           "1,2", "--expert-actors", "1", "--expert-device", "gpu"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"})
     if torch.cuda.is_available():
@@ -188,7 +188,7 @@ def test_beside_a_running_ray_cluster():
         while socket.socket().connect_ex(("127.0.0.1", port)) != 0:  # the other cluster's GCS is up
             assert time.monotonic() < deadline and head.poll() is None, "ray start --head did not come up"
             time.sleep(0.5)
-        out = subprocess.run([sys.executable, "-m", "cluster.cli", "run", "--expert-actors", "1", "--actor-cpus", "0.5",
+        out = subprocess.run([sys.executable, "-m", "cli.main", "run", "--expert-actors", "1", "--actor-cpus", "0.5",
                               "--prompt", "123+456=", "--max-tokens", "8"], cwd=ROOT, capture_output=True, text=True,
                              timeout=180, env=env)
         assert out.returncode == 0, out.stderr
@@ -206,8 +206,8 @@ def test_serve_settings_from_a_config_file_and_flags(tmp_path, capsys):
     field has a flag."""
     import dataclasses
 
-    from cluster.cli import build_parser
-    from cluster.serve_flags import FLAGS, settings_from_args
+    from cli.main import build_parser
+    from cli.serve_flags import FLAGS, settings_from_args
     from cluster.settings import ServeSettings
 
     config = tmp_path / "serve.yaml"

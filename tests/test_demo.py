@@ -11,7 +11,7 @@ import itertools
 
 import pytest
 
-from cluster.cli import main
+from cli.main import main
 from model import demo
 from model.default import PACKAGED, default_checkpoint
 from model.weights import load_model

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from cluster.demo_eval import remote_experts_generate, server_generate
+from cli.demo_eval import remote_experts_generate, server_generate
 from model.default import PACKAGED, default_checkpoint
 from model.demo import evaluate, local_generate
 from serving_helpers import running_server

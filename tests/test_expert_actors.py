@@ -135,7 +135,7 @@ def test_bfloat16_travels_as_bit_patterns(cluster, ckpt):
 
 
 def test_cli_run_with_expert_actors_prints_the_same_json(cluster, ckpt, capsys):
-    from cluster.cli import main
+    from cli.main import main
 
     argv = ["run", "--checkpoint", str(ckpt), "--prompt-ids", "1,17,42,99", "--max-tokens", "6",
             "--ignore-eos", "--json"]

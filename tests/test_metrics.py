@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.status_cmd import imbalance, render
+from cli.status import imbalance, render
 from protos import generator_pb2 as pb
 from serving_helpers import free_port, running_server
 

@@ -132,7 +132,7 @@ def test_cli_joins_the_cluster_with_address(cluster, ckpt, capsys):
     prints the in-process JSON, disconnects, and leaves the cluster running."""
     import json
 
-    from cluster.cli import main
+    from cli.main import main
 
     c, _, _ = cluster
     argv = ["run", "--checkpoint", str(ckpt), "--prompt-ids", "1,17,42,99", "--max-tokens", "5", "--json"]

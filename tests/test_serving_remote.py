@@ -68,7 +68,7 @@ def test_model_info_reports_placement(remote_server):
     assert calls.transport in ("direct", "ray")
     if calls.layer_calls:
         assert 0 < calls.slowest_compute_seconds < calls.wall_seconds
-    from cluster.status_cmd import render
+    from cli.status import render
 
     assert "layer calls" in render(info) or not calls.layer_calls
 

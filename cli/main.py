@@ -125,7 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "serve":  # before the heavy imports: a starting server says so at once
+    if args.command == "serve":  # check the settings, then say so at once, before the heavy imports
+        from .serve_flags import settings_from_args
+
+        try:
+            settings_from_args(args)
+        except ValueError as e:
+            print(f"raymoe: {e}", file=sys.stderr)
+            return 2
         print("raymoe: starting the server", file=sys.stderr, flush=True)
     from .commands import run_command
 

@@ -21,7 +21,7 @@ def server_generate(target: str, concurrency: int = 32, timeout: float = 120.0,
     """Each prompt as its own Generate call, `concurrency` at a time (the server batches them)."""
     from protos import generator_pb2 as pb
 
-    from .client import Client
+    from cluster.client import Client
 
     def generate(prompts: list[str]) -> list[str]:
         with Client(target, api_key=api_key) as client, concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
@@ -38,7 +38,7 @@ def remote_experts_generate(checkpoint: str | Path, args: argparse.Namespace,
     """The in-process engine with its experts on Ray actors (as `raymoe run --expert-actors N`)."""
     from model.demo import local_generate
 
-    from .remote_session import experts_factory_from_args
+    from .ray_session import experts_factory_from_args
 
     with experts_factory_from_args(args, checkpoint) as factory:
         yield local_generate(checkpoint, batch_size=batch_size, experts_factory=factory)

@@ -15,8 +15,8 @@ def run_command(args: argparse.Namespace) -> int:
     from model.tokenizer import TokenizerError
     from model.weights import CheckpointError
 
-    from .serve_cmd import cmd_generate, cmd_serve
-    from .status_cmd import cmd_status
+    from .serve import cmd_generate, cmd_serve
+    from .status import cmd_status
 
     handlers = {"run": cmd_run, "init-model": cmd_init_model, "serve": cmd_serve, "generate": cmd_generate,
                 "train-demo": cmd_train_demo, "eval-demo": cmd_eval_demo, "status": cmd_status}
@@ -75,11 +75,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     params = sampling_from_args(args)
     tokenizer = load_tokenizer(ckpt.dir, required=args.prompt is not None)
     prompt = prompt_from_args(args, tokenizer)
-    from .remote_session import experts_factory_from_args
+    from .ray_session import experts_factory_from_args
 
     from model.progress import LoadProgress, progress_line
 
-    from .startup import Ticker
+    from .progress import Ticker
 
     with experts_factory_from_args(args, ckpt.dir) as factory:  # None: every expert in this process
         loading = LoadProgress(0, what="dense part" if factory else "weights")

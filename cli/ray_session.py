@@ -35,13 +35,13 @@ def ray_connection(address: str | None, num_cpus: int | None = None,
         try:
             ray.init(address=address, log_to_driver=False)
         except (ConnectionError, RuntimeError) as e:
-            from cluster.commands import UserError
+            from .commands import UserError
 
             raise UserError(f"cannot join the Ray cluster at {address}: {e}") from None
     else:
         import time
 
-        from .startup import Ticker
+        from .progress import Ticker
 
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private instance for this command
         t0 = time.monotonic()
@@ -63,7 +63,7 @@ def check_expert_device(device: str, started: bool) -> None:
     import ray
 
     if device == "gpu" and started and not ray.cluster_resources().get("GPU"):
-        from cluster.commands import UserError
+        from .commands import UserError
 
         raise UserError("--expert-device gpu, but this machine has no GPUs visible to Ray; "
                         "use --expert-device cpu (or auto)")
@@ -72,7 +72,7 @@ def check_expert_device(device: str, started: bool) -> None:
 @contextlib.contextmanager
 def experts_factory_from_args(args: argparse.Namespace, checkpoint: str | Path) -> Iterator[ExpertsFactory | None]:
     """None (every expert in this process) unless --expert-actors is given; else remote experts."""
-    from cluster.commands import UserError
+    from .commands import UserError
 
     num_actors = getattr(args, "expert_actors", None)
     if num_actors is None:
@@ -91,7 +91,7 @@ def experts_factory_from_args(args: argparse.Namespace, checkpoint: str | Path) 
                             device=getattr(args, "expert_device", "auto"),
                             transport=getattr(args, "expert_transport", "direct"),
                             call_timeout_s=getattr(args, "expert_timeout", None) or 60.0)
-        from .startup import PoolProgress, Ticker
+        from .progress import PoolProgress, Ticker
 
         progress = PoolProgress(num_actors)
         with ray_connection(getattr(args, "address", None)) as started:

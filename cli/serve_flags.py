@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from .settings import ServeSettings
+from cluster.settings import ServeSettings
 
 # flag, ServeSettings field, type, help (the default is appended)
 FLAGS: list[tuple[str, str, Any, str]] = [

@@ -45,7 +45,7 @@ def render(info) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     import grpc
 
-    from .client import Client
+    from cluster.client import Client
 
     with Client(args.target, api_key=args.api_key) as client:
         try:

@@ -8,33 +8,8 @@ import signal
 import sys
 import threading
 
-from .settings import APP_NAME, SERVICER_FUNCTIONS, ServeSettings
-
-
-def deploy(settings: ServeSettings, proxy_location: str | None = None, api_key: str | None = None) -> None:
-    """Start Serve's proxies (on every node by default; "HeadOnly" where several Ray nodes share one
-    machine and so one port) and deploy the application. api_key: put the key in the replicas'
-    runtime environment (when joining a cluster whose processes do not have it in theirs)."""
-    from ray import serve
-    from ray.serve.config import gRPCOptions
-
-    from .app import build_app
-
-    serve.start(proxy_location=proxy_location,
-                http_options={"host": settings.http_host, "port": settings.http_port,
-                              "request_timeout_s": settings.request_timeout_s},
-                grpc_options=gRPCOptions(port=settings.grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS,
-                                         request_timeout_s=settings.request_timeout_s))
-    app = build_app(settings.to_dict(), api_key=api_key)
-    serve.run(app, name=APP_NAME, route_prefix="/")
-
-
-def release_pool(settings: ServeSettings) -> None:
-    """Stop the expert actors the deployment started (they outlive replicas by design)."""
-    if settings.expert_actors:
-        from actors.pool_host import release_shared_pool
-
-        release_shared_pool(APP_NAME)
+from cluster.deploy import deploy, release_pool
+from cluster.settings import APP_NAME
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -42,8 +17,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from ray import serve
 
-    from .auth import ENV
-    from .remote_session import check_expert_device, ray_connection
+    from cluster.auth import ENV
+    from .ray_session import check_expert_device, ray_connection
     from .serve_flags import settings_from_args
 
     settings = settings_from_args(args)
@@ -59,7 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         try:
             import time
 
-            from .startup import Ticker, serve_progress_line
+            from .progress import Ticker, serve_progress_line
 
             t0 = time.monotonic()
             with Ticker(lambda: serve_progress_line(APP_NAME, t0)):  # on stderr, like every progress line
@@ -88,7 +63,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from protos import generator_pb2 as pb
 
-    from .client import Client, completion_json
+    from cluster.client import Client, completion_json
 
     request = pb.GenerateRequest(max_tokens=args.max_tokens, top_k=args.top_k, logprobs=args.logprobs,
                                  stop=args.stop, ignore_eos=args.ignore_eos, temperature=args.temperature,

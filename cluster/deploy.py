@@ -1,0 +1,32 @@
+"""Deploying the Serve application on the Ray cluster this process is connected to, and taking
+down the expert pool it leaves behind (used by `raymoe serve`, the tests and the benchmarks)."""
+
+from __future__ import annotations
+
+from .settings import APP_NAME, SERVICER_FUNCTIONS, ServeSettings
+
+
+def deploy(settings: ServeSettings, proxy_location: str | None = None, api_key: str | None = None) -> None:
+    """Start Serve's proxies (on every node by default; "HeadOnly" where several Ray nodes share one
+    machine and so one port) and deploy the application. api_key: put the key in the replicas'
+    runtime environment (when joining a cluster whose processes do not have it in theirs)."""
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from .app import build_app
+
+    serve.start(proxy_location=proxy_location,
+                http_options={"host": settings.http_host, "port": settings.http_port,
+                              "request_timeout_s": settings.request_timeout_s},
+                grpc_options=gRPCOptions(port=settings.grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS,
+                                         request_timeout_s=settings.request_timeout_s))
+    app = build_app(settings.to_dict(), api_key=api_key)
+    serve.run(app, name=APP_NAME, route_prefix="/")
+
+
+def release_pool(settings: ServeSettings) -> None:
+    """Stop the expert actors the deployment started (they outlive replicas by design)."""
+    if settings.expert_actors:
+        from actors.pool_host import release_shared_pool
+
+        release_shared_pool(APP_NAME)
