@@ -7,6 +7,7 @@ two CPU cores. Session-scoped fixtures are read-only: tests that modify a checkp
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from model.transformer import Mixtral
 from model.weights import load_model
 
 torch.set_num_threads(1)  # tiny shapes gain nothing from threads; spinning ones slow a shared machine
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the tests' private Ray instances: no token auth
 
 # Weights with std 0.15 give varied greedy continuations (std 0.02 quickly falls into loops).
 ACTIVE_STD = 0.15
