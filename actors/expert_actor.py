@@ -76,27 +76,37 @@ def unpack(payload: np.ndarray, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
 
 
 class ExpertActor:
-    """Hosts `experts` (global ids) for each of `layers`; see ExpertPool for how it is started."""
+    """Hosts `experts` (global ids) for each of `layers`, or `assignment` {layer: experts} when the
+    layers hold different experts; `hold` changes that while it serves (see ExpertPool.apply)."""
 
     def __init__(self, checkpoint: str, experts: Sequence[int], layers: Sequence[int], *, dtype: str = "float32",
-                 device: str = "cpu", num_threads: int = 1, name: str = "") -> None:
+                 device: str = "cpu", num_threads: int = 1, name: str = "",
+                 assignment: dict[int, Sequence[int]] | None = None) -> None:
         torch.set_num_threads(max(1, num_threads))  # one process per core share: no oversubscription
         self.name = name
+        self.checkpoint = checkpoint
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
-        self.experts, self.layers = tuple(experts), tuple(layers)
-        self.num_experts = ModelConfig.from_file(Path(checkpoint) / "config.json").num_local_experts
-        self.weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        config = ModelConfig.from_file(Path(checkpoint) / "config.json")
+        self.num_experts = config.num_local_experts
+        # A restarted actor serves what it held last (hold() records it), not what it started with.
+        held = _recorded_assignment() or assignment or {layer: experts for layer in layers}
+        self.assignment = {int(layer): tuple(sorted(int(e) for e in ex)) for layer, ex in held.items()}
+        self.experts = tuple(sorted({e for ex in self.assignment.values() for e in ex}))
+        self.layers = tuple(sorted(self.assignment))
+        # layer → (slot [E]: global expert id → row in the stacks, or -1; w13 [n, 2F, D]; w2 [n, D, F]),
+        # replaced whole by hold(), so a layer call sees one consistent set
+        self.state: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._hold_lock = threading.Lock()
         # Weights load on a thread, so that Ray calls (progress, stats) answer while they do; a layer
         # call waits for them, and a checkpoint that cannot be read makes the load FAILED, not the actor.
         self.load = LoadProgress(0, what=name or "experts")
         self._loaded = threading.Event()
-        # global expert id → slot in this actor's stacked weights (-1: not hosted here)
-        self.slot = torch.full((self.num_experts,), -1, dtype=torch.long)
-        self.slot[list(self.experts)] = torch.arange(len(self.experts))
         self.tokens = 0  # (token, expert) pairs computed since this process started
         self.calls = 0
         self.busy_s = 0.0  # time spent inside forward (the rest of a call's latency is transport)
+        # [L, E] pairs computed per (layer, expert) since this process started: the planner's load
+        self.pairs = torch.zeros(config.num_hidden_layers, self.num_experts, dtype=torch.long)
         from ray.util.metrics import Counter, Gauge, Histogram
 
         from .metrics import LATENCY_BUCKETS
@@ -117,28 +127,26 @@ class ExpertActor:
         self._load_total = load_total
         self.load.on_add = lambda p: load_bytes.set(p.bytes_read)
 
-
         # Layer calls may also come over a socket (actors/direct.py); Ray still places, names and
         # restarts this actor and hands out the endpoint.
         self.direct = DirectServer(self.forward_timed, host=ray.util.get_node_ip_address())
-        threading.Thread(target=self._load_weights, args=(checkpoint,), name="raymoe-expert-load", daemon=True).start()
+        threading.Thread(target=self._load_weights, name="raymoe-expert-load", daemon=True).start()
 
     def __repr__(self) -> str:  # the Ray dashboard and log prefixes show this
         return f"ExpertActor({self.name})"
 
-    def _load_weights(self, checkpoint: str) -> None:
+    def _load_weights(self) -> None:
         """Read this actor's experts (only theirs), straight into the serving dtype, then the device."""
         from model.weights import Checkpoint
 
         ckpt = None
         try:
-            ckpt = Checkpoint(checkpoint)
-            self.load.total_bytes = ckpt.expert_nbytes(self.layers, self.experts)
+            ckpt = Checkpoint(self.checkpoint)
+            self.load.total_bytes = sum(ckpt.expert_nbytes([layer], ex) for layer, ex in self.assignment.items())
             self._load_total.set(self.load.total_bytes)
             ckpt.progress = self.load
-            for layer in self.layers:
-                w13, w2 = ckpt.experts(layer, self.experts, self.dtype)
-                self.weights[layer] = (w13.to(self.device), w2.to(self.device))
+            for layer, experts in self.assignment.items():
+                self.state[layer] = self._stack(layer, experts, *ckpt.experts(layer, experts, self.dtype))
             self.load.done()
         except BaseException as e:  # noqa: BLE001 — reported by progress() and every call
             self.load.done(e)
@@ -146,6 +154,54 @@ class ExpertActor:
             if ckpt is not None:
                 ckpt.close()
             self._loaded.set()
+
+    def _stack(self, layer: int, experts: Sequence[int], w13: torch.Tensor, w2: torch.Tensor):
+        slot = torch.full((self.num_experts,), -1, dtype=torch.long)
+        slot[list(experts)] = torch.arange(len(experts))
+        return slot, w13.to(self.device), w2.to(self.device)
+
+    @ray.method(concurrency_group="control")
+    def hold(self, assignment: dict[int, Sequence[int]]) -> dict[str, Any]:
+        """Hold exactly `assignment` {layer: experts} from now on: read the copies not held yet (only
+        those), keep the others without a copy, drop the rest; each layer switches at once, between
+        two of its calls. Layer calls keep being answered meanwhile. Returns bytes read and seconds."""
+        from model.weights import Checkpoint
+
+        self._loaded.wait()
+        if self.load.state == "FAILED":
+            raise ExpertsNotLoaded(f"{self.name}: loading the experts failed: {self.load.error}")
+        t0 = time.perf_counter()
+        target = {int(layer): tuple(sorted(int(e) for e in ex)) for layer, ex in assignment.items() if ex}
+        with self._hold_lock:
+            ckpt = Checkpoint(self.checkpoint)
+            read = 0
+            try:
+                for layer, experts in target.items():
+                    have = self.assignment.get(layer, ())
+                    if have == experts:
+                        continue
+                    new = [e for e in experts if e not in have]
+                    read += ckpt.expert_nbytes([layer], new)
+                    w13_new, w2_new = ckpt.experts(layer, new, self.dtype) if new else (None, None)
+                    parts13, parts2 = [], []
+                    for e in experts:
+                        if e in have:
+                            slot, w13, w2 = self.state[layer]
+                            parts13.append(w13[int(slot[e])])
+                            parts2.append(w2[int(slot[e])])
+                        else:
+                            parts13.append(w13_new[new.index(e)].to(self.device))
+                            parts2.append(w2_new[new.index(e)].to(self.device))
+                    self.state[layer] = self._stack(layer, experts, torch.stack(parts13), torch.stack(parts2))
+                    self.assignment[layer] = experts
+                for layer in [x for x in self.assignment if x not in target]:
+                    del self.state[layer], self.assignment[layer]
+            finally:
+                ckpt.close()
+            self.experts = tuple(sorted({e for ex in self.assignment.values() for e in ex}))
+            self.layers = tuple(sorted(self.assignment))
+            _record_assignment(self.assignment)
+        return {"bytes_read": read, "seconds": time.perf_counter() - t0}
 
     @ray.method(concurrency_group="control")
     def progress(self) -> dict[str, Any]:
@@ -177,14 +233,17 @@ class ExpertActor:
     def compute(self, layer: int, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
         """x [n, D], rows [P] into x, experts [P] global ids, weights [P] float32 → [n, D] on CPU."""
-        if layer not in self.weights:
+        state = self.state.get(layer)
+        if state is None:
             raise ValueError(f"{self.name}: layer {layer} is not hosted here (layers {self.layers})")
-        w13, w2 = self.weights[layer]
-        local = self.slot[experts.long()]  # [P]
+        slot, w13, w2 = state
+        local = slot[experts.long()]  # [P]
         if bool((local < 0).any()):
-            raise ValueError(f"{self.name}: experts {sorted(set(experts[local < 0].tolist()))} are not hosted here")
+            raise ValueError(f"{self.name}: layer {layer}: experts {sorted(set(experts[local < 0].tolist()))} "
+                             f"are not hosted here")
+        self.pairs[layer] += torch.bincount(experts.long(), minlength=self.num_experts)
         order = torch.argsort(local, stable=True)  # pairs grouped by expert
-        counts = torch.bincount(local, minlength=len(self.experts)).tolist()
+        counts = torch.bincount(local, minlength=w13.shape[0]).tolist()
         row = rows.long()[order].to(self.device)
         w = weights[order].to(self.device)  # float32, as in model.moe.combine
         xt = x.to(self.device, non_blocking=True)
@@ -192,13 +251,19 @@ class ExpertActor:
         return torch.zeros_like(xt).index_add_(0, row, (out_rows * w[:, None]).to(xt.dtype)).cpu()
 
     @ray.method(concurrency_group="control")
+    def expert_load(self) -> list[list[int]]:
+        """[L][E] (token, expert) pairs this process computed per layer and expert."""
+        return self.pairs.tolist()
+
+    @ray.method(concurrency_group="control")
     def stats(self) -> dict[str, Any]:
         ctx = ray.get_runtime_context()
         with warnings.catch_warnings():  # Ray's own property warns about an API it calls internally
             warnings.simplefilter("ignore")
             reconstructed = bool(ctx.was_current_actor_reconstructed)
-        weight_bytes = sum(t.numel() * t.element_size() for pair in list(self.weights.values()) for t in pair)
+        weight_bytes = sum(t.numel() * t.element_size() for _, *pair in list(self.state.values()) for t in pair)
         return {"name": self.name, "experts": list(self.experts), "layers": list(self.layers),
+                "assignment": {str(layer): list(ex) for layer, ex in self.assignment.items()},
                 "weight_bytes": weight_bytes, "tokens": self.tokens, "calls": self.calls, "busy_s": self.busy_s,
                 "device": str(self.device), "threads": torch.get_num_threads(), "node_id": ctx.get_node_id(),
                 "host": socket.gethostname(), "pid": os.getpid(), "load_s": round(self.load.seconds, 3),
@@ -214,3 +279,29 @@ class ExpertActor:
         """(host, port, token) of this process's direct-transport listener; a restart changes the token."""
         return self.direct.endpoint()
 
+
+
+def _assignment_key() -> bytes:
+    return f"raymoe-actor-holds/{ray.get_runtime_context().get_actor_id()}".encode()
+
+
+def _record_assignment(assignment: dict[int, tuple[int, ...]]) -> None:
+    """Remember what this actor holds beyond its process (Ray's KV store, keyed by the actor id,
+    which survives restarts), so that a restarted process reloads the same experts."""
+    import json
+
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(_assignment_key(), json.dumps({str(k): list(v) for k, v in assignment.items()}).encode(),
+                     overwrite=True)
+
+
+def _recorded_assignment() -> dict[int, tuple[int, ...]] | None:
+    import json
+
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+
+    if not _internal_kv_initialized():
+        return None
+    raw = _internal_kv_get(_assignment_key())
+    return None if raw is None else {int(k): tuple(v) for k, v in json.loads(raw).items()}

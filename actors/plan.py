@@ -131,6 +131,15 @@ def from_placement(placement: Placement, nodes: Sequence[str] | None = None) -> 
     return Plan(placement.num_layers, placement.num_experts, actors)
 
 
+def widen(plan: Plan, slots: int) -> Plan:
+    """The same placement with `slots` expert slots per actor (room for the planner's extra copies)."""
+    most = max(len(ex) for a in plan.actors for ex in a.experts)
+    if not most <= slots <= plan.num_experts:
+        raise ValueError(f"expert slots must be between {most} (what an actor holds now) and "
+                         f"{plan.num_experts} (got {slots})")
+    return dataclasses.replace(plan, actors=tuple(dataclasses.replace(a, slots=slots) for a in plan.actors))
+
+
 def diff(old: Plan, new: Plan) -> PlanDiff:
     """Which copies a switch from `old` to `new` must load and retire, sorted (actor, layer, expert)."""
     if (old.num_layers, old.num_experts) != (new.num_layers, new.num_experts):
@@ -184,3 +193,14 @@ def imbalance(plan: Plan, load: Any) -> float:
             worst += max(mine)
             mean += sum(mine) / len(mine)
     return worst / mean if mean > 0 else 1.0
+
+
+def to_json(plan: Plan) -> dict[str, Any]:
+    """A plan as plain JSON-able data (how a live switch publishes it); inverse of from_json."""
+    return dataclasses.asdict(plan)
+
+
+def from_json(data: dict[str, Any]) -> Plan:
+    actors = tuple(ActorSlots(a["id"], a["node"], a["slots"], tuple(a["layers"]),
+                              tuple(tuple(ex) for ex in a["experts"])) for a in data["actors"])
+    return Plan(data["num_layers"], data["num_experts"], actors, data["version"])

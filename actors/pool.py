@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -33,6 +34,7 @@ from model.errors import BackendUnavailable
 
 from .expert_actor import ExpertActor
 from .placement import Placement, assign_nodes, plan_placement
+from .plan import Plan, from_placement, widen
 
 
 class ExpertsUnavailable(BackendUnavailable):
@@ -55,6 +57,7 @@ class PoolConfig:
     num_actors: int | None = 2  # per layer group; None → derived from experts_per_actor
     replicas: int = 1
     experts_per_actor: int | None = None
+    expert_slots: int | None = None  # experts an actor may hold per layer (> its share: room for hot copies)
     layer_groups: int = 1  # >1: each contiguous group of layers gets its own actors
     num_cpus: float | None = None  # per actor on CPU; None → the cluster's CPUs minus one, shared
     num_threads: int | None = None  # torch threads per actor; None → max(1, int(num_cpus))
@@ -66,10 +69,12 @@ class PoolConfig:
     dtype: str = "float32"
     transport: str = "direct"  # how layer calls travel: "direct" (sockets) or "ray" (object store); see transport.py
     call_timeout_s: float = 60.0  # longest wait for one layer's experts (covers an actor restart)
+    rebalance_every_s: float = 0.0  # >0: the pool host applies the planner's placement this often
     start_timeout_s: float = 120.0  # longest wait for the reservation and the actors' weights
 
 
 SAMPLES = 8192  # per DispatchMetrics series
+SUSPECT_CHECK_S = 0.2  # how often an actor suspected dead is asked whether it is back
 
 
 @dataclasses.dataclass
@@ -88,6 +93,7 @@ class DispatchMetrics:
     # compute in it (what no transport can remove; the difference is transport and front work).
     layer_wall_s: float = 0.0
     slowest_compute_s: float = 0.0
+    failovers: int = 0  # actors whose calls went to other copies after they failed
 
     def reset(self) -> None:
         self.__init__()  # type: ignore[misc]
@@ -100,17 +106,26 @@ class LayerRoute:
     owner: torch.Tensor  # [E, Rmax] long
     num_owners: torch.Tensor  # [E] long
     replicated: bool
+    # actors whose every expert here has another copy: a failed call to one goes to those copies
+    spare: frozenset = frozenset()
 
 
-def layer_route(placement: Placement, layer: int) -> LayerRoute:
-    owners = placement.owners(layer)
+def layer_route(plan: Plan | Placement, layer: int, down: frozenset = frozenset()) -> LayerRoute:
+    """The route of `layer`; actors in `down` (suspected dead) are left out wherever their experts
+    have another copy (an expert with no other copy keeps them: its calls wait for the restart)."""
+    owners = [[a for a in o if a not in down] or list(o) for o in plan.owners(layer)]
     missing = [e for e, o in enumerate(owners) if not o]
     if missing:
         raise ValueError(f"layer {layer}: experts {missing} have no actor")
     rmax = max(len(o) for o in owners)
+    hosted: dict[int, list[int]] = collections.defaultdict(list)
+    for e, o in enumerate(owners):
+        for a in o:
+            hosted[a].append(e)
+    spare = frozenset(a for a, experts in hosted.items() if all(len(owners[e]) > 1 for e in experts))
     # explicit device: the model may be built under torch.device("meta")
     table = torch.tensor([list(o) + [o[0]] * (rmax - len(o)) for o in owners], dtype=torch.long, device="cpu")
-    return LayerRoute(table, torch.tensor([len(o) for o in owners], device="cpu"), rmax > 1)
+    return LayerRoute(table, torch.tensor([len(o) for o in owners], device="cpu"), rmax > 1, spare)
 
 
 def pool_key(checkpoint: str, config: PoolConfig) -> str:
@@ -120,7 +135,7 @@ def pool_key(checkpoint: str, config: PoolConfig) -> str:
     import json
 
     shape = {k: v for k, v in dataclasses.asdict(config).items()
-             if not k.endswith("timeout_s") and k != "transport"}
+             if not k.endswith("timeout_s") and k not in ("transport", "rebalance_every_s")}
     return hashlib.sha1(json.dumps([checkpoint, shape], sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -139,16 +154,23 @@ def remove_named_pool(name: str) -> None:
     """Kill every actor of the named pool and remove its placement group (its GPUs and CPUs)."""
     from ray.util import get_placement_group, list_named_actors
 
+    from ray.experimental.internal_kv import _internal_kv_del
+
+    from .live import forget
+
     for a in list_named_actors(all_namespaces=True):
         if a["name"].endswith("/" + name):
             try:
-                ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=True)
+                handle = ray.get_actor(a["name"], namespace=a["namespace"])
+                _internal_kv_del(f"raymoe-actor-holds/{handle._actor_id.hex()}".encode())
+                ray.kill(handle, no_restart=True)
             except ValueError:  # gone meanwhile
                 pass
     try:
         remove_placement_group(get_placement_group(f"{name}/pg"))
     except ValueError:
         pass
+    forget(name)
 
 
 class ExpertPool:
@@ -172,10 +194,17 @@ class ExpertPool:
         self.nodes: tuple[str, ...] | None = None
         self.name = name
         self.metrics = DispatchMetrics()
-        self.actors: list[Any] = []
-        self._routes: dict[int, LayerRoute] = {}
+        self.actors: list[Any] = []  # by actor id (Plan's); None where an actor was retired
+        self.names: dict[int, str] = {}  # actor id → Ray actor name
+        self.namespace = ray.get_runtime_context().namespace
+        self.bundles: dict[int, int | None] = {}  # actor id → its bundle in `pg` (None: placed on its own)
+        self.history: list[dict[str, Any]] = []  # the placement changes so far (see actors/live.py)
+        self._set_plan(from_placement(self.placement))
+        if config.expert_slots is not None:
+            self._set_plan(widen(self.plan, config.expert_slots))
         self.pg = None
         self._transport = None
+        self._follower = None  # a copy's thread following the creator's plan (actors/live.py)
         if name is not None and self._attach(name):
             return
         selectors = None
@@ -209,27 +238,46 @@ class ExpertPool:
             raise
 
     def _start_actors(self, name: str | None) -> None:
-        config = self.config
         tag = uuid.uuid4().hex[:6]
+        for spec in self.placement.actors:
+            actor_name = f"{spec.name}#{spec.index}.{tag}" if name is None else self._actor_name(name, spec.index)
+            self.actors.append(self.start_actor(spec.index, actor_name, {layer: spec.experts for layer in spec.layers},
+                                                bundle=spec.index))
+
+    def start_actor(self, actor_id: int, actor_name: str, assignment: dict[int, Sequence[int]],
+                    bundle: int | None = None, node: str = "") -> Any:
+        """Create one expert actor holding `assignment` {layer: experts}: in bundle `bundle` of the
+        pool's placement group, or on its own with the same resources (on `node` if given, else
+        spread), detached when the pool is named."""
+        config = self.config
         threads = config.num_threads or max(1, int(self.bundle.get("CPU", 1)))
         # progress, stats, pings and endpoints answer while a layer call waits for a reload
         remote_class = ray.remote(concurrency_groups={"control": 2})(ExpertActor)
-        for spec in self.placement.actors:
-            actor_name = f"{spec.name}#{spec.index}.{tag}" if name is None else self._actor_name(name, spec.index)
-            options = dict(name=actor_name, num_cpus=self.bundle.get("CPU", 0),
-                           **({} if name is None else {"lifetime": "detached"}),
-                           num_gpus=self.bundle.get("GPU", 0),
-                           resources={k: v for k, v in self.bundle.items() if k not in ("CPU", "GPU")},
-                           max_restarts=-1, max_task_retries=-1,
-                           scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, spec.index))
-            self.actors.append(remote_class.options(**options).remote(
-                self.checkpoint, spec.experts, spec.layers, dtype=config.dtype, device=self.device,
-                num_threads=threads, name=spec.name))
+        if bundle is not None:
+            strategy: Any = PlacementGroupSchedulingStrategy(self.pg, bundle)
+        elif node:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            strategy = NodeAffinitySchedulingStrategy(node, soft=True)
+        else:
+            strategy = "SPREAD"
+        options = dict(name=actor_name, namespace=self.namespace, num_cpus=self.bundle.get("CPU", 0),
+                       **({} if self.name is None else {"lifetime": "detached"}),
+                       num_gpus=self.bundle.get("GPU", 0),
+                       resources={k: v for k, v in self.bundle.items() if k not in ("CPU", "GPU")},
+                       max_restarts=-1, max_task_retries=-1, scheduling_strategy=strategy)
+        layers = sorted(assignment)
+        handle = remote_class.options(**options).remote(
+            self.checkpoint, [], layers, dtype=config.dtype, device=self.device, num_threads=threads,
+            name=actor_name.split("#")[0], assignment={int(k): list(v) for k, v in assignment.items()})
+        self.names[actor_id] = actor_name
+        self.bundles[actor_id] = bundle
+        return handle
 
     def failed(self) -> bool:
         """Whether an actor failed to load its experts (the pool is then of no use)."""
         try:
-            snaps = ray.get([a.progress.remote() for a in self.actors], timeout=5.0)
+            snaps = ray.get([a.progress.remote() for a in self.live_actors()], timeout=5.0)
         except ray.exceptions.RayError:
             return False  # restarting or unreachable is for the callers' timeouts, not a load failure
         return any(s["state"] == "FAILED" for s in snaps)
@@ -242,7 +290,7 @@ class ExpertPool:
         last_read, last_change = -1, time.monotonic()
         while True:
             try:
-                snaps = ray.get([a.progress.remote() for a in self.actors], timeout=limit)
+                snaps = ray.get([a.progress.remote() for a in self.live_actors()], timeout=limit)
             except ray.exceptions.GetTimeoutError:
                 raise ExpertsUnavailable(None, every, f"expert actors did not start within {limit:g} s") from None
             except ray.exceptions.RayError as e:
@@ -271,9 +319,20 @@ class ExpertPool:
         """Use the named placement group and actors if they all exist (a restarted pool host)."""
         from ray.util import get_placement_group
 
+        from .live import published
+
         try:
             pg = get_placement_group(f"{name}/pg")
-            actors = [ray.get_actor(self._actor_name(name, a.index)) for a in self.placement.actors]
+            state = published(name)
+            if state is None:  # never changed: the startup placement
+                self.names = {a.index: self._actor_name(name, a.index) for a in self.placement.actors}
+                self.bundles = {a.index: a.index for a in self.placement.actors}
+            else:
+                plan, self.names, self.bundles, self.history = state
+                self._set_plan(plan)
+            actors: list[Any] = [None] * (max(self.names) + 1)
+            for actor_id, actor_name in self.names.items():
+                actors[actor_id] = ray.get_actor(actor_name, namespace=self.namespace)
         except ValueError:  # some part is missing: clean up what is left and start afresh
             remove_named_pool(name)
             return False
@@ -306,25 +365,137 @@ class ExpertPool:
     # --- calls -------------------------------------------------------------------------------
 
     def transport(self):
-        """This process's way of calling the actors (config.transport), made on first use."""
+        """This process's way of calling the actors (config.transport), made on first use; a copy
+        of a named pool then starts following its creator's placement changes (actors/live.py)."""
         if self._transport is None:
+            from .live import Follower
             from .transport import make_transport
 
+            if self.name is not None and self._follower is None and not self._creator:
+                self._follower = Follower(self)
             self._transport = make_transport(self.config.transport, self)
         return self._transport
 
     def __getstate__(self) -> dict[str, Any]:  # a copy for another process: no sockets, no threads
-        return {**self.__dict__, "_transport": None}
+        return {**self.__dict__, "_transport": None, "_follower": None, "_creator": False,
+                "_inflight": collections.Counter(), "_lock": None, "_down": frozenset(), "_checker": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    # --- the live plan (changed by actors/live.py) ----------------------------------------------
+
+    def _set_plan(self, plan: Plan) -> None:
+        """Install `plan`: every layer call dispatched from now on routes by it (one assignment, so
+        a call sees the old plan or the new one whole)."""
+        self._live = (plan, {})
+        if not hasattr(self, "_inflight"):
+            self._inflight: collections.Counter = collections.Counter()  # plan version → calls in flight
+            self._lock = threading.Lock()
+            self._creator = True
+            self._down: frozenset = frozenset()  # actors suspected dead (see suspect)
+            self._checker: threading.Thread | None = None
+
+    @property
+    def plan(self) -> Plan:
+        return self._live[0]
+
+    def begin_call(self, layer: int) -> tuple[int, LayerRoute]:
+        """The plan version and route a layer call uses; end_call(version) once it has returned."""
+        plan, routes = self._live
+        down = self._down
+        key = (layer, down)
+        route = routes.get(key)
+        if route is None:
+            route = routes[key] = layer_route(plan, layer, down)
+        with self._lock:
+            self._inflight[plan.version] += 1
+        return plan.version, route
+
+    # --- failover: a dead copy's pairs go to a live copy at once ---------------------------------
+
+    def suspect(self, actor: int) -> None:
+        """Route nothing to `actor` where its experts have other copies, until it answers as loaded
+        again (a restarted process reloads its experts first), checked on a background thread."""
+        with self._lock:
+            if actor in self._down:
+                return
+            self._down = self._down | {actor}
+            self.metrics.failovers += 1
+        from .metrics import count_failover
+
+        count_failover(self.actor_name(actor))
+        with self._lock:
+            if self._checker is None:
+                self._checker = threading.Thread(target=self._check_suspects, name="raymoe-failover", daemon=True)
+                self._checker.start()
+
+    def _check_suspects(self) -> None:
+        while True:
+            with self._lock:
+                if not self._down:
+                    self._checker = None
+                    return
+            for actor in list(self._down):
+                handle = self.actors[actor] if actor < len(self.actors) else None
+                try:
+                    back = handle is not None and ray.get(handle.progress.remote(), timeout=1.0)["state"] == "READY"
+                except Exception:  # noqa: BLE001 — still dead, or restarting
+                    back = False
+                if back or handle is None:
+                    with self._lock:
+                        self._down = self._down - {actor}
+            time.sleep(SUSPECT_CHECK_S)
+
+    def end_call(self, version: int) -> None:
+        with self._lock:
+            self._inflight[version] -= 1
+            if not self._inflight[version]:
+                del self._inflight[version]
+
+    def oldest_in_use(self) -> int:
+        """The oldest plan version a call still in flight here uses (or the current one)."""
+        with self._lock:
+            return min([v for v, n in self._inflight.items() if n > 0] + [self.plan.version])
+
+    def bundles_free(self) -> list[int]:
+        """Bundles of the placement group that no live actor uses (a retired actor's)."""
+        if self.pg is None:
+            return []
+        used = {b for i, b in self.bundles.items() if b is not None and i < len(self.actors) and self.actors[i]}
+        return [b for b in range(len(self.placement.actors)) if b not in used]
+
+    def retire_actor(self, actor_id: int) -> None:
+        """Kill an actor the plan no longer has; its bundle (if any) is free for the next one."""
+        handle = self.actors[actor_id]
+        if handle is None:
+            return
+        from ray.experimental.internal_kv import _internal_kv_del
+
+        try:
+            _internal_kv_del(f"raymoe-actor-holds/{handle._actor_id.hex()}".encode())
+            ray.kill(handle, no_restart=True)
+        except Exception:  # noqa: BLE001 — already gone
+            pass
+        self.actors[actor_id] = None
+
+    def live_actors(self) -> list[Any]:
+        return [a for a in self.actors if a is not None]
+
+    def actor_name(self, actor: int) -> str:
+        """What the actor is called in errors, stats and the dashboard, e.g. 'experts[0-1]@layers[0-31]'
+        (as it started) or 'actor5' (started by a placement change)."""
+        return self.names.get(actor, f"actor{actor}").split("#")[0]
 
     # --- lookups -----------------------------------------------------------------------------
 
     def route(self, layer: int) -> LayerRoute:
-        if layer not in self._routes:
-            self._routes[layer] = layer_route(self.placement, layer)
-        return self._routes[layer]
+        plan, routes = self._live
+        key = (layer, self._down)
+        if key not in routes:
+            routes[key] = layer_route(plan, layer, self._down)
+        return routes[key]
 
     def actor_id(self, actor: int) -> str | None:
         """Ray's hex id of the actor at pool index `actor` (errors carry it)."""
@@ -334,19 +505,23 @@ class ExpertPool:
             return None
 
     def hosted(self, actor: int, layer: int) -> tuple[int, ...]:
-        spec = self.placement.actors[actor]
-        return spec.experts if layer in spec.layers else ()
+        try:
+            return self.plan.actor(actor).experts[layer]
+        except KeyError:
+            return ()
 
     def stats(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
-        return ray.get([a.stats.remote() for a in self.actors], timeout=timeout_s or self.config.call_timeout_s)
+        return ray.get([a.stats.remote() for a in self.live_actors()], timeout=timeout_s or self.config.call_timeout_s)
 
     def describe(self) -> str:
-        return ", ".join(f"{s.name}" for s in self.placement.actors)
+        return ", ".join(self.actor_name(a.id) for a in self.plan.actors)
 
     # --- lifetime ----------------------------------------------------------------------------
 
     def shutdown(self) -> None:
-        for a in self.actors:
+        if self._follower is not None:
+            self._follower.stop()
+        for a in self.live_actors():
             try:
                 ray.kill(a, no_restart=True)
             except Exception:  # already gone

@@ -24,6 +24,7 @@ import threading
 import time
 from typing import Any
 
+from . import live
 from .pool import ExpertPool, PoolConfig, named_pools, pool_key, remove_named_pool
 
 NAMESPACE = "raymoe"
@@ -35,8 +36,11 @@ class PoolHost:
         self.app, self.retire_after_s = app, retire_after_s
         self.pools: dict[str, ExpertPool] = {}  # pool name → pool, as handed out by this process
         self.retiring: dict[str, float] = {}  # pool name → when to remove it
+        self.current: str | None = None  # the pool asked for last: the deployment's
         self._lock = threading.Lock()  # get_pool may be called concurrently (threaded actor)
+        self._changing = threading.Lock()  # one placement change at a time (they take seconds)
         self._stop = threading.Event()
+        self._last_rebalance = time.monotonic()
         threading.Thread(target=self._janitor, name="raymoe-pool-janitor", daemon=True).start()
 
     def pool_name(self, key: str) -> str:
@@ -52,7 +56,11 @@ class PoolHost:
                 # Without waiting for the weights: each replica loads its own part meanwhile, then
                 # waits (ExpertPool.wait_loaded) with its own progress.
                 self.pools[name] = ExpertPool(checkpoint, cfg, name=name, wait=False)
+                live.show_metrics(self.pools[name])
             self.retiring.pop(name, None)
+            self.current = name
+            self.pools[name].config = dataclasses.replace(self.pools[name].config,
+                                                          rebalance_every_s=cfg.rebalance_every_s)
             # The pool asked for last is the deployment's: every other one of this app (known here,
             # or left by an earlier host process) serves its old replicas a while longer, then goes.
             deadline = time.monotonic() + self.retire_after_s
@@ -62,6 +70,43 @@ class PoolHost:
             pool.config = cfg
             return pool
 
+    # --- live placement (actors/live.py): what `raymoe experts` asks for ----------------------
+
+    def _pool(self) -> ExpertPool:
+        with self._lock:
+            if self.current is None or self.current not in self.pools:
+                raise LookupError("no expert pool is running yet")
+            return self.pools[self.current]
+
+    def placement(self) -> dict[str, Any]:
+        return live.report(self._pool())
+
+    def scale(self, num_actors: int) -> dict[str, Any]:
+        pool = self._pool()
+        with self._changing:
+            return live.scale_pool(pool, num_actors)
+
+    def rebalance(self) -> dict[str, Any]:
+        pool = self._pool()
+        with self._changing:
+            self._last_rebalance = time.monotonic()
+            return live.rebalance_pool(pool)
+
+    def _maybe_rebalance(self) -> None:
+        try:
+            pool = self._pool()
+        except LookupError:
+            return
+        every = pool.config.rebalance_every_s
+        if every > 0 and time.monotonic() - self._last_rebalance >= every and self._changing.acquire(blocking=False):
+            try:
+                self._last_rebalance = time.monotonic()
+                live.rebalance_pool(pool)
+            except Exception as e:  # noqa: BLE001 — try again next period; the old placement serves
+                print(f"raymoe: periodic rebalance failed: {e}", flush=True)
+            finally:
+                self._changing.release()
+
     def ping(self) -> list[str]:
         """The pools this host process knows (for tests and status)."""
         with self._lock:
@@ -69,6 +114,7 @@ class PoolHost:
 
     def _janitor(self) -> None:
         while not self._stop.wait(1.0):
+            self._maybe_rebalance()
             with self._lock:
                 now = time.monotonic()
                 for name in [n for n, when in self.retiring.items() if when <= now]:

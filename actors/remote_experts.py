@@ -16,12 +16,13 @@ Legend: T = tokens, K = experts per token, P = T·K pairs, n = an actor's distin
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
 
 from .expert_actor import from_wire, pack
-from .pool import ExpertPool, ExpertsUnavailable
+from .pool import ExpertPool, ExpertsUnavailable, LayerRoute
 from .transport import Unreachable
 
 
@@ -44,36 +45,65 @@ def _call_histogram():
 class Pending:
     """One layer's expert calls in flight; `result()` waits (bounded) and combines."""
 
-    def __init__(self, owner: "RemoteExperts", calls: list, actors: list[int], rows: list[torch.Tensor],
-                 like: torch.Tensor, started: float) -> None:
-        self.owner, self.calls, self.actors, self.rows = owner, calls, actors, rows  # rows: tokens per actor
+    def __init__(self, owner: "RemoteExperts", x: torch.Tensor, calls: list, sends: list["Send"], like: torch.Tensor,
+                 started: float, version: int, spare: frozenset) -> None:
+        self.owner, self.x, self.calls, self.sends = owner, x, calls, sends
+        self.actors = [s.actor for s in sends]
+        self.version = version  # of the plan it was routed by (live placement waits for it to return)
+        self.spare = spare  # actors whose failed calls can go to other copies
         self.shape, self.dtype, self.device = tuple(like.shape), like.dtype, like.device
         self.started = started  # when dispatch began
 
     def result(self, timeout_s: float | None = None) -> torch.Tensor:
-        """The layer's expert output [T, D] on the input's device; ExpertsUnavailable after the timeout."""
+        """The layer's expert output [T, D] on the input's device; ExpertsUnavailable after the timeout.
+        A call that failed on an actor whose experts all have other copies is sent to them at once
+        (failover), without waiting for the actor's restart."""
         pool = self.owner.pool
         timeout = pool.config.call_timeout_s if timeout_s is None else timeout_s
         t0 = time.perf_counter()
         try:
-            parts = pool.transport().gather(self.calls, self.actors, timeout)
+            parts = pool.transport().gather(self.calls, self.actors, timeout, self.spare)
         except Unreachable as e:
             raise self.owner.unavailable(e.actors, e.reason) from None
+        finally:
+            pool.end_call(self.version)
         t1 = time.perf_counter()
         out = torch.zeros(self.shape, dtype=self.dtype)
-        received = 0
-        for rows, (part, _) in zip(self.rows, parts):  # Σ over actors of their partial sums
-            out.index_add_(0, rows, from_wire(part, self.dtype).view(rows.numel(), -1))
-            received += part.nbytes
+        received, failed = 0, []
+        for send, part in zip(self.sends, parts):  # Σ over actors of their partial sums
+            if part is None:
+                failed.append(send)
+                continue
+            out.index_add_(0, send.tokens, from_wire(part[0], self.dtype).view(send.tokens.numel(), -1))
+            received += part[0].nbytes
+        if failed:  # their pairs go to the experts' other copies now
+            for send in failed:
+                pool.suspect(send.actor)
+            again = self.owner.send_pairs(self.x, torch.cat([s.tokens[s.local] for s in failed]),
+                                          torch.cat([s.experts for s in failed]), torch.cat([s.weights for s in failed]),
+                                          self.x, t0)
+            left = max(0.001, timeout - (time.perf_counter() - t0))
+            out += again.result(left).to(out.dtype).cpu()
         t2 = time.perf_counter()
         _call_histogram().observe(t2 - self.started, tags={"layer": str(self.owner.layer)})
         m = pool.metrics
         m.layer_wall_s += t2 - self.started
-        m.slowest_compute_s += max(seconds for _, seconds in parts)
+        m.slowest_compute_s += max((part[1] for part in parts if part is not None), default=0.0)
         m.wait_us.append((t1 - t0) * 1e6)
         m.combine_us.append((t2 - t1) * 1e6)
         m.bytes_received += received
         return out.to(self.device)
+
+
+@dataclasses.dataclass
+class Send:
+    """What one actor was sent for one layer call (kept so that it can go elsewhere on failure)."""
+
+    actor: int
+    tokens: torch.Tensor  # [n] the distinct tokens sent (rows of the layer's x)
+    local: torch.Tensor  # [P] per pair, its row in `tokens`
+    experts: torch.Tensor  # [P] int32
+    weights: torch.Tensor  # [P] float32
 
 
 class RemoteExperts:
@@ -81,16 +111,20 @@ class RemoteExperts:
 
     def __init__(self, layer: int, pool: ExpertPool) -> None:
         self.layer, self.pool = layer, pool
-        self.route = pool.route(layer)
         self.num_experts = pool.model_config.num_local_experts
 
     def __call__(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return self.dispatch(x, weights, idx).result()
 
-    def assign(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx [T, K] → the pool index of the actor computing each pair, [T·K]."""
+    def assign(self, idx: torch.Tensor, route: LayerRoute | None = None) -> torch.Tensor:
+        """idx [T, K] → the pool index (actor id) of the actor computing each pair, [T·K].
+
+        An expert with copies has its pairs split between them by load: the actors' pairs of
+        single-copy experts are counted first, then each replicated expert (heaviest first) fills
+        its copies' actors up to a common level (water-filling), and its k-th pair goes to the copy
+        whose share covers k. Deterministic for a given batch."""
         flat = idx.reshape(-1)
-        r = self.route
+        r = route or self.pool.route(self.layer)
         if not r.replicated:
             return r.owner[flat, 0]
         order = torch.argsort(flat, stable=True)
@@ -98,22 +132,38 @@ class RemoteExperts:
         starts = torch.cumsum(counts, 0) - counts
         rank = torch.empty_like(flat)
         rank[order] = torch.arange(flat.numel()) - starts[flat[order]]  # k-th pair of its expert
-        return r.owner[flat, rank % r.num_owners[flat]]
+        bounds = split_by_load(counts.tolist(), r.owner.tolist(), r.num_owners.tolist())  # [E][R] cumulative
+        copy = torch.searchsorted(torch.tensor(bounds)[flat], rank[:, None], right=True).squeeze(1)
+        return r.owner[flat, copy]
 
     def dispatch(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> Pending:
         """Send every actor of the layer its payload; returns at once."""
         t0 = time.perf_counter()
-        pool, (T, K), like = self.pool, idx.shape, x
-        x = x.detach().cpu()
-        actor_of = self.assign(idx.cpu())  # [P]
+        T, K = idx.shape
+        return self.send_pairs(x.detach().cpu(), torch.arange(T * K) // K, idx.reshape(-1).cpu().to(torch.int32),
+                               weights.reshape(-1).detach().cpu().float(), x, t0)
+
+    def send_pairs(self, x: torch.Tensor, token: torch.Tensor, experts: torch.Tensor, w: torch.Tensor,
+                   like: torch.Tensor, t0: float) -> Pending:
+        """(token, expert, weight) pairs over x [T, D] (CPU) → one payload per actor computing them."""
+        pool = self.pool
+        version, route = pool.begin_call(self.layer)
+        try:
+            return self._send(x, token, experts, w, route, version, like, t0)
+        except BaseException:
+            pool.end_call(version)
+            raise
+
+    def _send(self, x: torch.Tensor, token: torch.Tensor, experts: torch.Tensor, w: torch.Tensor, route: LayerRoute,
+              version: int, like: torch.Tensor, t0: float) -> Pending:
+        pool, T = self.pool, x.shape[0]
+        actor_of = self.assign(experts.long(), route)  # [P]
         # Pairs grouped by actor, in pair order within an actor, so each actor's tokens come sorted.
         by_actor = torch.argsort(actor_of, stable=True)  # [P]
         per_actor = torch.bincount(actor_of, minlength=len(pool.actors)).tolist()
-        token = by_actor // K  # [P] token of each grouped pair
-        experts = idx.reshape(-1).cpu().to(torch.int32)[by_actor]
-        w = weights.reshape(-1).detach().cpu().float()[by_actor]
+        token, experts, w = token[by_actor], experts[by_actor], w[by_actor]
         transport = pool.transport()
-        calls, actors, rows = [], [], []
+        calls, sends = [], []
         sent, start = 0, 0
         for a, n in enumerate(per_actor):
             if not n:
@@ -122,21 +172,65 @@ class RemoteExperts:
             start += n
             tokens, local = torch.unique_consecutive(token[sel], return_inverse=True)  # distinct tokens, pair → row
             payload = pack(x if tokens.numel() == T else x[tokens], local, experts[sel], w[sel])
-            calls.append(transport.submit(a, self.layer, payload))
-            actors.append(a)
-            rows.append(tokens)
+            calls.append(transport.submit(a, self.layer, payload, spare=a in route.spare))
+            sends.append(Send(a, tokens, local, experts[sel], w[sel]))
             sent += payload.nbytes
         m = pool.metrics
         m.dispatch_us.append((time.perf_counter() - t0) * 1e6)
         m.bytes_sent += sent
         m.calls += len(calls)
         m.layer_calls += 1
-        return Pending(self, calls, actors, rows, like, t0)
+        return Pending(self, x, calls, sends, like, t0, version, route.spare)
 
     def unavailable(self, actors: list[int], reason: str) -> ExpertsUnavailable:
-        names = [self.pool.placement.actors[a].name for a in sorted(set(actors))]
-        experts = [e for a in actors for e in self.pool.hosted(a, self.layer)]
+        """The experts of `actors` that no other actor holds (all of them, without copies)."""
+        down = set(actors) | set(self.pool._down)
+        names = [self.pool.actor_name(a) for a in sorted(set(actors))]
+        owners = self.pool.plan.owners(self.layer)
+        experts = [e for a in sorted(set(actors)) for e in self.pool.hosted(a, self.layer)
+                   if all(o in down for o in owners[e])]
+        experts = experts or [e for a in actors for e in self.pool.hosted(a, self.layer)]
         return ExpertsUnavailable(self.layer, experts, f"actor(s) {', '.join(names)}: {reason}")
+
+
+def split_by_load(counts: list[int], owner: list[list[int]], num_owners: list[int]) -> list[list[int]]:
+    """[E][R] cumulative pair counts per copy: copy r of expert e takes ranks [bounds[r-1], bounds[r]).
+
+    Pairs of single-copy experts load their actors first; each replicated expert, heaviest first,
+    then pours its pairs into its copies' actors, the least loaded first, up to a common level."""
+    E, width = len(counts), len(owner[0])
+    load: dict[int, int] = {}
+    for e in range(E):
+        if num_owners[e] == 1:
+            load[owner[e][0]] = load.get(owner[e][0], 0) + counts[e]
+    bounds = [[counts[e]] * width for e in range(E)]
+    for e in sorted((e for e in range(E) if num_owners[e] > 1), key=lambda e: -counts[e]):
+        actors = owner[e][:num_owners[e]]
+        share = _water_fill([load.get(a, 0) for a in actors], counts[e])
+        total = 0
+        for i, a in enumerate(actors):
+            total += share[i]
+            bounds[e][i] = total
+            load[a] = load.get(a, 0) + share[i]
+    return bounds
+
+
+def _water_fill(level: list[int], amount: int) -> list[int]:
+    """Split `amount` units over bins at `level` so the fullest ends as low as possible (ties: the
+    earlier bins take the remainder)."""
+    n = len(level)
+    order = sorted(range(n), key=lambda j: (level[j], j))
+    for k in range(1, n + 1):
+        if k < n:
+            need = sum(level[order[k]] - level[order[j]] for j in range(k))
+            if need < amount:
+                continue
+        height, extra = divmod(sum(level[order[j]] for j in range(k)) + amount, k)
+        share = [0] * n
+        for j in range(k):
+            share[order[j]] = height - level[order[j]] + (1 if j < extra else 0)
+        return share
+    raise AssertionError("unreachable")
 
 
 def remote_experts_factory(pool: ExpertPool):

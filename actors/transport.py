@@ -47,10 +47,15 @@ class RayCalls:
     def __init__(self, pool: "ExpertPool") -> None:
         self.pool = pool
 
-    def submit(self, actor: int, layer: int, payload: np.ndarray) -> ray.ObjectRef:
+    def submit(self, actor: int, layer: int, payload: np.ndarray, spare: bool = False) -> ray.ObjectRef:
         return self.pool.actors[actor].forward_timed.remote(layer, payload)
 
-    def gather(self, calls: list[ray.ObjectRef], actors: list[int], timeout_s: float) -> list[Reply]:
+    def gather(self, calls: list[ray.ObjectRef], actors: list[int], timeout_s: float,
+               spare: frozenset = frozenset()) -> list[Reply | None]:
+        """The replies in order; None for a call to a `spare` actor that is dead for good (Ray
+        retries a restarting actor's call itself, so over Ray a restart is waited for)."""
+        if any(a in spare for a in actors):
+            return self._gather_each(calls, actors, timeout_s, spare)
         try:
             return ray.get(calls, timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
@@ -68,6 +73,21 @@ class RayCalls:
             failed = [a for a in actors if self.pool.actor_id(a) == e.actor_id] or \
                 [a for r, a in zip(calls, actors) if _failed(r)] or list(actors)
             raise Unreachable(failed, brief(e)) from None
+
+
+    def _gather_each(self, calls, actors, timeout_s: float, spare: frozenset) -> list[Reply | None]:
+        deadline, out = time.monotonic() + timeout_s, []
+        for ref, actor in zip(calls, actors):
+            try:
+                out.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+            except ray.exceptions.GetTimeoutError:
+                late = [a for r, a in zip(calls[len(out):], actors[len(out):]) if not ray.wait([r], timeout=0)[0]]
+                raise Unreachable(late or [actor], f"no answer within {timeout_s:g} s") from None
+            except (ray.exceptions.RayActorError, ExpertsNotLoaded) as e:
+                if actor not in spare:
+                    raise Unreachable([actor], brief(e)) from None
+                out.append(None)
+        return out
 
 
 def _failed(ref: ray.ObjectRef) -> bool:
@@ -89,6 +109,8 @@ class DirectCall:
     payload: np.ndarray
     id: int
     channel: DirectChannel | None = None  # where it was sent (None: not yet, or that one broke)
+    spare: bool = False  # its experts have other copies: on failure, give up at once (failover)
+    lost: bool = False  # it was sent, or about to be, on a connection that broke
 
 
 class DirectCalls:
@@ -102,23 +124,40 @@ class DirectCalls:
             self._local.channels = {}
         return self._local.channels
 
-    def submit(self, actor: int, layer: int, payload: np.ndarray) -> DirectCall:
-        call = DirectCall(actor, layer, payload, next(self._ids) & 0xFFFFFFFF)
+    def submit(self, actor: int, layer: int, payload: np.ndarray, spare: bool = False) -> DirectCall:
+        call = DirectCall(actor, layer, payload, next(self._ids) & 0xFFFFFFFF, spare=spare)
         channel = self._channels().get(actor)
-        if channel is not None and not channel.broken:
+        if channel is not None and channel.broken:
+            call.lost = True
+        elif channel is not None:
             try:
                 channel.send(call.id, layer, payload)
                 call.channel = channel
             except ConnectionLost:
-                pass  # sent again by `gather`, after reconnecting
+                call.lost = True  # sent again by `gather` after reconnecting, or failed over if spare
         return call
 
-    def gather(self, calls: list[DirectCall], actors: list[int], timeout_s: float) -> list[Reply]:
+    def gather(self, calls: list[DirectCall], actors: list[int], timeout_s: float,
+               spare: frozenset = frozenset()) -> list[Reply | None]:
+        """The replies in order; None for a spare call whose connection broke or whose actor Ray
+        reports gone or new (its pairs can go to the other copies at once)."""
         deadline = time.monotonic() + timeout_s
         for call in calls:  # every call is on the wire before we wait for the first
-            self._send(call, deadline, timeout_s)
+            if call.spare and (call.lost or (call.channel is not None and call.channel.broken)):
+                self._drop(call.actor, call.channel)
+                call.channel, call.lost = None, True
+                continue
+            try:
+                self._send(call, deadline, timeout_s)
+            except Unreachable:
+                if not call.spare:
+                    raise
+                call.lost = True  # Ray says the actor is gone: its copies take the pairs
         replies: list[Reply | None] = []
         for call in calls:
+            if call.spare and call.lost:
+                replies.append(None)
+                continue
             try:
                 replies.append(self._result(call, deadline, timeout_s))
             except Unreachable as e:
@@ -154,10 +193,16 @@ class DirectCalls:
             except ConnectionLost:
                 self._drop(call.actor, channel)
 
-    def _result(self, call: DirectCall, deadline: float, timeout_s: float) -> Reply:
-        probe, probed = None, None  # an outstanding "who are you now?" to the actor, and the channel it is about
+    def _result(self, call: DirectCall, deadline: float, timeout_s: float) -> Reply | None:
+        """The call's reply; for a spare call, None as soon as its actor is known gone or new."""
+        probe, probed, asked = None, None, 0.0  # an outstanding "who are you now?", its channel, when
         while True:
-            self._send(call, deadline, timeout_s)
+            try:
+                self._send(call, deadline, timeout_s)
+            except Unreachable:
+                if call.spare:
+                    return None
+                raise
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise Unreachable([call.actor], f"no answer within {timeout_s:g} s")
@@ -167,18 +212,34 @@ class DirectCalls:
             except ConnectionLost:  # the actor (or its node) went away: reconnect to its successor
                 self._drop(call.actor, channel)
                 call.channel = None
+                if call.spare:
+                    return None
             except ExpertsNotLoaded as e:  # alive, but it can never answer: its experts are unavailable
+                if call.spare:
+                    return None
                 raise Unreachable([call.actor], str(e)) from None
             except TimeoutError:  # busy, or gone without closing the connection (a lost node)?
                 if probe is None or probed is not channel:
                     probe, probed = self.pool.actors[call.actor].direct_endpoint.remote(), channel
+                    asked = time.monotonic()
                 ready, _ = ray.wait([probe], timeout=0)
                 if ready:
-                    endpoint = self._endpoint(probe, call.actor, 0, timeout_s)
+                    try:
+                        endpoint = self._endpoint(probe, call.actor, 0, timeout_s)
+                    except Unreachable:
+                        if call.spare:
+                            return None
+                        raise
                     probe = None
                     if endpoint[2] != channel.token:  # a new process: the call died with the old one
                         self._drop(call.actor, channel)
                         call.channel = None
+                        if call.spare:
+                            return None
+                elif call.spare and time.monotonic() - asked > STALL_S:  # not even Ray hears from it
+                    self._drop(call.actor, channel)
+                    call.channel = None
+                    return None
 
     def _connect(self, actor: int, deadline: float, timeout_s: float) -> DirectChannel:
         channels = self._channels()

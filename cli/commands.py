@@ -16,10 +16,12 @@ def run_command(args: argparse.Namespace) -> int:
     from model.weights import CheckpointError
 
     from .serve import cmd_generate, cmd_serve
+    from .experts import cmd_experts
     from .status import cmd_status
 
     handlers = {"run": cmd_run, "init-model": cmd_init_model, "serve": cmd_serve, "generate": cmd_generate,
-                "train-demo": cmd_train_demo, "eval-demo": cmd_eval_demo, "status": cmd_status}
+                "train-demo": cmd_train_demo, "eval-demo": cmd_eval_demo, "status": cmd_status,
+                "experts": cmd_experts}
     try:
         return handlers[args.command](args)
     except (UserError, ConfigError, CheckpointError, TokenizerError, ValueError) as e:
@@ -108,8 +110,11 @@ def cmd_init_model(args: argparse.Namespace) -> int:
     shard = None if args.shard_mb is None else int(args.shard_mb * 2**20)
     if args.layers is not None and args.layers < 1:
         raise UserError(f"--layers must be at least 1 (got {args.layers})")
+    if not args.router_skew > 0:
+        raise UserError(f"--router-skew must be positive (got {args.router_skew})")
     out = init_checkpoint(args.preset, args.out, seed=args.seed, new_style_config=not args.old_config,
-                          max_shard_bytes=shard, dtype=getattr(torch, args.dtype), layers=args.layers)
+                          max_shard_bytes=shard, dtype=getattr(torch, args.dtype), layers=args.layers,
+                          router_skew=args.router_skew)
     print(f"wrote {args.preset} checkpoint to {out}")
     return 0
 

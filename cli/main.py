@@ -84,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--timeout", type=float, default=30.0)
     _add_api_key(st)
 
+    ex = sub.add_parser("experts", help="where a server's experts run, and live changes to it (scale, rebalance)")
+    ex.add_argument("action", nargs="?", choices=["show", "scale", "rebalance"], default="show",
+                    help="show (default): the placement, its version and history; scale: grow or shrink the expert "
+                         "actors to --actors N; rebalance: apply the plan for the load measured since the last one")
+    ex.add_argument("--target", default="127.0.0.1:9000", help="HOST:PORT of the server")
+    ex.add_argument("--actors", type=int, default=None, metavar="N", help="with scale: the number of expert actors")
+    ex.add_argument("--json", action="store_true", help="print one JSON object")
+    ex.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
+    _add_api_key(ex)
+
     init = sub.add_parser("init-model", help="write a random checkpoint of a named shape")
     init.add_argument("--preset", choices=["tiny", "small", "mixtral-shaped"], default="tiny",
                       help="tiny (tests), small (benchmarks), mixtral-shaped (Mixtral-8x7B's shapes; 2 layers "
@@ -95,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--shard-mb", type=float, default=None, help="split weights into shards of this size")
     init.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                       help="stored weight type (config.json torch_dtype; what --dtype auto serves in)")
+    init.add_argument("--router-skew", type=float, default=1.0, metavar="S",
+                      help="scale the router rows of experts 0 and 1 by S, so that every layer prefers them "
+                           "(a skewed expert load, e.g. for bench/bench_rebalance.py); 1 = as drawn")
 
     train = sub.add_parser("train-demo", help="train the demo model (a tiny Mixtral that adds numbers)")
     train.add_argument("--out", required=True, help="checkpoint directory to write")

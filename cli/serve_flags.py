@@ -25,6 +25,10 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--actor-cpus", "expert_num_cpus", float, "CPU share of each expert actor"),
     ("--expert-gpus", "expert_num_gpus", float, "GPU share of each expert actor on GPUs"),
     ("--expert-timeout", "expert_timeout_s", float, "seconds any wait for an expert actor may take"),
+    ("--expert-slots", "expert_slots", int, "experts an actor may hold per layer (0: its share; more leaves room for "
+                                            "copies of hot experts, see `raymoe experts rebalance`)"),
+    ("--rebalance-every", "rebalance_every_s", float, "apply the expert planner's placement every N seconds "
+                                                      "(0: only on `raymoe experts rebalance`)"),
     ("--replicas", "replicas", int, "front replicas (attention, KV cache, batching, sampling)"),
     ("--target-ongoing-requests", "target_ongoing_requests", int, "with --autoscale: requests per replica to aim at"),
     ("--replica-cpus", "replica_num_cpus", float, "CPUs (and torch threads) of each front replica"),

@@ -106,6 +106,7 @@ class Client:
         self.metadata = auth_metadata(api_key)  # sent with every call (`stub` calls made directly: add it)
         self.channel = grpc.insecure_channel(target)
         self.stub = pb_grpc.GeneratorStub(self.channel)
+        self.experts = pb_grpc.ExpertsStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.resumptions = 0  # streams continued (or unary calls made again) after a break, in all
 
@@ -154,6 +155,15 @@ class Client:
 
     def model_info(self, timeout: float | None = None) -> pb.ModelInfoResponse:
         return self.stub.ModelInfo(pb.ModelInfoRequest(), timeout=timeout, metadata=self.metadata)
+
+    def placement(self, timeout: float | None = None) -> pb.PlacementResponse:
+        return self.experts.GetPlacement(pb.PlacementRequest(), timeout=timeout, metadata=self.metadata)
+
+    def scale_experts(self, actors: int, timeout: float | None = None) -> pb.PlacementChange:
+        return self.experts.ScaleExperts(pb.ScaleExpertsRequest(actors=actors), timeout=timeout, metadata=self.metadata)
+
+    def rebalance_experts(self, timeout: float | None = None) -> pb.PlacementChange:
+        return self.experts.RebalanceExperts(pb.RebalanceRequest(), timeout=timeout, metadata=self.metadata)
 
     def close(self) -> None:
         self.channel.close()

@@ -21,6 +21,7 @@ from model.errors import InvalidRequest
 
 from .engine_loop import QueueFull
 from .openai_api import OpenAIRoutes
+from .placement_api import ExpertsRoutes
 from .replica import PoolHealth, actor_infos
 from .settings import ServeSettings
 
@@ -54,8 +55,9 @@ def _status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the replica's log"
 
 
-class Generator(OpenAIRoutes):
-    """The front deployment: these gRPC methods, and the OpenAI-compatible HTTP routes it inherits."""
+class Generator(OpenAIRoutes, ExpertsRoutes):
+    """The front deployment: these gRPC methods, the Experts service's and the OpenAI-compatible
+    HTTP routes it inherits."""
 
     def __init__(self, settings: dict) -> None:
         import time

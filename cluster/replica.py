@@ -68,12 +68,15 @@ async def actor_infos(pool) -> list[dict[str, Any]]:
     STATS_TIMEOUT_S (dead, restarting, hung) is UNREACHABLE. Never blocks the event loop."""
     if pool is None:
         return []
-    refs = [actor.stats.remote() for actor in pool.actors]
+    plan = pool.plan
+    refs = [pool.actors[a.id].stats.remote() for a in plan.actors]
     tasks = [asyncio.ensure_future(_await(r)) for r in refs]
     await asyncio.wait(tasks, timeout=STATS_TIMEOUT_S)
     out = []
-    for spec, task in zip(pool.placement.actors, tasks):
-        info = {"name": spec.name, "experts": list(spec.experts), "layers": list(spec.layers), "state": "UNREACHABLE"}
+    for spec, task in zip(plan.actors, tasks):
+        experts = sorted({e for layer in spec.layers for e in spec.experts[layer]})
+        info = {"name": pool.actor_name(spec.id), "experts": experts, "layers": list(spec.layers),
+                "state": "UNREACHABLE"}
         if task.done() and task.exception() is None:
             st = task.result()
             info.update(state="ALIVE", node_id=st["node_id"],
@@ -99,29 +102,34 @@ class PoolHealth:
 
         every_s = stale_s / 5
         self.pool, self.stale_s, self._clock = pool, stale_s, time.monotonic
-        self.last_ok = [self._clock()] * (len(pool.actors) if pool is not None else 0)
+        self.last_ok: dict[int, float] = {}  # actor id → when it last answered (first seen: now)
         self._stop = threading.Event()
         if pool is not None:
             threading.Thread(target=self._run, args=(every_s,), name="raymoe-pool-health", daemon=True).start()
 
+    def _current(self) -> dict[int, float]:
+        """last_ok for the actors of the pool's plan now (the placement may change while it serves)."""
+        now = self._clock()
+        return {a.id: self.last_ok.setdefault(a.id, now) for a in self.pool.plan.actors} if self.pool else {}
+
     @property
     def ok(self) -> bool:
         now = self._clock()
-        return all(now - t < self.stale_s for t in self.last_ok)
+        return all(now - t < self.stale_s for t in self._current().values())
 
     def unreachable(self) -> list[str]:
         now = self._clock()
-        return [a.name for a, t in zip(self.pool.placement.actors, self.last_ok) if now - t >= self.stale_s] \
-            if self.pool is not None else []
+        return [self.pool.actor_name(i) for i, t in self._current().items() if now - t >= self.stale_s]
 
     def _run(self, every_s: float) -> None:
         import ray
 
         while not self._stop.wait(every_s):
-            refs = [a.ping.remote() for a in self.pool.actors]
+            ids = list(self._current())
+            refs = [self.pool.actors[i].ping.remote() for i in ids]
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=every_s)
             now = self._clock()
-            for i, ref in enumerate(refs):
+            for i, ref in zip(ids, refs):
                 if ref in ready:
                     try:
                         ray.get(ref, timeout=0)

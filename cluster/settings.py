@@ -15,6 +15,7 @@ APP_NAME = "raymoe"
 DEPLOYMENT_NAME = "Generator"
 SERVICER_FUNCTIONS = [
     "protos.generator_pb2_grpc.add_GeneratorServicer_to_server",
+    "protos.generator_pb2_grpc.add_ExpertsServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 
@@ -31,6 +32,8 @@ class ServeSettings:
     expert_num_gpus: float = 1.0  # GPU share of each expert actor on GPUs
     expert_transport: str = "direct"  # how layer calls reach the actors: direct (sockets) | ray (object store)
     expert_resources: dict[str, float] = dataclasses.field(default_factory=dict)  # custom Ray resources per actor
+    expert_slots: int = 0  # experts an actor may hold per layer; 0 → its share (more: room for hot copies)
+    rebalance_every_s: float = 0.0  # > 0: apply the expert planner's placement this often (actors/planner.py)
     replicas: int = 1  # front replicas (ignored when autoscaling is on)
     autoscale_max_replicas: int = 0  # > replicas turns on Serve autoscaling between the two
     target_ongoing_requests: int = 16
@@ -76,6 +79,8 @@ class ServeSettings:
 
         if self.expert_transport not in TRANSPORTS:
             raise ValueError(f"expert_transport must be one of {', '.join(TRANSPORTS)} (got {self.expert_transport!r})")
+        if self.expert_slots < 0 or self.rebalance_every_s < 0:
+            raise ValueError("expert_slots and rebalance_every_s must be >= 0")
         if self.stream_messages_per_s < 0:
             raise ValueError(f"stream_messages_per_s must be >= 0 (got {self.stream_messages_per_s})")
         if not 0 <= self.stream_interval_ms <= 10_000:
@@ -123,7 +128,8 @@ class ServeSettings:
         return PoolConfig(num_actors=self.expert_actors, replicas=self.expert_replicas, num_cpus=self.expert_num_cpus,
                           resources=dict(self.expert_resources), dtype=dtype,
                           device=self.expert_device, num_gpus=self.expert_num_gpus, transport=self.expert_transport,
-                          call_timeout_s=self.expert_timeout_s)
+                          call_timeout_s=self.expert_timeout_s, expert_slots=self.expert_slots or None,
+                          rebalance_every_s=self.rebalance_every_s)
 
     def deployment_options(self) -> dict[str, Any]:
         """Options of the front deployment (`Deployment.options`, and `deployments:` in a Serve config)."""

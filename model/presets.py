@@ -65,9 +65,19 @@ def random_model(cfg: ModelConfig, seed: int, std: float = 0.02, *, scale_output
     return model.eval().requires_grad_(False)
 
 
+def skew_router(model: Mixtral, factor: float, hot: int = 2) -> Mixtral:
+    """Make every layer's router prefer experts 0..hot-1: their gate rows are scaled by `factor`, so
+    their logits spread wider and win the top-k far more often than 1 in E (a skewed load, as real
+    routers show, for the rebalancing benchmark)."""
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.moe.gate.weight[:hot] *= factor
+    return model
+
+
 def init_checkpoint(preset: str, out_dir: str | Path, *, seed: int = 0, new_style_config: bool = True,
                     max_shard_bytes: int | None = None, dtype: torch.dtype = torch.float32,
-                    layers: int | None = None) -> Path:
+                    layers: int | None = None, router_skew: float = 1.0) -> Path:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     cfg = PRESETS[preset] if layers is None else dataclasses.replace(PRESETS[preset], num_hidden_layers=layers)
@@ -75,5 +85,8 @@ def init_checkpoint(preset: str, out_dir: str | Path, *, seed: int = 0, new_styl
         tok = train_tokenizer(corpus(seed, 4000), Path(tmp) / "tokenizer.model", cfg.vocab_size)
         if tok.vocab_size > cfg.vocab_size:  # the embedding table may be padded, never short
             raise RuntimeError(f"tokenizer training gave {tok.vocab_size} pieces, more than {cfg.vocab_size}")
-        return save_checkpoint(random_model(cfg, seed, dtype=dtype), out_dir, tokenizer=tok.path,
+        model = random_model(cfg, seed, dtype=dtype)
+        if router_skew != 1.0:
+            skew_router(model, router_skew)
+        return save_checkpoint(model, out_dir, tokenizer=tok.path,
                                new_style_config=new_style_config, max_shard_bytes=max_shard_bytes, dtype=dtype)

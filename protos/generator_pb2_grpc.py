@@ -229,3 +229,173 @@ class Generator:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ExpertsStub:
+    """Where the experts run, and live changes to it (servers with --expert-actors; others answer
+    FAILED_PRECONDITION). Changes load new copies while the old placement serves, switch every front
+    replica between two layer calls, and retire old copies once the calls sent to them have returned.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetPlacement = channel.unary_unary(
+                '/raymoe.v1.Experts/GetPlacement',
+                request_serializer=protos_dot_generator__pb2.PlacementRequest.SerializeToString,
+                response_deserializer=protos_dot_generator__pb2.PlacementResponse.FromString,
+                _registered_method=True)
+        self.ScaleExperts = channel.unary_unary(
+                '/raymoe.v1.Experts/ScaleExperts',
+                request_serializer=protos_dot_generator__pb2.ScaleExpertsRequest.SerializeToString,
+                response_deserializer=protos_dot_generator__pb2.PlacementChange.FromString,
+                _registered_method=True)
+        self.RebalanceExperts = channel.unary_unary(
+                '/raymoe.v1.Experts/RebalanceExperts',
+                request_serializer=protos_dot_generator__pb2.RebalanceRequest.SerializeToString,
+                response_deserializer=protos_dot_generator__pb2.PlacementChange.FromString,
+                _registered_method=True)
+
+
+class ExpertsServicer:
+    """Where the experts run, and live changes to it (servers with --expert-actors; others answer
+    FAILED_PRECONDITION). Changes load new copies while the old placement serves, switch every front
+    replica between two layer calls, and retire old copies once the calls sent to them have returned.
+    """
+
+    def GetPlacement(self, request, context):
+        """The placement now: actors, copies per (layer, expert), its version and the history of changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ScaleExperts(self, request, context):
+        """Grow or shrink the expert actors to `actors`, moving as few experts as possible.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RebalanceExperts(self, request, context):
+        """Apply the load-balancing plan for the routed-token counts measured since the last rebalance.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ExpertsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetPlacement': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPlacement,
+                    request_deserializer=protos_dot_generator__pb2.PlacementRequest.FromString,
+                    response_serializer=protos_dot_generator__pb2.PlacementResponse.SerializeToString,
+            ),
+            'ScaleExperts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScaleExperts,
+                    request_deserializer=protos_dot_generator__pb2.ScaleExpertsRequest.FromString,
+                    response_serializer=protos_dot_generator__pb2.PlacementChange.SerializeToString,
+            ),
+            'RebalanceExperts': grpc.unary_unary_rpc_method_handler(
+                    servicer.RebalanceExperts,
+                    request_deserializer=protos_dot_generator__pb2.RebalanceRequest.FromString,
+                    response_serializer=protos_dot_generator__pb2.PlacementChange.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'raymoe.v1.Experts', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('raymoe.v1.Experts', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Experts:
+    """Where the experts run, and live changes to it (servers with --expert-actors; others answer
+    FAILED_PRECONDITION). Changes load new copies while the old placement serves, switch every front
+    replica between two layer calls, and retire old copies once the calls sent to them have returned.
+    """
+
+    @staticmethod
+    def GetPlacement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raymoe.v1.Experts/GetPlacement',
+            protos_dot_generator__pb2.PlacementRequest.SerializeToString,
+            protos_dot_generator__pb2.PlacementResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScaleExperts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raymoe.v1.Experts/ScaleExperts',
+            protos_dot_generator__pb2.ScaleExpertsRequest.SerializeToString,
+            protos_dot_generator__pb2.PlacementChange.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RebalanceExperts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raymoe.v1.Experts/RebalanceExperts',
+            protos_dot_generator__pb2.RebalanceRequest.SerializeToString,
+            protos_dot_generator__pb2.PlacementChange.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -189,14 +189,25 @@ def test_calls_in_flight_together_survive_a_restart(pool, ckpt):
         torch.testing.assert_close(p.result(), local_layer(ckpt, layer)(x, w, idx), atol=1e-6, rtol=1e-5)
 
 
-def test_dead_actor_is_named_in_bounded_time(pool):
+def test_a_dead_copy_fails_over_and_an_expert_without_copies_is_named(pool, ckpt):
+    """3 actors × 2 copies (experts 0-5 | 0-2,6,7 | 3-7): with actor 1 dead for good its pairs go to
+    the other copies at once; with actor 2 dead too, experts 6 and 7 have no copy left and are named."""
     cfg = pool.model_config
-    victim = 1
-    ray.kill(pool.actors[victim], no_restart=True)
+    deadline = time.monotonic() + 60
+    while pool._down and time.monotonic() < deadline:  # an actor restarted by an earlier test is back
+        time.sleep(0.2)
+    assert not pool._down
+    ray.kill(pool.actors[1], no_restart=True)
+    t0 = time.monotonic()
+    for seed in range(6):
+        args = routed(cfg, 16, seed=seed)
+        torch.testing.assert_close(RemoteExperts(0, pool)(*args), local_layer(ckpt, 0)(*args), atol=1e-5, rtol=1e-5)
+    assert time.monotonic() - t0 < 10 and pool.metrics.failovers >= 1
+    ray.kill(pool.actors[2], no_restart=True)
     t0 = time.monotonic()
     with pytest.raises(ExpertsUnavailable) as err:
         for seed in range(20):  # until a call routes to the dead actor
             RemoteExperts(0, pool)(*routed(cfg, 16, seed=seed))
     assert time.monotonic() - t0 < 30
-    assert err.value.layer == 0 and err.value.experts == list(pool.placement.actors[victim].experts)
-    assert pool.placement.actors[victim].name in str(err.value)
+    assert err.value.layer == 0 and err.value.experts == [6, 7]
+    assert pool.placement.actors[2].name in str(err.value)

@@ -38,6 +38,7 @@ def test_routed_tokens_add_up(metered_server):
         list(client.stream(pb.GenerateRequest(prompt_token_ids=ids, max_tokens=n, ignore_eos=True)))
     with pytest.raises(Exception):
         client.generate(pb.GenerateRequest(prompt="x", temperature=-1))
+    change = client.scale_experts(3, timeout=120)  # a placement change, counted by the pool host
     layers, top_k = 2, 2
     # every prompt token and every generated token but the last goes through every layer
     tokens = sum(len(ids) + n - 1 for ids, n in WORKLOAD)
@@ -50,10 +51,15 @@ def test_routed_tokens_add_up(metered_server):
                     if s.name.endswith("_total")}
         pairs = sum(s.value for s in samples.get("ray_raymoe_expert_pairs", []) if s.name.endswith("_total"))
         if routed >= expected and pairs >= expected and statuses.get("ok", 0) >= 3 \
-                and statuses.get("invalid_argument", 0) >= 1:
+                and statuses.get("invalid_argument", 0) >= 1 and "ray_raymoe_placement_version" in samples \
+                and "ray_raymoe_placement_changes" in samples:
             break
         time.sleep(1)
     assert routed == expected
+    version = [s.value for s in samples["ray_raymoe_placement_version"]]
+    assert version and max(version) == change.version
+    copies = [s for s in samples["ray_raymoe_expert_copies"]]
+    assert len(copies) == layers * 8 and all(s.value >= 1 for s in copies)
     per_layer = {}
     for s in samples["ray_raymoe_routed_tokens"]:
         if s.name.endswith("_total"):

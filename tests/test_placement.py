@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from actors.pool import layer_route
-from actors.remote_experts import RemoteExperts
+from actors.remote_experts import RemoteExperts, split_by_load
 from actors.placement import assign_nodes, plan_placement, ranges
 
 
@@ -86,15 +86,31 @@ def fake_layer(placement, layer=0):
     return RemoteExperts(layer, pool)
 
 
-def test_replicated_expert_tokens_alternate_between_copies():
+def test_replicated_expert_pairs_are_split_between_copies_by_load():
     p = plan_placement(4, 1, 2, replicas=2)  # both actors hold all four experts
     idx = torch.tensor([[0, 1], [0, 2], [0, 1], [3, 0], [1, 2]])
     actor = fake_layer(p).assign(idx).reshape(idx.shape)
-    # expert 0's pairs in token order go to actor 0, 1, 0, 1; expert 1's to 0, 1, 0
-    assert actor[:, 0].tolist()[:3] == [0, 1, 0] and actor[3, 1] == 1
-    assert actor[0, 1] == 0 and actor[2, 1] == 1 and actor[4, 0] == 0
+    for e, a in zip(idx.reshape(-1).tolist(), actor.reshape(-1).tolist()):
+        assert e in p.actors[a].experts
+    assert sorted(torch.bincount(actor.reshape(-1), minlength=2).tolist()) == [5, 5]  # 10 pairs, evenly
+    per_expert = {e: actor.reshape(-1)[idx.reshape(-1) == e].tolist() for e in range(4)}
+    assert sorted(per_expert[0]) == [0, 0, 1, 1]  # the hottest expert: half on each copy
     again = fake_layer(p).assign(idx).reshape(idx.shape)
     assert torch.equal(actor, again)  # deterministic
+
+
+def test_copies_take_the_pairs_their_actors_have_room_for():
+    # expert 0 only on actor 0, expert 1 on both: expert 1's pairs go to actor 1 first
+    counts, owner, num = [6, 8], [[0, 0], [0, 1]], [1, 2]
+    assert split_by_load(counts, owner, num) == [[6, 6], [1, 8]]  # actor 0: 6 + 1, actor 1: 7
+    assert split_by_load([0, 0], owner, num) == [[0, 0], [0, 0]]
+    owner3 = [[0, 1], [1, 2], [2, 0]]
+    bounds = split_by_load([3, 5, 4], owner3, [2, 2, 2])  # a ring: greedy gets within one pair of even
+    per_actor = collections.Counter()
+    for e, (b0, b1) in enumerate(bounds):
+        per_actor[owner3[e][0]] += b0
+        per_actor[owner3[e][1]] += b1 - b0
+    assert sum(per_actor.values()) == 12 and max(per_actor.values()) <= 5
 
 
 def test_unreplicated_experts_go_to_their_only_owner():

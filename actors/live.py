@@ -1,0 +1,328 @@
+"""Live placement: a running pool switches to a new Plan without dropping or disturbing a call.
+
+The pool's creator (the pool host, for a server) owns the plan; every other process holding a copy
+of the pool (the front replicas) follows it. A change (`apply`) goes:
+
+1. load    new actors start with their experts, and actors that gain copies read them
+           (`ExpertActor.hold(old ∪ new)`), while the old plan keeps serving;
+2. switch  the new plan is published in Ray's KV store under the pool's name; each copy's
+           `Follower` thread (every FOLLOW_S) installs it with one assignment, so a layer call
+           routes by the old plan or the new one, whole, and all copies converge on one version;
+3. drain   each copy acknowledges the oldest version it still has layer calls in flight under;
+           once every live copy acknowledges the new version, no call can still reach a copy
+           about to go (a copy silent for ACK_STALE_S is taken for dead and not waited for);
+4. retire  actors that lose copies drop them (`hold(new)`), stopped actors are killed and their
+           reservation freed for the next new actor.
+A pool without a name has no other users: it switches in place and drains its own calls.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Callable
+
+import ray
+
+from .plan import Plan, diff, from_json, imbalance, to_json
+
+if TYPE_CHECKING:
+    from .pool import ExpertPool
+
+FOLLOW_S = 0.1  # how often a copy looks for a new plan (and says which version it uses)
+ACK_STALE_S = 5.0  # a copy that has not acknowledged for this long is taken for gone
+SETTLE_S = 3 * FOLLOW_S  # after publishing, before trusting the acks: a copy may be starting
+
+
+class PlacementFailed(RuntimeError):
+    """A placement change could not be made; the previous placement keeps serving."""
+
+
+def _kv():
+    from ray.experimental import internal_kv
+
+    return internal_kv
+
+
+def _plan_key(name: str) -> bytes:
+    return f"raymoe-plan/{name}".encode()
+
+
+def _ack_prefix(name: str) -> bytes:
+    return f"raymoe-ack/{name}/".encode()
+
+
+def published(name: str) -> tuple[Plan, dict[int, str], dict[int, int | None], list[dict]] | None:
+    """(plan, actor names, bundles, history) as the creator last published them, or None."""
+    raw = _kv()._internal_kv_get(_plan_key(name))
+    if raw is None:
+        return None
+    state = json.loads(raw)
+    return (from_json(state["plan"]), {int(k): v for k, v in state["names"].items()},
+            {int(k): v for k, v in state["bundles"].items()}, state["history"])
+
+
+def publish(pool: "ExpertPool") -> None:
+    state = {"plan": to_json(pool.plan), "names": pool.names, "bundles": pool.bundles, "history": pool.history}
+    _kv()._internal_kv_put(_plan_key(pool.name), json.dumps(state).encode(), overwrite=True)
+
+
+def forget(name: str) -> None:
+    """Drop what a removed pool published (its plan and its copies' acknowledgements)."""
+    kv = _kv()
+    kv._internal_kv_del(_plan_key(name))
+    kv._internal_kv_del(_ack_prefix(name), del_by_prefix=True)
+
+
+class Follower:
+    """A copy's thread: installs the creator's newest plan and acknowledges what it uses."""
+
+    def __init__(self, pool: "ExpertPool") -> None:
+        self.pool, self.id = pool, uuid.uuid4().hex[:12]
+        self._stop = threading.Event()
+        self.step()  # before the first call: a copy made before a switch catches up at once
+        threading.Thread(target=self._run, name="raymoe-plan-follower", daemon=True).start()
+
+    def step(self) -> None:
+        pool = self.pool
+        state = published(pool.name)
+        if state is not None and state[0].version > pool.plan.version:
+            plan, names, bundles, history = state
+            actors = list(pool.actors) + [None] * (max(names) + 1 - len(pool.actors))
+            for actor_id, actor_name in names.items():
+                if actor_id >= len(pool.actors) or pool.actors[actor_id] is None:
+                    actors[actor_id] = ray.get_actor(actor_name, namespace=pool.namespace)
+            pool.actors, pool.names, pool.bundles, pool.history = actors, names, bundles, history
+            pool._set_plan(plan)
+        _kv()._internal_kv_put(_ack_prefix(pool.name) + self.id.encode(),
+                               json.dumps({"version": pool.oldest_in_use(), "t": time.time()}).encode(),
+                               overwrite=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(FOLLOW_S):
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 — the GCS restarting, say: try again next time
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            _kv()._internal_kv_del(_ack_prefix(self.pool.name) + self.id.encode())
+        except Exception:  # noqa: BLE001
+            pass
+
+
+HISTORY = 100  # placement changes remembered
+
+
+def _record(pool: "ExpertPool", entry: dict[str, Any]) -> None:
+    pool.history = pool.history[-(HISTORY - 1):] + [entry]
+    if pool.name is not None:
+        publish(pool)
+    show_metrics(pool)
+
+
+def show_metrics(pool: "ExpertPool", load: Any = None) -> None:
+    """Export the placement (version, copies, load shares) as metrics; never fails a change."""
+    from .metrics import PlacementMetrics
+    from .plan import actor_loads
+
+    try:
+        PlacementMetrics.get().show(pool.plan, {i: pool.actor_name(i) for i in pool.names},
+                                    actor_loads(pool.plan, load) if load is not None else None)
+    except Exception:  # noqa: BLE001 — no metrics agent (a driver without Ray's metrics): nothing to show
+        pass
+
+
+def acknowledged(name: str) -> list[int]:
+    """The versions the live copies of pool `name` acknowledge (stale ones are removed)."""
+    kv, prefix, now, out = _kv(), _ack_prefix(name), time.time(), []
+    for key in kv._internal_kv_list(prefix):
+        raw = kv._internal_kv_get(key)
+        if raw is None:
+            continue
+        ack = json.loads(raw)
+        if now - ack["t"] > ACK_STALE_S:
+            kv._internal_kv_del(key)
+        else:
+            out.append(int(ack["version"]))
+    return out
+
+
+def apply(pool: "ExpertPool", new: Plan, kind: str = "apply", load: Any = None,
+          on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Switch the pool (its creator's object) to `new`; returns the history entry it records."""
+    say = on_step or (lambda _: None)
+    t0 = time.monotonic()
+    old = pool.plan
+    d = diff(old, new)
+    entry: dict[str, Any] = {"version": new.version, "from_version": old.version, "kind": kind,
+                             "moves": d.moves, "retired": len(d.removed), "started": list(d.started),
+                             "stopped": list(d.stopped), "at": time.time()}
+    if load is not None:
+        entry["imbalance_before"], entry["imbalance_after"] = imbalance(old, load), imbalance(new, load)
+    if new.version == old.version:  # nothing worth moving: recorded all the same
+        entry["seconds"] = round(time.monotonic() - t0, 3)
+        _record(pool, entry)
+        return entry
+    timeout = pool.config.start_timeout_s
+    # 1. load: new actors, and more copies on the others (old ∪ new), while the old plan serves
+    actors = list(pool.actors) + [None] * (max(a.id for a in new.actors) + 1 - len(pool.actors))
+    free = sorted(set(pool.bundles_free()))
+    for a in new.actors:
+        if a.id in d.started:
+            name = f"actor{a.id}#{a.id}" + (f".{uuid.uuid4().hex[:6]}" if pool.name is None else f"/{pool.name}")
+            assignment = {layer: a.experts[layer] for layer in a.layers if a.experts[layer]}
+            actors[a.id] = pool.start_actor(a.id, name, assignment, bundle=free.pop(0) if free else None,
+                                            node=a.node)
+    gaining = {}
+    for a in new.actors:
+        if a.id in d.started:
+            continue
+        before = old.actor(a.id)
+        union = {layer: sorted(set(before.experts[layer]) | set(a.experts[layer])) for layer in a.layers}
+        if any(set(a.experts[layer]) - set(before.experts[layer]) for layer in a.layers):
+            gaining[a.id] = union
+    say(f"loading {d.moves} expert copies ({len(d.started)} new actors)")
+    try:
+        refs = [actors[i].hold.remote(union) for i, union in gaining.items()]
+        refs += [actors[i].progress.remote() for i in d.started]
+        ray.get(refs, timeout=timeout)
+        pool.actors = actors
+        pool.wait_loaded()  # the new actors' weights (bounded by progress)
+    except BaseException as e:  # the old plan still serves: undo what was loaded for the new one
+        pool.actors = actors
+        for i in d.started:
+            pool.retire_actor(i)
+        for i in gaining:
+            try:
+                a = old.actor(i)
+                actors[i].hold.remote({layer: a.experts[layer] for layer in a.layers})
+            except Exception:  # noqa: BLE001
+                pass
+        from .pool import brief
+
+        if isinstance(e, ray.exceptions.GetTimeoutError):
+            raise PlacementFailed(f"placement v{new.version} could not load within {timeout:g} s (free in the "
+                                  f"cluster: {ray.available_resources()}); v{old.version} keeps serving") from None
+        raise PlacementFailed(f"placement v{new.version} failed to load ({brief(e)}); v{old.version} keeps "
+                              f"serving") from None
+    # 2. switch
+    pool._set_plan(new)
+    _record(pool, entry)
+    say(f"switched to placement v{new.version}")
+    # 3. drain: no call may still be on its way to a copy that goes
+    deadline = time.monotonic() + pool.config.call_timeout_s + ACK_STALE_S
+    if pool.name is not None:
+        time.sleep(SETTLE_S)
+    while time.monotonic() < deadline:
+        versions = acknowledged(pool.name) if pool.name is not None else []
+        if min(versions + [pool.oldest_in_use()]) >= new.version:
+            break
+        time.sleep(FOLLOW_S / 2)
+    # 4. retire
+    losing = [a for a in new.actors if a.id not in d.started
+              and any(set(old.actor(a.id).experts[layer]) - set(a.experts[layer]) for layer in a.layers)]
+    ray.get([pool.actors[a.id].hold.remote({layer: a.experts[layer] for layer in a.layers}) for a in losing],
+            timeout=timeout)
+    for actor_id in d.stopped:
+        pool.retire_actor(actor_id)
+    entry["seconds"] = round(time.monotonic() - t0, 3)
+    if pool.name is not None:
+        publish(pool)
+    try:
+        from .metrics import PlacementMetrics
+
+        metrics = PlacementMetrics.get()
+        metrics.changes.inc(tags={"kind": kind})
+        metrics.change_seconds.observe(entry["seconds"])
+    except Exception:  # noqa: BLE001
+        pass
+    show_metrics(pool, load)
+    say(f"placement v{new.version} done in {entry['seconds']:.2f} s")
+    return entry
+
+
+# --- the operations (called on the creator's pool: the pool host, or a private pool's owner) ------
+
+def measured_load(pool: "ExpertPool", reset: bool = True, timeout_s: float | None = None) -> list[list[float]]:
+    """[L][E] (token, expert) pairs the actors computed since the last call with reset (or since
+    they started); an actor that restarted meanwhile counts from its restart."""
+    seen: dict[int, list[list[int]]] = pool.__dict__.setdefault("_load_seen", {})
+    ids = [a.id for a in pool.plan.actors]
+    counts = ray.get([pool.actors[i].expert_load.remote() for i in ids], timeout=timeout_s or pool.config.call_timeout_s)
+    cfg = pool.model_config
+    total = [[0.0] * cfg.num_local_experts for _ in range(cfg.num_hidden_layers)]
+    for i, now in zip(ids, counts):
+        base = seen.get(i)
+        if base is not None and any(n < b for row_n, row_b in zip(now, base) for n, b in zip(row_n, row_b)):
+            base = None  # restarted: its counters began again
+        for layer, row in enumerate(now):
+            for e, n in enumerate(row):
+                total[layer][e] += n - (base[layer][e] if base is not None else 0)
+        if reset:
+            seen[i] = now
+    return total
+
+
+def _with_nodes(pool: "ExpertPool") -> Plan:
+    """The current plan with each actor's node as Ray reports it (so copies can be kept apart)."""
+    import dataclasses
+
+    plan = pool.plan
+    stats = ray.get([pool.actors[a.id].stats.remote() for a in plan.actors], timeout=pool.config.call_timeout_s)
+    actors = tuple(dataclasses.replace(a, node=st["node_id"]) for a, st in zip(plan.actors, stats))
+    return dataclasses.replace(plan, actors=actors)
+
+
+def scale_pool(pool: "ExpertPool", num_actors: int, on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Grow or shrink the pool to `num_actors` expert actors, moving as few experts as possible."""
+    from . import planner
+
+    load = measured_load(pool, reset=False)
+    new = planner.scale(_with_nodes(pool), num_actors, load, min_copies=pool.config.replicas)
+    return apply(pool, new, "scale", load, on_step)
+
+
+def rebalance_pool(pool: "ExpertPool", on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Apply the planner's placement for the load measured since the last rebalance."""
+    from . import planner
+
+    load = measured_load(pool)
+    new = planner.rebalance(_with_nodes(pool), load, min_copies=pool.config.replicas)
+    return apply(pool, new, "rebalance", load, on_step)
+
+
+def report(pool: "ExpertPool", timeout_s: float = 5.0) -> dict[str, Any]:
+    """The placement now: version, actors (node, device, state, experts per layer, work done and
+    predicted share of the measured load), copies per (layer, expert), and the history."""
+    from .plan import actor_loads
+
+    plan = pool.plan
+    refs = [pool.actors[a.id].stats.remote() for a in plan.actors]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    try:
+        load = measured_load(pool, reset=False, timeout_s=timeout_s)
+        shares = actor_loads(plan, load)
+        total = sum(shares) or 1.0
+        imb = imbalance(plan, load)
+    except Exception:  # noqa: BLE001 — an actor does not answer: no load figures this time
+        shares, total, imb = [0.0] * len(plan.actors), 1.0, 0.0
+    actors = []
+    for a, ref, share in zip(plan.actors, refs, shares):
+        info = {"id": a.id, "name": pool.actor_name(a.id), "node_id": a.node, "device": pool.device,
+                "state": "UNREACHABLE", "slots": a.slots,
+                "experts": {str(layer): list(a.experts[layer]) for layer in a.layers}, "load": share / total}
+        if ref in ready:
+            try:
+                st = ray.get(ref, timeout=0)
+                info.update(state="ALIVE" if st["state"] == "READY" else st["state"], node_id=st["node_id"],
+                            device=st["device"], pairs=st["tokens"], weight_bytes=st["weight_bytes"])
+            except Exception:  # noqa: BLE001 — dead: it stays UNREACHABLE
+                pass
+        actors.append(info)
+    return {"version": plan.version, "actors": actors, "imbalance": imb,
+            "copies": [list(plan.copies(layer)) for layer in range(plan.num_layers)], "history": list(pool.history)}

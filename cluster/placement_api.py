@@ -1,0 +1,104 @@
+"""The Experts gRPC service (raymoe.v1.Experts): the expert placement, and live changes to it.
+
+The front replica is only the door: the server's pool host (actors/pool_host.py) owns the placement
+and makes every change (actors/live.py), so whichever replica a call lands on, all replicas follow
+one version. A change takes seconds (new copies load while the old placement serves), so the
+replica awaits it without blocking its event loop; streams on it go on meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+
+from protos import generator_pb2 as pb
+
+log = logging.getLogger("ray.serve")
+
+CHANGE_TIMEOUT_S = 600.0  # a change of a 90 GB model's placement reads gigabytes
+
+
+class ExpertsRoutes:
+    """GetPlacement, ScaleExperts, RebalanceExperts; mixed into the front deployment (Generator)."""
+
+    async def GetPlacement(self, request: pb.PlacementRequest, grpc_context=None) -> pb.PlacementResponse:
+        report = await self._ask_host(grpc_context, "placement", timeout_s=30.0)
+        if report is None:
+            return pb.PlacementResponse()
+        return placement_message(report)
+
+    async def ScaleExperts(self, request: pb.ScaleExpertsRequest, grpc_context=None) -> pb.PlacementChange:
+        if request.actors < 1:
+            return self._refuse(grpc_context, grpc.StatusCode.INVALID_ARGUMENT,
+                                f"actors must be at least 1 (got {request.actors})", pb.PlacementChange())
+        entry = await self._ask_host(grpc_context, "scale", request.actors)
+        return pb.PlacementChange() if entry is None else change_message(entry)
+
+    async def RebalanceExperts(self, request: pb.RebalanceRequest, grpc_context=None) -> pb.PlacementChange:
+        entry = await self._ask_host(grpc_context, "rebalance")
+        return pb.PlacementChange() if entry is None else change_message(entry)
+
+    async def _ask_host(self, grpc_context, method: str, *args: Any, timeout_s: float = CHANGE_TIMEOUT_S):
+        import asyncio
+
+        import ray
+
+        from actors.pool_host import pool_host
+
+        from .settings import APP_NAME
+
+        if not self.api_key.allows_grpc(grpc_context):
+            return self._refuse(grpc_context, grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or wrong API key: send the metadata 'authorization: Bearer KEY'", None)
+        host = pool_host(APP_NAME) if self.info["pool"] is not None else None
+        if host is None:
+            return self._refuse(grpc_context, grpc.StatusCode.FAILED_PRECONDITION,
+                                "this server computes its experts inside the front replicas; start it with "
+                                "--expert-actors N to place them on actors", None)
+        try:
+            return await asyncio.wait_for(getattr(host, method).remote(*args), timeout_s)
+        except asyncio.TimeoutError:
+            return self._refuse(grpc_context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"the placement change did not finish within {timeout_s:g} s", None)
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else e
+            from actors.live import PlacementFailed
+
+            if isinstance(cause, ValueError):  # the planner refused: e.g. too few actors for the copies
+                return self._refuse(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(cause).splitlines()[0], None)
+            if isinstance(cause, PlacementFailed):
+                return self._refuse(grpc_context, grpc.StatusCode.UNAVAILABLE, str(cause).splitlines()[0], None)
+            log.error("placement %s failed", method, exc_info=e)
+            return self._refuse(grpc_context, grpc.StatusCode.UNAVAILABLE,
+                                f"the placement {method} failed ({type(cause).__name__}); the previous placement "
+                                f"keeps serving; see the pool host's log", None)
+        except ray.exceptions.RayError as e:
+            return self._refuse(grpc_context, grpc.StatusCode.UNAVAILABLE, f"the pool host did not answer: "
+                                f"{type(e).__name__}", None)
+
+    def _refuse(self, grpc_context, code: grpc.StatusCode, message: str, response):
+        if grpc_context is not None:
+            grpc_context.set_code(code)
+            grpc_context.set_details(message)
+        return response
+
+
+def change_message(entry: dict[str, Any]) -> pb.PlacementChange:
+    return pb.PlacementChange(
+        version=entry["version"], from_version=entry["from_version"], kind=entry["kind"], moves=entry["moves"],
+        retired=entry["retired"], started=entry["started"], stopped=entry["stopped"],
+        seconds=entry.get("seconds", 0.0), imbalance_before=entry.get("imbalance_before", 0.0),
+        imbalance_after=entry.get("imbalance_after", 0.0), at_unix=entry["at"])
+
+
+def placement_message(report: dict[str, Any]) -> pb.PlacementResponse:
+    actors = [pb.ExpertActorPlacement(
+        id=a["id"], name=a["name"], node_id=a["node_id"], device=a["device"], state=a["state"], slots=a["slots"],
+        layers=[pb.LayerExperts(layer=int(layer), experts=ex) for layer, ex in a["experts"].items()],
+        pairs=a.get("pairs", 0), load=a["load"], weight_bytes=a.get("weight_bytes", 0)) for a in report["actors"]]
+    return pb.PlacementResponse(
+        version=report["version"], actors=actors, imbalance=report["imbalance"],
+        copies=[pb.ExpertCopies(layer=i, copies=row) for i, row in enumerate(report["copies"])],
+        history=[change_message(h) for h in report["history"]])
