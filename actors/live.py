@@ -278,13 +278,14 @@ def _with_nodes(pool: "ExpertPool") -> Plan:
     return dataclasses.replace(plan, actors=actors)
 
 
-def scale_pool(pool: "ExpertPool", num_actors: int, on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+def scale_pool(pool: "ExpertPool", num_actors: int, on_step: Callable[[str], None] | None = None,
+               kind: str = "scale") -> dict[str, Any]:
     """Grow or shrink the pool to `num_actors` expert actors, moving as few experts as possible."""
     from . import planner
 
     load = measured_load(pool, reset=False)
     new = planner.scale(_with_nodes(pool), num_actors, load, min_copies=pool.config.replicas)
-    return apply(pool, new, "scale", load, on_step)
+    return apply(pool, new, kind, load, on_step)
 
 
 def rebalance_pool(pool: "ExpertPool", on_step: Callable[[str], None] | None = None) -> dict[str, Any]:

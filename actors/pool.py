@@ -70,9 +70,17 @@ class PoolConfig:
     transport: str = "direct"  # how layer calls travel: "direct" (sockets) or "ray" (object store); see transport.py
     call_timeout_s: float = 60.0  # longest wait for one layer's experts (covers an actor restart)
     rebalance_every_s: float = 0.0  # >0: the pool host applies the planner's placement this often
+    autoscale_min: int = 0  # autoscale_max > 0: the pool host scales the actors between these (actors/autoscale.py)
+    autoscale_max: int = 0
+    target_busy: float = 0.5
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
     start_timeout_s: float = 120.0  # longest wait for the reservation and the actors' weights
 
 
+# How the pool host changes a pool while it runs: not part of what makes two pools interchangeable.
+LIVE_SETTINGS = ("transport", "rebalance_every_s", "autoscale_min", "autoscale_max", "target_busy",
+                 "upscale_delay_s", "downscale_delay_s")
 SAMPLES = 8192  # per DispatchMetrics series
 SUSPECT_CHECK_S = 0.2  # how often an actor suspected dead is asked whether it is back
 
@@ -110,10 +118,13 @@ class LayerRoute:
     spare: frozenset = frozenset()
 
 
-def layer_route(plan: Plan | Placement, layer: int, down: frozenset = frozenset()) -> LayerRoute:
+def layer_route(plan: Plan | Placement, layer: int, down: frozenset = frozenset(),
+                failed: frozenset = frozenset()) -> LayerRoute:
     """The route of `layer`; actors in `down` (suspected dead) are left out wherever their experts
-    have another copy (an expert with no other copy keeps them: its calls wait for the restart)."""
-    owners = [[a for a in o if a not in down] or list(o) for o in plan.owners(layer)]
+    have another copy (an expert with no other copy keeps them: its calls wait for the restart),
+    and actors in `failed` (that just failed this very call) before any other suspect."""
+    owners = [[a for a in o if a not in down] or [a for a in o if a not in failed] or list(o)
+              for o in plan.owners(layer)]
     missing = [e for e, o in enumerate(owners) if not o]
     if missing:
         raise ValueError(f"layer {layer}: experts {missing} have no actor")
@@ -135,7 +146,7 @@ def pool_key(checkpoint: str, config: PoolConfig) -> str:
     import json
 
     shape = {k: v for k, v in dataclasses.asdict(config).items()
-             if not k.endswith("timeout_s") and k not in ("transport", "rebalance_every_s")}
+             if not k.endswith("timeout_s") and k not in LIVE_SETTINGS}
     return hashlib.sha1(json.dumps([checkpoint, shape], sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -401,14 +412,15 @@ class ExpertPool:
     def plan(self) -> Plan:
         return self._live[0]
 
-    def begin_call(self, layer: int) -> tuple[int, LayerRoute]:
-        """The plan version and route a layer call uses; end_call(version) once it has returned."""
+    def begin_call(self, layer: int, failed: frozenset = frozenset()) -> tuple[int, LayerRoute]:
+        """The plan version and route a layer call uses (`failed`: actors that just failed it, for
+        its resend); end_call(version) once it has returned."""
         plan, routes = self._live
         down = self._down
-        key = (layer, down)
+        key = (layer, down, failed)
         route = routes.get(key)
         if route is None:
-            route = routes[key] = layer_route(plan, layer, down)
+            route = routes[key] = layer_route(plan, layer, down, failed)
         with self._lock:
             self._inflight[plan.version] += 1
         return plan.version, route
@@ -492,7 +504,7 @@ class ExpertPool:
 
     def route(self, layer: int) -> LayerRoute:
         plan, routes = self._live
-        key = (layer, self._down)
+        key = (layer, self._down, frozenset())
         if key not in routes:
             routes[key] = layer_route(plan, layer, self._down)
         return routes[key]

@@ -25,10 +25,12 @@ import time
 from typing import Any
 
 from . import live
-from .pool import ExpertPool, PoolConfig, named_pools, pool_key, remove_named_pool
+from .autoscale import ExpertAutoscaler, busy_fractions
+from .pool import LIVE_SETTINGS, ExpertPool, PoolConfig, named_pools, pool_key, remove_named_pool
 
 NAMESPACE = "raymoe"
 RETIRE_AFTER_S = 120.0  # how long an old pool serves the replicas of the previous deployment
+AUTOSCALE_SAMPLE_S = 2.0  # how often expert autoscaling samples the actors' busy time
 
 
 class PoolHost:
@@ -41,6 +43,9 @@ class PoolHost:
         self._changing = threading.Lock()  # one placement change at a time (they take seconds)
         self._stop = threading.Event()
         self._last_rebalance = time.monotonic()
+        self._autoscaler: ExpertAutoscaler | None = None
+        self._busy: dict[int, tuple[float, float]] = {}
+        self._sampled = 0.0
         threading.Thread(target=self._janitor, name="raymoe-pool-janitor", daemon=True).start()
 
     def pool_name(self, key: str) -> str:
@@ -59,8 +64,8 @@ class PoolHost:
                 live.show_metrics(self.pools[name])
             self.retiring.pop(name, None)
             self.current = name
-            self.pools[name].config = dataclasses.replace(self.pools[name].config,
-                                                          rebalance_every_s=cfg.rebalance_every_s)
+            self.pools[name].config = dataclasses.replace(self.pools[name].config, **{
+                k: getattr(cfg, k) for k in LIVE_SETTINGS if k != "transport"})
             # The pool asked for last is the deployment's: every other one of this app (known here,
             # or left by an earlier host process) serves its old replicas a while longer, then goes.
             deadline = time.monotonic() + self.retire_after_s
@@ -112,9 +117,51 @@ class PoolHost:
         with self._lock:
             return sorted(self.pools)
 
+    def _maybe_autoscale(self) -> None:
+        """Sample the actors' busy time (every AUTOSCALE_SAMPLE_S) and let the policy decide; a
+        change runs on its own thread (it waits for new actors, and perhaps for new nodes)."""
+        try:
+            pool = self._pool()
+        except LookupError:
+            return
+        c = pool.config
+        if not c.autoscale_max or time.monotonic() - self._sampled < AUTOSCALE_SAMPLE_S:
+            return
+        policy = self._autoscaler
+        if policy is None or (policy.min_actors, policy.max_actors) != (c.autoscale_min, c.autoscale_max):
+            policy = self._autoscaler = ExpertAutoscaler(c.autoscale_min, c.autoscale_max, c.target_busy,
+                                                         c.upscale_delay_s, c.downscale_delay_s)
+        import ray
+
+        self._sampled = time.monotonic()
+        ids = [a.id for a in pool.plan.actors]
+        try:
+            stats = ray.get([pool.actors[i].stats.remote() for i in ids], timeout=5)
+        except Exception:  # noqa: BLE001 — an actor restarting: sample again next time
+            return
+        now = time.monotonic()
+        sample = {i: (now, st["busy_s"]) for i, st in zip(ids, stats)}
+        busy = busy_fractions(self._busy, sample)
+        self._busy = sample
+        if len(busy) != len(ids):
+            return
+        want = policy.decide(now, len(ids), busy)
+        if want != len(ids) and self._changing.acquire(blocking=False):
+            def scale() -> None:
+                try:
+                    live.scale_pool(pool, want, kind="autoscale")
+                except Exception as e:  # noqa: BLE001 — the old placement keeps serving
+                    print(f"raymoe: expert autoscaling to {want} actors failed: {e}", flush=True)
+                finally:
+                    self._busy = {}
+                    self._changing.release()
+
+            threading.Thread(target=scale, name="raymoe-expert-autoscale", daemon=True).start()
+
     def _janitor(self) -> None:
         while not self._stop.wait(1.0):
             self._maybe_rebalance()
+            self._maybe_autoscale()
             with self._lock:
                 now = time.monotonic()
                 for name in [n for n, when in self.retiring.items() if when <= now]:

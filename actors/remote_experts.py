@@ -81,7 +81,7 @@ class Pending:
                 pool.suspect(send.actor)
             again = self.owner.send_pairs(self.x, torch.cat([s.tokens[s.local] for s in failed]),
                                           torch.cat([s.experts for s in failed]), torch.cat([s.weights for s in failed]),
-                                          self.x, t0)
+                                          self.x, t0, failed=frozenset(s.actor for s in failed))
             left = max(0.001, timeout - (time.perf_counter() - t0))
             out += again.result(left).to(out.dtype).cpu()
         t2 = time.perf_counter()
@@ -144,10 +144,11 @@ class RemoteExperts:
                                weights.reshape(-1).detach().cpu().float(), x, t0)
 
     def send_pairs(self, x: torch.Tensor, token: torch.Tensor, experts: torch.Tensor, w: torch.Tensor,
-                   like: torch.Tensor, t0: float) -> Pending:
-        """(token, expert, weight) pairs over x [T, D] (CPU) → one payload per actor computing them."""
+                   like: torch.Tensor, t0: float, failed: frozenset = frozenset()) -> Pending:
+        """(token, expert, weight) pairs over x [T, D] (CPU) → one payload per actor computing them
+        (`failed`: actors that just failed these pairs; they get them again only as a last resort)."""
         pool = self.pool
-        version, route = pool.begin_call(self.layer)
+        version, route = pool.begin_call(self.layer, failed)
         try:
             return self._send(x, token, experts, w, route, version, like, t0)
         except BaseException:

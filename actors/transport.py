@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 from . import TRANSPORTS
 Reply = tuple[np.ndarray, float]  # an actor's partial sum (wire bytes) and its compute seconds
 STALL_S = 1.0  # a direct call silent this long makes us ask Ray whether its actor is still the same
+# A spare call (its experts have other copies) whose actor not even Ray hears from for this long is
+# given up (a lost node closes no connection); long enough that a busy 2-core machine is no reason.
+SPARE_SILENCE_S = 3.0
 
 
 class Unreachable(Exception):
@@ -236,7 +239,7 @@ class DirectCalls:
                         call.channel = None
                         if call.spare:
                             return None
-                elif call.spare and time.monotonic() - asked > STALL_S:  # not even Ray hears from it
+                elif call.spare and time.monotonic() - asked > SPARE_SILENCE_S:  # not even Ray hears from it
                     self._drop(call.actor, channel)
                     call.channel = None
                     return None

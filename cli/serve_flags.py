@@ -29,6 +29,11 @@ FLAGS: list[tuple[str, str, Any, str]] = [
                                             "copies of hot experts, see `raymoe experts rebalance`)"),
     ("--rebalance-every", "rebalance_every_s", float, "apply the expert planner's placement every N seconds "
                                                       "(0: only on `raymoe experts rebalance`)"),
+    ("--expert-target-busy", "expert_target_busy", float, "with --expert-autoscale: the busy fraction an expert "
+                                                          "actor should run at"),
+    ("--upscale-delay-s", "upscale_delay_s", float, "with --autoscale / --expert-autoscale: how long load must ask "
+                                                    "for more before replicas or actors are added"),
+    ("--downscale-delay-s", "downscale_delay_s", float, "... and for fewer before they are removed"),
     ("--replicas", "replicas", int, "front replicas (attention, KV cache, batching, sampling)"),
     ("--target-ongoing-requests", "target_ongoing_requests", int, "with --autoscale: requests per replica to aim at"),
     ("--replica-cpus", "replica_num_cpus", float, "CPUs (and torch threads) of each front replica"),
@@ -66,6 +71,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, dest=field, type=kind, default=None, help=help_ + shown)
     p.add_argument("--autoscale", metavar="MIN:MAX", default=None,
                    help="let Serve scale the front replicas between MIN and MAX (overrides --replicas)")
+    p.add_argument("--expert-autoscale", metavar="MIN:MAX", default=None,
+                   help="scale the expert actors between MIN and MAX following their busy time, with live placement "
+                        "changes (starts with --expert-actors, default MIN)")
     p.add_argument("--config", metavar="FILE", help="YAML (or JSON) of ServeSettings fields; flags override it")
     p.add_argument("--address", help="join this Ray cluster instead of starting a private one (e.g. auto)")
     p.add_argument("--api-key", default=None,
@@ -84,14 +92,22 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         if value is not None:
             raw[field] = value
     if args.autoscale:
-        try:
-            low, high = (int(v) for v in args.autoscale.split(":"))
-        except ValueError:
-            raise ValueError(f"--autoscale must be MIN:MAX, e.g. 1:4 (got {args.autoscale!r})") from None
-        if not 1 <= low <= high:
-            raise ValueError(f"--autoscale needs 1 <= MIN <= MAX (got {args.autoscale!r})")
-        raw["replicas"], raw["autoscale_max_replicas"] = low, high
+        raw["replicas"], raw["autoscale_max_replicas"] = _min_max("--autoscale", args.autoscale)
+    if args.expert_autoscale:
+        low, high = _min_max("--expert-autoscale", args.expert_autoscale)
+        raw["expert_autoscale_min"], raw["expert_autoscale_max"] = low, high
+        raw.setdefault("expert_actors", low)
     return ServeSettings.from_dict(raw)
+
+
+def _min_max(flag: str, value: str) -> tuple[int, int]:
+    try:
+        low, high = (int(v) for v in value.split(":"))
+    except ValueError:
+        raise ValueError(f"{flag} must be MIN:MAX, e.g. 1:4 (got {value!r})") from None
+    if not 1 <= low <= high:
+        raise ValueError(f"{flag} needs 1 <= MIN <= MAX (got {value!r})")
+    return low, high
 
 
 def _read_config(path: Path) -> dict[str, Any]:

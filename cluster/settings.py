@@ -34,9 +34,17 @@ class ServeSettings:
     expert_resources: dict[str, float] = dataclasses.field(default_factory=dict)  # custom Ray resources per actor
     expert_slots: int = 0  # experts an actor may hold per layer; 0 → its share (more: room for hot copies)
     rebalance_every_s: float = 0.0  # > 0: apply the expert planner's placement this often (actors/planner.py)
+    # > 0: the pool host grows and shrinks the expert actors between these, following their busy time
+    expert_autoscale_min: int = 0
+    expert_autoscale_max: int = 0
+    expert_target_busy: float = 0.5  # busy fraction an expert actor should run at when autoscaling
     replicas: int = 1  # front replicas (ignored when autoscaling is on)
     autoscale_max_replicas: int = 0  # > replicas turns on Serve autoscaling between the two
     target_ongoing_requests: int = 16
+    # How long load must ask for more (fewer) front replicas or expert actors before they change
+    # (Serve's upscale_delay_s / downscale_delay_s, used for both).
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
     max_batch_tokens: int = 2048
     micro_batches: int = 0  # split each step in N parts to overlap attention with remote experts; 0 = auto
     max_running: int = 64  # sequences decoded together
@@ -79,6 +87,14 @@ class ServeSettings:
 
         if self.expert_transport not in TRANSPORTS:
             raise ValueError(f"expert_transport must be one of {', '.join(TRANSPORTS)} (got {self.expert_transport!r})")
+        if self.expert_autoscale_max:
+            if not 1 <= self.expert_autoscale_min <= self.expert_actors <= self.expert_autoscale_max:
+                raise ValueError(f"expert autoscaling needs 1 <= MIN <= expert_actors <= MAX (got "
+                                 f"{self.expert_autoscale_min} <= {self.expert_actors} <= {self.expert_autoscale_max})")
+            if not 0 < self.expert_target_busy <= 1:
+                raise ValueError(f"expert_target_busy must be in (0, 1] (got {self.expert_target_busy})")
+        if self.upscale_delay_s < 0 or self.downscale_delay_s < 0:
+            raise ValueError("upscale_delay_s and downscale_delay_s must be >= 0")
         if self.expert_slots < 0 or self.rebalance_every_s < 0:
             raise ValueError("expert_slots and rebalance_every_s must be >= 0")
         if self.stream_messages_per_s < 0:
@@ -129,7 +145,9 @@ class ServeSettings:
                           resources=dict(self.expert_resources), dtype=dtype,
                           device=self.expert_device, num_gpus=self.expert_num_gpus, transport=self.expert_transport,
                           call_timeout_s=self.expert_timeout_s, expert_slots=self.expert_slots or None,
-                          rebalance_every_s=self.rebalance_every_s)
+                          rebalance_every_s=self.rebalance_every_s, autoscale_min=self.expert_autoscale_min,
+                          autoscale_max=self.expert_autoscale_max, target_busy=self.expert_target_busy,
+                          upscale_delay_s=self.upscale_delay_s, downscale_delay_s=self.downscale_delay_s)
 
     def deployment_options(self) -> dict[str, Any]:
         """Options of the front deployment (`Deployment.options`, and `deployments:` in a Serve config)."""
@@ -148,7 +166,9 @@ class ServeSettings:
         }
         if self.autoscale_max_replicas > self.replicas:
             opts["autoscaling_config"] = {"min_replicas": self.replicas, "max_replicas": self.autoscale_max_replicas,
-                                          "target_ongoing_requests": self.target_ongoing_requests}
+                                          "target_ongoing_requests": self.target_ongoing_requests,
+                                          "upscale_delay_s": self.upscale_delay_s,
+                                          "downscale_delay_s": self.downscale_delay_s}
         else:
             opts["num_replicas"] = self.replicas
         return opts

@@ -217,9 +217,13 @@ def test_serve_settings_from_a_config_file_and_flags(tmp_path, capsys):
     s = settings_from_args(args)
     assert (s.expert_actors, s.max_queue, s.stream_interval_ms, s.http_host) == (3, 9, 0, "0.0.0.0")
     assert (s.replicas, s.autoscale_max_replicas) == (2, 5)  # --autoscale wins over --replicas
-    flagged = {field for _, field, _, _ in FLAGS} | {"autoscale_max_replicas"}
+    flagged = {field for _, field, _, _ in FLAGS} | {"autoscale_max_replicas", "expert_autoscale_min",
+                                                     "expert_autoscale_max"}
     unflagged = {f.name for f in dataclasses.fields(ServeSettings)} - flagged
     assert unflagged <= {"expert_resources", "replica_resources"}, unflagged  # dicts: --config only
     config.write_text("expert_actors: 3\nno_such_setting: 1\n")
     assert_user_error(capsys, ["serve", "--config", str(config)], "no_such_setting")
     assert_user_error(capsys, ["serve", "--autoscale", "3"], "--autoscale", "MIN:MAX")
+    s = settings_from_args(build_parser().parse_args(["serve", "--expert-autoscale", "2:4"]))
+    assert (s.expert_actors, s.expert_autoscale_min, s.expert_autoscale_max) == (2, 2, 4)
+    assert_user_error(capsys, ["serve", "--expert-actors", "5", "--expert-autoscale", "1:3"], "expert autoscaling")

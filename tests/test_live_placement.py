@@ -125,3 +125,32 @@ def test_a_restarted_actor_serves_what_it_held_last(cluster, ckpt):
         torch.testing.assert_close(RemoteExperts(1, pool)(*args), local_layer(ckpt, 1)(*args), atol=1e-5, rtol=1e-5)
         held = actor_holds(pool)[changed.id]
         assert tuple(held["0"]) == changed.experts[0] and d.moves > 0
+
+
+def test_a_killed_copy_fails_over_at_once_and_comes_back(cluster, ckpt):
+    """2 actors × 2 copies: SIGKILL one while calls run; its pairs go to the other copy (no wait for
+    the restart), every output stays right, and the restarted actor serves again once it reloaded."""
+    import os
+    import signal
+
+    with ExpertPool(ckpt, PoolConfig(num_actors=2, replicas=2, num_cpus=0.25, call_timeout_s=60)) as pool:
+        traffic = Traffic(pool, ckpt)
+        try:
+            time.sleep(0.5)
+            pid = ray.get(pool.actors[0].stats.remote())["pid"]
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while not pool.metrics.failovers and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert pool.metrics.failovers >= 1
+            deadline = time.monotonic() + 60
+            while pool._down and time.monotonic() < deadline:  # restarted and reloaded: a copy again
+                time.sleep(0.2)
+            assert not pool._down
+            calls = traffic.calls
+            time.sleep(0.5)
+            assert traffic.calls > calls
+        finally:
+            traffic.stop()
+        assert traffic.errors == []
+        assert ray.get(pool.actors[0].stats.remote())["pid"] != pid

@@ -1,0 +1,30 @@
+"""The autoscaling loop end to end (scripts/autoscale_demo.py) on Ray's fake multi-node provider:
+under load Serve adds a front replica and raymoe an expert actor, the autoscaler adds a node of each
+type for them, and once the load stops all of it goes away again; no request fails. About 2 min."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.autoscale_demo import run  # noqa: E402
+
+
+def test_load_scales_replicas_actors_and_nodes_up_and_idle_scales_them_down():
+    lines = []
+    result = run(clients=12, load_s=40, idle_s=240, every_s=2, out=lines.append)
+    steps = result["steps"]
+    text = "\n".join(lines)
+    for step in ("front replica added", "expert actor added", "front node added", "expert node added",
+                 "front replica removed", "expert actor removed", "front node removed", "expert node removed"):
+        assert step in steps, f"{step} did not happen:\n{text}"
+    assert result["failed"] == 0, result["errors"][:3]
+    assert result["ok"] > 50
+    rows = result["timeline"]
+    assert max(r["replicas"] for r in rows) == 2 and max(r["actors"] for r in rows) == 3
+    assert rows[-1]["replicas"] == 1 and rows[-1]["actors"] == 2
