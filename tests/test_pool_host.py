@@ -84,6 +84,22 @@ def test_killing_the_host_under_load_costs_nothing(cluster, ckpt):
     assert not any(s["reconstructed"] for s in ray.get([a.stats.remote() for a in again.actors]))
 
 
+def test_a_restarted_host_keeps_a_changed_placement(cluster, ckpt):
+    """After a live change (2 → 3 actors), a host crash: the restarted host attaches to the changed
+    placement (published in Ray's KV store), not to the startup one, and it still computes right."""
+    shared_pool(ckpt, config(), APP)
+    change = ray.get(pool_host(APP).scale.remote(3), timeout=120)
+    assert change["started"] == [2] and change["version"] == 1
+    ray.kill(pool_host(APP), no_restart=False)
+    again = shared_pool(ckpt, config(), APP)  # the restarted host process
+    assert again.plan.version == 1 and len(again.plan.actors) == 3
+    report = ray.get(pool_host(APP).placement.remote(), timeout=60)
+    assert report["version"] == 1 and [h["kind"] for h in report["history"]][-1] == "scale"
+    assert all(a["state"] == "ALIVE" for a in report["actors"])
+    model = load_model(ckpt, experts_factory=remote_experts_factory(again))
+    assert_same_generation(generate(model), reference(ckpt))
+
+
 def test_redeploy_with_other_settings_retires_the_old_pool(cluster, ckpt):
     """A replica asking for another pool gets it; the old one (left by an earlier host process, so only
     found by name) is removed after the retirement delay: no actor or placement group leaks."""
