@@ -280,9 +280,15 @@ class ExpertActor:
         return self.direct.endpoint()
 
 
+def _assignment_key(actor_id: str | None = None) -> bytes:
+    return f"raymoe-actor-holds/{actor_id or ray.get_runtime_context().get_actor_id()}".encode()
 
-def _assignment_key() -> bytes:
-    return f"raymoe-actor-holds/{ray.get_runtime_context().get_actor_id()}".encode()
+
+def forget_assignment(handle) -> None:
+    """Drop what an actor recorded of its experts (when it is killed for good)."""
+    from ray.experimental.internal_kv import _internal_kv_del
+
+    _internal_kv_del(_assignment_key(handle._actor_id.hex()))
 
 
 def _record_assignment(assignment: dict[int, tuple[int, ...]]) -> None:

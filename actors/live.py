@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 FOLLOW_S = 0.1  # how often a copy looks for a new plan (and says which version it uses)
 ACK_STALE_S = 5.0  # a copy that has not acknowledged for this long is taken for gone
+HEARTBEAT_S = 1.0  # an unchanged acknowledgement is written again this often
 SETTLE_S = 3 * FOLLOW_S  # after publishing, before trusting the acks: a copy may be starting
 
 
@@ -48,6 +49,11 @@ def _kv():
 
 def _plan_key(name: str) -> bytes:
     return f"raymoe-plan/{name}".encode()
+
+
+def _version_key(name: str) -> bytes:
+    """Just the published version: what followers poll (the plan itself is read when it changes)."""
+    return f"raymoe-plan-version/{name}".encode()
 
 
 def _ack_prefix(name: str) -> bytes:
@@ -66,13 +72,16 @@ def published(name: str) -> tuple[Plan, dict[int, str], dict[int, int | None], l
 
 def publish(pool: "ExpertPool") -> None:
     state = {"plan": to_json(pool.plan), "names": pool.names, "bundles": pool.bundles, "history": pool.history}
-    _kv()._internal_kv_put(_plan_key(pool.name), json.dumps(state).encode(), overwrite=True)
+    kv = _kv()
+    kv._internal_kv_put(_plan_key(pool.name), json.dumps(state).encode(), overwrite=True)
+    kv._internal_kv_put(_version_key(pool.name), str(pool.plan.version).encode(), overwrite=True)
 
 
 def forget(name: str) -> None:
     """Drop what a removed pool published (its plan and its copies' acknowledgements)."""
     kv = _kv()
     kv._internal_kv_del(_plan_key(name))
+    kv._internal_kv_del(_version_key(name))
     kv._internal_kv_del(_ack_prefix(name), del_by_prefix=True)
 
 
@@ -82,12 +91,14 @@ class Follower:
     def __init__(self, pool: "ExpertPool") -> None:
         self.pool, self.id = pool, uuid.uuid4().hex[:12]
         self._stop = threading.Event()
+        self._acked: tuple[int, float] | None = None  # (version, when) last written
         self.step()  # before the first call: a copy made before a switch catches up at once
         threading.Thread(target=self._run, name="raymoe-plan-follower", daemon=True).start()
 
     def step(self) -> None:
-        pool = self.pool
-        state = published(pool.name)
+        pool, kv = self.pool, _kv()
+        version = kv._internal_kv_get(_version_key(pool.name))
+        state = published(pool.name) if version is not None and int(version) > pool.plan.version else None
         if state is not None and state[0].version > pool.plan.version:
             plan, names, bundles, history = state
             actors = list(pool.actors) + [None] * (max(names) + 1 - len(pool.actors))
@@ -96,9 +107,12 @@ class Follower:
                     actors[actor_id] = ray.get_actor(actor_name, namespace=pool.namespace)
             pool.actors, pool.names, pool.bundles, pool.history = actors, names, bundles, history
             pool._set_plan(plan)
-        _kv()._internal_kv_put(_ack_prefix(pool.name) + self.id.encode(),
-                               json.dumps({"version": pool.oldest_in_use(), "t": time.time()}).encode(),
-                               overwrite=True)
+        # the acknowledgement: when it changes, and as a heartbeat well within ACK_STALE_S
+        acked, now = pool.oldest_in_use(), time.time()
+        if self._acked is None or self._acked[0] != acked or now - self._acked[1] >= HEARTBEAT_S:
+            kv._internal_kv_put(_ack_prefix(pool.name) + self.id.encode(),
+                                json.dumps({"version": acked, "t": now}).encode(), overwrite=True)
+            self._acked = (acked, now)
 
     def _run(self) -> None:
         while not self._stop.wait(FOLLOW_S):
@@ -171,21 +185,14 @@ def apply(pool: "ExpertPool", new: Plan, kind: str = "apply", load: Any = None,
     timeout = pool.config.start_timeout_s
     # 1. load: new actors, and more copies on the others (old ∪ new), while the old plan serves
     actors = list(pool.actors) + [None] * (max(a.id for a in new.actors) + 1 - len(pool.actors))
-    free = sorted(set(pool.bundles_free()))
-    for a in new.actors:
-        if a.id in d.started:
-            name = f"actor{a.id}#{a.id}" + (f".{uuid.uuid4().hex[:6]}" if pool.name is None else f"/{pool.name}")
-            assignment = {layer: a.experts[layer] for layer in a.layers if a.experts[layer]}
-            actors[a.id] = pool.start_actor(a.id, name, assignment, bundle=free.pop(0) if free else None,
-                                            node=a.node)
-    gaining = {}
-    for a in new.actors:
-        if a.id in d.started:
-            continue
-        before = old.actor(a.id)
-        union = {layer: sorted(set(before.experts[layer]) | set(a.experts[layer])) for layer in a.layers}
-        if any(set(a.experts[layer]) - set(before.experts[layer]) for layer in a.layers):
-            gaining[a.id] = union
+    free = pool.bundles_free()
+    for i in d.started:
+        a = new.actor(i)
+        name = f"actor{i}#{i}" + (f".{uuid.uuid4().hex[:6]}" if pool.name is None else f"/{pool.name}")
+        actors[i] = pool.start_actor(i, name, _holding(a), bundle=free.pop(0) if free else None, node=a.node)
+    gaining = {i: {layer: sorted(set(old.actor(i).experts[layer]) | set(new.actor(i).experts[layer]))
+                   for layer in new.actor(i).layers}
+               for i in {c.actor for c in d.added} - set(d.started)}
     say(f"loading {d.moves} expert copies ({len(d.started)} new actors)")
     try:
         refs = [actors[i].hold.remote(union) for i, union in gaining.items()]
@@ -199,8 +206,7 @@ def apply(pool: "ExpertPool", new: Plan, kind: str = "apply", load: Any = None,
             pool.retire_actor(i)
         for i in gaining:
             try:
-                a = old.actor(i)
-                actors[i].hold.remote({layer: a.experts[layer] for layer in a.layers})
+                actors[i].hold.remote(_holding(old.actor(i)))
             except Exception:  # noqa: BLE001
                 pass
         from .pool import brief
@@ -224,10 +230,8 @@ def apply(pool: "ExpertPool", new: Plan, kind: str = "apply", load: Any = None,
             break
         time.sleep(FOLLOW_S / 2)
     # 4. retire
-    losing = [a for a in new.actors if a.id not in d.started
-              and any(set(old.actor(a.id).experts[layer]) - set(a.experts[layer]) for layer in a.layers)]
-    ray.get([pool.actors[a.id].hold.remote({layer: a.experts[layer] for layer in a.layers}) for a in losing],
-            timeout=timeout)
+    losing = {c.actor for c in d.removed} - set(d.stopped)
+    ray.get([pool.actors[i].hold.remote(_holding(new.actor(i))) for i in losing], timeout=timeout)
     for actor_id in d.stopped:
         pool.retire_actor(actor_id)
     entry["seconds"] = round(time.monotonic() - t0, 3)
@@ -246,12 +250,17 @@ def apply(pool: "ExpertPool", new: Plan, kind: str = "apply", load: Any = None,
     return entry
 
 
+def _holding(actor) -> dict[int, tuple[int, ...]]:
+    """An actor's {layer: experts} in a plan (what `ExpertActor.hold` takes)."""
+    return {layer: actor.experts[layer] for layer in actor.layers if actor.experts[layer]}
+
+
 # --- the operations (called on the creator's pool: the pool host, or a private pool's owner) ------
 
 def measured_load(pool: "ExpertPool", reset: bool = True, timeout_s: float | None = None) -> list[list[float]]:
     """[L][E] (token, expert) pairs the actors computed since the last call with reset (or since
     they started); an actor that restarted meanwhile counts from its restart."""
-    seen: dict[int, list[list[int]]] = pool.__dict__.setdefault("_load_seen", {})
+    seen = pool.load_seen
     ids = [a.id for a in pool.plan.actors]
     counts = ray.get([pool.actors[i].expert_load.remote() for i in ids], timeout=timeout_s or pool.config.call_timeout_s)
     cfg = pool.model_config

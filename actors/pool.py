@@ -116,6 +116,8 @@ class LayerRoute:
     replicated: bool
     # actors whose every expert here has another copy: a failed call to one goes to those copies
     spare: frozenset = frozenset()
+    owner_lists: tuple = ()  # owner and num_owners as Python lists (split_by_load reads them per call)
+    num_owner_list: tuple = ()
 
 
 def layer_route(plan: Plan | Placement, layer: int, down: frozenset = frozenset(),
@@ -135,8 +137,10 @@ def layer_route(plan: Plan | Placement, layer: int, down: frozenset = frozenset(
             hosted[a].append(e)
     spare = frozenset(a for a, experts in hosted.items() if all(len(owners[e]) > 1 for e in experts))
     # explicit device: the model may be built under torch.device("meta")
-    table = torch.tensor([list(o) + [o[0]] * (rmax - len(o)) for o in owners], dtype=torch.long, device="cpu")
-    return LayerRoute(table, torch.tensor([len(o) for o in owners], device="cpu"), rmax > 1, spare)
+    rows = [list(o) + [o[0]] * (rmax - len(o)) for o in owners]
+    counts = [len(o) for o in owners]
+    table = torch.tensor(rows, dtype=torch.long, device="cpu")
+    return LayerRoute(table, torch.tensor(counts, device="cpu"), rmax > 1, spare, tuple(rows), tuple(counts))
 
 
 def pool_key(checkpoint: str, config: PoolConfig) -> str:
@@ -165,15 +169,14 @@ def remove_named_pool(name: str) -> None:
     """Kill every actor of the named pool and remove its placement group (its GPUs and CPUs)."""
     from ray.util import get_placement_group, list_named_actors
 
-    from ray.experimental.internal_kv import _internal_kv_del
-
+    from .expert_actor import forget_assignment
     from .live import forget
 
     for a in list_named_actors(all_namespaces=True):
         if a["name"].endswith("/" + name):
             try:
                 handle = ray.get_actor(a["name"], namespace=a["namespace"])
-                _internal_kv_del(f"raymoe-actor-holds/{handle._actor_id.hex()}".encode())
+                forget_assignment(handle)
                 ray.kill(handle, no_restart=True)
             except ValueError:  # gone meanwhile
                 pass
@@ -210,6 +213,12 @@ class ExpertPool:
         self.namespace = ray.get_runtime_context().namespace
         self.bundles: dict[int, int | None] = {}  # actor id → its bundle in `pg` (None: placed on its own)
         self.history: list[dict[str, Any]] = []  # the placement changes so far (see actors/live.py)
+        self.load_seen: dict[int, list[list[int]]] = {}  # actor id → its pair counts at the last rebalance
+        self._inflight: collections.Counter = collections.Counter()  # plan version → layer calls in flight
+        self._lock = threading.Lock()
+        self._creator = True  # copies (unpickled) follow the creator's plan instead
+        self._down: frozenset = frozenset()  # actors suspected dead (see suspect)
+        self._checker: threading.Thread | None = None
         self._set_plan(from_placement(self.placement))
         if config.expert_slots is not None:
             self._set_plan(widen(self.plan, config.expert_slots))
@@ -400,13 +409,7 @@ class ExpertPool:
     def _set_plan(self, plan: Plan) -> None:
         """Install `plan`: every layer call dispatched from now on routes by it (one assignment, so
         a call sees the old plan or the new one whole)."""
-        self._live = (plan, {})
-        if not hasattr(self, "_inflight"):
-            self._inflight: collections.Counter = collections.Counter()  # plan version → calls in flight
-            self._lock = threading.Lock()
-            self._creator = True
-            self._down: frozenset = frozenset()  # actors suspected dead (see suspect)
-            self._checker: threading.Thread | None = None
+        self._live = (plan, {})  # the plan and its routes, cached by (layer, suspects, failed)
 
     @property
     def plan(self) -> Plan:
@@ -416,32 +419,39 @@ class ExpertPool:
         """The plan version and route a layer call uses (`failed`: actors that just failed it, for
         its resend); end_call(version) once it has returned."""
         plan, routes = self._live
-        down = self._down
-        key = (layer, down, failed)
-        route = routes.get(key)
-        if route is None:
-            route = routes[key] = layer_route(plan, layer, down, failed)
+        route = self._route(plan, routes, layer, failed)
         with self._lock:
             self._inflight[plan.version] += 1
         return plan.version, route
+
+    def _route(self, plan: Plan, routes: dict, layer: int, failed: frozenset) -> LayerRoute:
+        key = (layer, self._down, failed)
+        if key not in routes:
+            routes[key] = layer_route(plan, layer, key[1], failed)
+        return routes[key]
+
+    def end_call(self, version: int) -> None:
+        with self._lock:
+            self._inflight[version] -= 1
+            if not self._inflight[version]:
+                del self._inflight[version]
 
     # --- failover: a dead copy's pairs go to a live copy at once ---------------------------------
 
     def suspect(self, actor: int) -> None:
         """Route nothing to `actor` where its experts have other copies, until it answers as loaded
         again (a restarted process reloads its experts first), checked on a background thread."""
+        from .metrics import count_failover
+
         with self._lock:
             if actor in self._down:
                 return
             self._down = self._down | {actor}
             self.metrics.failovers += 1
-        from .metrics import count_failover
-
-        count_failover(self.actor_name(actor))
-        with self._lock:
             if self._checker is None:
                 self._checker = threading.Thread(target=self._check_suspects, name="raymoe-failover", daemon=True)
                 self._checker.start()
+        count_failover(self.actor_name(actor))
 
     def _check_suspects(self) -> None:
         while True:
@@ -460,12 +470,6 @@ class ExpertPool:
                         self._down = self._down - {actor}
             time.sleep(SUSPECT_CHECK_S)
 
-    def end_call(self, version: int) -> None:
-        with self._lock:
-            self._inflight[version] -= 1
-            if not self._inflight[version]:
-                del self._inflight[version]
-
     def oldest_in_use(self) -> int:
         """The oldest plan version a call still in flight here uses (or the current one)."""
         with self._lock:
@@ -483,10 +487,10 @@ class ExpertPool:
         handle = self.actors[actor_id]
         if handle is None:
             return
-        from ray.experimental.internal_kv import _internal_kv_del
+        from .expert_actor import forget_assignment
 
         try:
-            _internal_kv_del(f"raymoe-actor-holds/{handle._actor_id.hex()}".encode())
+            forget_assignment(handle)
             ray.kill(handle, no_restart=True)
         except Exception:  # noqa: BLE001 — already gone
             pass
@@ -503,11 +507,7 @@ class ExpertPool:
     # --- lookups -----------------------------------------------------------------------------
 
     def route(self, layer: int) -> LayerRoute:
-        plan, routes = self._live
-        key = (layer, self._down, frozenset())
-        if key not in routes:
-            routes[key] = layer_route(plan, layer, self._down)
-        return routes[key]
+        return self._route(*self._live, layer, frozenset())
 
     def actor_id(self, actor: int) -> str | None:
         """Ray's hex id of the actor at pool index `actor` (errors carry it)."""

@@ -132,7 +132,7 @@ class RemoteExperts:
         starts = torch.cumsum(counts, 0) - counts
         rank = torch.empty_like(flat)
         rank[order] = torch.arange(flat.numel()) - starts[flat[order]]  # k-th pair of its expert
-        bounds = split_by_load(counts.tolist(), r.owner.tolist(), r.num_owners.tolist())  # [E][R] cumulative
+        bounds = split_by_load(counts.tolist(), r.owner_lists, r.num_owner_list)  # [E][R] cumulative
         copy = torch.searchsorted(torch.tensor(bounds)[flat], rank[:, None], right=True).squeeze(1)
         return r.owner[flat, copy]
 

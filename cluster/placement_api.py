@@ -50,8 +50,9 @@ class ExpertsRoutes:
         from .settings import APP_NAME
 
         if not self.api_key.allows_grpc(grpc_context):
-            return self._refuse(grpc_context, grpc.StatusCode.UNAUTHENTICATED,
-                                "missing or wrong API key: send the metadata 'authorization: Bearer KEY'", None)
+            from .ingress import Unauthenticated
+
+            return self._fail(grpc_context, Unauthenticated(), None)  # the status every door answers
         host = pool_host(APP_NAME) if self.info["pool"] is not None else None
         if host is None:
             return self._refuse(grpc_context, grpc.StatusCode.FAILED_PRECONDITION,
