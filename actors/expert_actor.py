@@ -267,8 +267,8 @@ class ExpertActor:
                 "weight_bytes": weight_bytes, "tokens": self.tokens, "calls": self.calls, "busy_s": self.busy_s,
                 "device": str(self.device), "threads": torch.get_num_threads(), "node_id": ctx.get_node_id(),
                 "host": socket.gethostname(), "pid": os.getpid(), "load_s": round(self.load.seconds, 3),
-                "state": self.load.state,
-                "reconstructed": reconstructed}
+                "state": self.load.state, "bytes_read": self.load.bytes_read, "total_bytes": self.load.total_bytes,
+                "load_error": self.load.error, "reconstructed": reconstructed}
 
     @ray.method(concurrency_group="control")
     def ping(self) -> str:

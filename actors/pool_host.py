@@ -75,6 +75,13 @@ class PoolHost:
             pool.config = cfg
             return pool
 
+    def start_pool(self, checkpoint: str, config: dict[str, Any]) -> None:
+        """get_pool, for a caller that does not wait (the pool's actors start loading now)."""
+        try:
+            self.get_pool(checkpoint, config)
+        except Exception as e:  # noqa: BLE001 — the replicas asking for it next get the error
+            print(f"raymoe: starting the expert pool failed: {e}", flush=True)
+
     # --- live placement (actors/live.py): what `raymoe experts` asks for ----------------------
 
     def _pool(self) -> ExpertPool:
@@ -192,17 +199,31 @@ def _head_node_strategy():
     return "DEFAULT" if head is None else NodeAffinitySchedulingStrategy(head, soft=True)
 
 
+def _host(app: str, retire_after_s: float):
+    """The server's host, created on first use."""
+    import ray
+
+    return ray.remote(PoolHost).options(
+        name=host_name(app), namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
+        max_restarts=-1, max_task_retries=-1, max_concurrency=4,
+        scheduling_strategy=_head_node_strategy()).remote(app, retire_after_s)
+
+
 def shared_pool(checkpoint: str, config: PoolConfig, app: str = "raymoe",
                 retire_after_s: float = RETIRE_AFTER_S) -> ExpertPool:
     """The pool for (checkpoint, config), creating the server's host on first use."""
     import ray
 
-    host = ray.remote(PoolHost).options(
-        name=host_name(app), namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
-        max_restarts=-1, max_task_retries=-1, max_concurrency=4,
-        scheduling_strategy=_head_node_strategy()).remote(app, retire_after_s)
+    host = _host(app, retire_after_s)
     return ray.get(host.get_pool.remote(checkpoint, dataclasses.asdict(config)),
                    timeout=config.start_timeout_s + 30)
+
+
+def request_shared_pool(checkpoint: str, config: PoolConfig, app: str = "raymoe",
+                        retire_after_s: float = RETIRE_AFTER_S) -> None:
+    """Start the pool for (checkpoint, config) without waiting for it (`shared_pool` later attaches
+    to it). A failure shows when a replica asks for the pool."""
+    _host(app, retire_after_s).start_pool.remote(checkpoint, dataclasses.asdict(config))
 
 
 def pool_host(app: str = "raymoe"):

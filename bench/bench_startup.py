@@ -65,12 +65,29 @@ def rss_of(pattern: str) -> dict[int, int]:
     return out
 
 
+def watch_model_info(client, t0: float, seen: list) -> None:
+    """(seconds, what ModelInfo said) every half second while the server starts, until None is appended."""
+    from protos import generator_pb2 as pb
+
+    while not seen or seen[-1] is not None:
+        try:
+            info = client.stub.ModelInfo(pb.ModelInfoRequest(), timeout=2)
+            read = sum(a.load_bytes_read for a in info.expert_actors)
+            total = sum(a.load_total_bytes for a in info.expert_actors)
+            seen.append((time.monotonic() - t0, f"state {info.state}, actors {[a.state for a in info.expert_actors]}, "
+                                                f"{read / 2**30:.2f} of {total / 2**30:.2f} GB read"))
+        except Exception:  # noqa: BLE001 — not deployed yet
+            pass
+        time.sleep(0.5)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--expert-actors", type=int, default=4)
     ap.add_argument("--kv-cache-tokens", type=int, default=4096)
+    ap.add_argument("--serve-args", default="", help="more `raymoe serve` flags, e.g. '--no-dashboard'")
     args = ap.parse_args()
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     raymoe = [sys.executable, "-m", "cli.main"]
@@ -92,9 +109,9 @@ def main() -> int:
     t0 = time.monotonic()
     server = subprocess.Popen([*raymoe, "serve", "--checkpoint", str(ckpt), "--expert-actors", str(args.expert_actors),
                                "--grpc-port", str(port), "--http-port", str(free_port()),
-                               "--kv-cache-tokens", str(args.kv_cache_tokens)],
+                               "--kv-cache-tokens", str(args.kv_cache_tokens), *args.serve_args.split()],
                               cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    stamps, lines = [], []
+    stamps, lines, seen = [], [], []
 
     def read_output() -> None:
         for line in server.stdout:
@@ -108,8 +125,12 @@ def main() -> int:
         from protos import generator_pb2 as pb
 
         with Client(f"127.0.0.1:{port}") as client:
+            watch = threading.Thread(target=watch_model_info, args=(client, t0, seen), daemon=True)
+            watch.start()
             client.wait_ready(1800)
             ready_s = time.monotonic() - t0
+            seen.append(None)  # stops the watcher
+            watch.join(10)
             info = client.stub.ModelInfo(pb.ModelInfoRequest(), timeout=30)
         actor_rss = sorted(rss_of(r"^ray::ExpertActor").values())
         front_rss = sorted(rss_of(r"^ray::ServeReplica").values())
@@ -122,6 +143,9 @@ def main() -> int:
         loading = [s for s, line in zip(stamps, lines) if "loading experts" in line]
         load_s = (loading[-1] - loading[0] + 2.0) if loading else None  # lines come every 2 s
         gaps = [b - a for a, b in zip([0.0] + progress_stamps, progress_stamps + [ready_s])]
+        answers = [x for x in seen if x is not None]
+        for stamp, line in answers[:1] + [a for a in answers[1:] if "LOADING" in a[1]][-1:]:
+            print(f"  [{stamp:5.1f} s] ModelInfo: {line}")
         print(f"\nprogress: first line after {progress_stamps[0] if progress_stamps else float('nan'):.1f} s, "
               f"longest gap {max(gaps):.1f} s (target: within 2 s, then at least every 2 s)")
         print(f"time to ready: {ready_s:.1f} s = {ready_s / read_s:.2f}x the plain read ({read_s:.1f} s); "

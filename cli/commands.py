@@ -88,6 +88,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         with Ticker(lambda: None if loading.state == "READY" or not loading.total_bytes else
                     f"raymoe: loading {loading.what}: {progress_line([loading.snapshot()])}"):
             model = load_model(ckpt, dtype=getattr(torch, args.dtype), experts_factory=factory, progress=loading)
+        if factory is not None:
+            factory.wait_loaded()  # the expert actors loaded meanwhile
         # Sized for this one request, but never past the context: an oversized request is then
         # refused by Engine.check with its message instead of allocating a huge cache.
         engine = Engine(model, kv_cache_tokens=min(len(prompt) + params.max_tokens, ckpt.config.max_position_embeddings))

@@ -41,4 +41,7 @@ def remote_experts_generate(checkpoint: str | Path, args: argparse.Namespace,
     from .ray_session import experts_factory_from_args
 
     with experts_factory_from_args(args, checkpoint) as factory:
-        yield local_generate(checkpoint, batch_size=batch_size, experts_factory=factory)
+        generate = local_generate(checkpoint, batch_size=batch_size, experts_factory=factory)
+        if factory is not None:
+            factory.wait_loaded()  # the expert actors loaded while the dense part did
+        yield generate

@@ -15,37 +15,57 @@ from typing import Callable, TextIO
 
 from model.progress import progress_line
 
-EVERY_S = 2.0
+EVERY_S = 1.0  # a line at least every second or so (the target is every 2 s, on a busy machine)
 
 
 class Ticker:
-    """Prints `line()` (when it returns text) at once and then every `every_s` until closed."""
+    """Prints `line()` (when it returns text) at once and then every `every_s` until closed.
+
+    line() runs on a thread of its own (it may ask Ray, which can take seconds on a machine busy
+    starting processes): each beat prints the newest text it has, so the beat never slips; a
+    beat with nothing new repeats the last text with the time waited since it came."""
 
     def __init__(self, line: Callable[[], str | None], every_s: float = EVERY_S, out: TextIO | None = None) -> None:
         self.line, self.every_s, self.out = line, every_s, out or sys.stderr
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="raymoe-progress", daemon=True)
+        self._fresh = threading.Event()
+        self._latest: tuple[str | None, float] = (None, time.monotonic())
+        self._threads = [threading.Thread(target=self._sample, name="raymoe-progress-sample", daemon=True),
+                         threading.Thread(target=self._print, name="raymoe-progress", daemon=True)]
 
-    def _run(self) -> None:
-        next_at = time.monotonic()
-        while True:
+    def _sample(self) -> None:
+        while not self._stop.is_set():
             try:
                 text = self.line()
             except Exception as e:  # noqa: BLE001 — progress must never break the command
                 text = f"raymoe: (progress unavailable: {type(e).__name__})"
+            self._latest = (text, time.monotonic())
+            self._fresh.set()
+            self._stop.wait(self.every_s / 2)
+
+    def _print(self) -> None:
+        self._fresh.wait(self.every_s)  # the first line as soon as there is one
+        next_at = time.monotonic()
+        while True:
+            text, at = self._latest
             if text:
-                print(text, file=self.out, flush=True)
-            next_at += self.every_s  # on a fixed beat, however long line() took
+                stale = time.monotonic() - at
+                print(text if self._fresh.is_set() or stale < self.every_s else f"{text} (+{stale:.0f} s)",
+                      file=self.out, flush=True)
+            self._fresh.clear()
+            next_at += self.every_s  # on a fixed beat, however long line() takes
             if self._stop.wait(max(0.0, next_at - time.monotonic())):
                 return
 
     def __enter__(self) -> "Ticker":
-        self._thread.start()
+        for t in self._threads:
+            t.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self._thread.join(5)
+        for t in self._threads:
+            t.join(5)
 
 
 class PoolProgress:

@@ -94,11 +94,32 @@ def experts_factory_from_args(args: argparse.Namespace, checkpoint: str | Path) 
         from .progress import PoolProgress, Ticker
 
         progress = PoolProgress(num_actors)
+        if not getattr(args, "address", None):  # the actors run on this machine: read ahead meanwhile
+            from .prefetch import prefetch
+
+            prefetch(checkpoint)
         with ray_connection(getattr(args, "address", None)) as started:
             check_expert_device(config.device, started)
             with Ticker(progress.line):  # on stderr: stdout stays the command's own output
-                pool = ExpertPool(checkpoint, config, on_progress=progress)
+                pool = ExpertPool(checkpoint, config, on_progress=progress, wait=False)
             with pool:
-                yield remote_experts_factory(pool)
+                yield LoadingExperts(remote_experts_factory(pool), pool, progress)
     except ExpertsUnavailable as e:
         raise UserError(str(e)) from None
+
+
+class LoadingExperts:
+    """An experts factory whose actors are still loading: the command loads its own part (the
+    dense weights) meanwhile, then calls wait_loaded() (progress on stderr)."""
+
+    def __init__(self, factory: ExpertsFactory, pool, progress) -> None:
+        self.factory, self.pool, self.progress = factory, pool, progress
+
+    def __call__(self, layer: int):
+        return self.factory(layer)
+
+    def wait_loaded(self) -> None:
+        from .progress import Ticker
+
+        with Ticker(self.progress.line):
+            self.pool.wait_loaded(self.progress)

@@ -28,6 +28,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     dashboard = None if args.address or args.no_dashboard else args.dashboard_port
+    if not args.address:  # a private Ray on this machine: read the checkpoint ahead while it starts
+        from model.default import default_checkpoint
+
+        from .prefetch import prefetch
+
+        prefetch(settings.checkpoint or default_checkpoint())
     with ray_connection(args.address, settings.local_ray_cpus(), dashboard_port=dashboard) as started:
         if settings.expert_actors:
             check_expert_device(settings.expert_device, started)

@@ -57,6 +57,9 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--max-stop-chars", "max_stop_chars", int, "limit on characters per stop string"),
     ("--max-stop-token-ids", "max_stop_token_ids", int, "limit on stop_token_ids per request"),
     ("--max-logprobs", "max_logprobs", int, "limit on top alternatives per token"),
+    ("--ready-when-loaded", "ready_when_loaded", bool, "a replica is up for Serve only once the expert actors are "
+                                                       "loaded (default: once its dense part is; it then answers "
+                                                       "ModelInfo LOADING and requests wait)"),
 ]
 
 
@@ -65,7 +68,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     for flag, field, kind, help_ in FLAGS:
         default = getattr(defaults, field)
         shown = f" (default: {default})" if default not in (None, "") else ""
-        if isinstance(kind, tuple):
+        if kind is bool:  # a switch: given → True
+            p.add_argument(flag, dest=field, action="store_const", const=True, default=None, help=help_)
+        elif isinstance(kind, tuple):
             p.add_argument(flag, dest=field, choices=kind, default=None, help=help_ + shown)
         else:
             p.add_argument(flag, dest=field, type=kind, default=None, help=help_ + shown)

@@ -19,11 +19,22 @@ def render(info) -> str:
              f"top-{c.num_experts_per_tok}, {c.num_attention_heads}/{c.num_key_value_heads} heads, {c.dtype}",
              f"replica   running {info.load.running}/{info.max_running}, waiting {info.load.waiting}, "
              f"KV cache {info.load.kv_cache_used_tokens}/{info.kv_cache_tokens} tokens"]
+    if info.state == "LOADING":
+        read = sum(a.load_bytes_read for a in info.expert_actors)
+        total = sum(a.load_total_bytes for a in info.expert_actors)
+        secs = max((a.load_seconds for a in info.expert_actors), default=0.0)
+        lines.append(f"state     LOADING: expert actors read {read / 2**30:.2f} of {total / 2**30:.2f} GB "
+                     f"({read / max(1, total):.0%}, {read / max(secs, 1e-9) / 2**20:.0f} MB/s); requests wait")
+    elif info.state == "FAILED":
+        lines.append(f"state     FAILED: {info.load_error}")
     if info.expert_actors:
         lines.append("")
         lines.append(f"{'expert actor':<28} {'state':<12} {'node':<14} {'device':<7} {'weights':>9} {'tokens':>10}")
         for a in info.expert_actors:
-            lines.append(f"{a.name:<28} {a.state:<12} {a.node_id[:12]:<14} {a.device or '-':<7} "
+            state = a.state
+            if state == "LOADING":
+                state = f"LOADING {a.load_bytes_read / max(1, a.load_total_bytes):.0%}"
+            lines.append(f"{a.name:<28} {state:<12} {a.node_id[:12]:<14} {a.device or '-':<7} "
                          f"{a.weight_bytes / 2**20:>7.1f}MB {a.tokens_processed:>10}")
         calls = info.expert_calls
         if calls.layer_calls:

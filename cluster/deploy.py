@@ -8,20 +8,24 @@ from .settings import APP_NAME, SERVICER_FUNCTIONS, ServeSettings
 
 def deploy(settings: ServeSettings, proxy_location: str | None = None, api_key: str | None = None) -> None:
     """Start Serve's proxies (on every node by default; "HeadOnly" where several Ray nodes share one
-    machine and so one port) and deploy the application. api_key: put the key in the replicas'
-    runtime environment (when joining a cluster whose processes do not have it in theirs)."""
+    machine and so one port) and deploy the application; return once it serves (its expert actors
+    loaded, or the error that stopped them). api_key: put the key in the replicas' runtime
+    environment (when joining a cluster whose processes do not have it in theirs)."""
     from ray import serve
     from ray.serve.config import gRPCOptions
 
     from .app import build_app
+    from .replica import prestart_pool
 
+    prestart_pool(settings)  # the expert actors load while Serve starts
     serve.start(proxy_location=proxy_location,
                 http_options={"host": settings.http_host, "port": settings.http_port,
                               "request_timeout_s": settings.request_timeout_s},
                 grpc_options=gRPCOptions(port=settings.grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS,
                                          request_timeout_s=settings.request_timeout_s))
     app = build_app(settings.to_dict(), api_key=api_key)
-    serve.run(app, name=APP_NAME, route_prefix="/")
+    handle = serve.run(app, name=APP_NAME, route_prefix="/")
+    handle.wait_loaded.remote().result()  # a replica is up once its dense part is; the experts may still load
 
 
 def release_pool(settings: ServeSettings) -> None:

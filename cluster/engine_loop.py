@@ -16,7 +16,7 @@ import itertools
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 from model.completion import CompletionTracker
 from model.engine import Engine
@@ -92,13 +92,15 @@ class _Request:
 class EngineLoop:
     def __init__(self, engine: Engine, tokenizer: Tokenizer | None, *, max_queue: int = 256,
                  metrics: ServingMetrics | None = None, stream_interval_s: float = 0.0,
-                 max_messages_per_s: float = 0.0) -> None:
+                 max_messages_per_s: float = 0.0, wait_ready: Callable[[], None] | None = None) -> None:
         """stream_interval_s: a stream's chunks go out at most this often (its first token and its
         end at once); the tokens of the meantime travel together. max_messages_per_s (0 = no
         bound): with many streams the interval stretches so that all of them together send about
         that many messages per second. Every message through Serve's proxy costs ≈0.9 ms of CPU
         (replica and proxy, measured on 2 cores), so with many streams per-token messages cost
-        more than the tokens."""
+        more than the tokens. wait_ready (e.g. the expert actors still loading): called first on the
+        loop thread; requests queue meanwhile, and if it raises they and all later ones fail with
+        that error and the loop stops."""
         self.engine, self.tokenizer, self.max_queue, self.metrics = engine, tokenizer, max_queue, metrics
         self.stream_interval_s, self.max_messages_per_s = stream_interval_s, max_messages_per_s
         if metrics is not None:
@@ -110,6 +112,9 @@ class EngineLoop:
         self._stopped = False
         self.num_waiting = 0  # queued for admission (approximate outside the loop thread)
         self.num_running = 0
+        self._wait_ready = wait_ready
+        self.ready = threading.Event()  # set once wait_ready returned (at once without one)
+        self.load_error: BaseException | None = None  # what wait_ready raised
         self._thread = threading.Thread(target=self._run, name="raymoe-engine", daemon=True)
         self._thread.start()
 
@@ -119,6 +124,8 @@ class EngineLoop:
         generation whose first tokens (and resume_text_bytes of their text) were delivered already:
         only what follows is yielded. Raises InvalidRequest for a bad request, QueueFull when too
         many are waiting, or the error that ended the sequence."""
+        if self.load_error is not None:
+            raise self.load_error
         if not self.alive:
             raise RuntimeError("the engine loop has stopped")
         tracker = CompletionTracker(prompt_ids, self.tokenizer, stop)
@@ -137,6 +144,8 @@ class EngineLoop:
         seq_id = next(self._ids)
         req = _Request(asyncio.get_running_loop(), prompt_ids, params, tracker, list(resume_ids))
         self._post(("add", seq_id, req))
+        if self.load_error is not None:  # loading failed while this request was being posted
+            raise self.load_error
         finished = False
         try:
             while True:
@@ -169,6 +178,21 @@ class EngineLoop:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopped
 
+    @property
+    def loading(self) -> bool:
+        """Still waiting for wait_ready (requests queue meanwhile)."""
+        return not self.ready.is_set() and self.load_error is None
+
+    def wait_loaded(self, timeout: float | None = None) -> None:
+        """Block until ready; raise what loading raised."""
+        while not self.ready.wait(0.2 if timeout is None else min(0.2, timeout)):
+            if self.load_error is not None:
+                raise self.load_error
+            if timeout is not None:
+                timeout -= 0.2
+                if timeout <= 0:
+                    raise TimeoutError("the model is still loading")
+
     def stop(self) -> None:
         self._stopped = True
         self._wake.set()
@@ -181,6 +205,17 @@ class EngineLoop:
     # --- the loop thread --------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self._wait_ready is not None:
+            try:
+                self._wait_ready()
+            except Exception as e:  # noqa: BLE001 — every request, queued or later, gets this error
+                self.load_error = e
+                self._stopped = True
+                for kind, _, req in self._take_inbox():
+                    if kind == "add":
+                        req.send(e)
+                return
+        self.ready.set()
         while not self._stopped:
             try:
                 self._iterate()
@@ -226,12 +261,16 @@ class EngineLoop:
         _send_all(out)
         self._update_counts()
 
-    def _drain_inbox(self) -> None:
+    def _take_inbox(self):
+        """The messages posted so far (new requests and aborts), in order."""
         while True:
             try:
-                kind, seq_id, req = self._inbox.get_nowait()
+                yield self._inbox.get_nowait()
             except queue.Empty:
-                break
+                return
+
+    def _drain_inbox(self) -> None:
+        for kind, seq_id, req in self._take_inbox():
             if kind == "add":
                 try:
                     self.engine.add(seq_id, req.prompt_ids, req.params, req.resume_ids)

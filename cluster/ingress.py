@@ -72,6 +72,8 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
         self.limits = self.settings.request_limits()
         self.api_key = ApiKey()
         self.loop, self.info = build_engine_loop(self.settings)
+        if self.settings.ready_when_loaded:
+            self.loop.wait_loaded()  # raises why the experts could not load: the replica fails to start
         # An actor that misses pings for this long (restarts take a few seconds) makes Check NOT_SERVING.
         self.pool_health = PoolHealth(self.info["pool"], stale_s=min(15.0, self.settings.expert_timeout_s))
         self.tokenizer = self.loop.tokenizer
@@ -152,7 +154,11 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
             load=pb.Load(running=self.loop.num_running, waiting=self.loop.num_waiting,
                          kv_cache_used_tokens=engine.cache.used_blocks * engine.cache.block_size),
             routing=[pb.LayerRouting(layer=i, tokens_per_expert=row) for i, row in enumerate(self._routing())],
-            expert_calls=self._expert_calls())
+            expert_calls=self._expert_calls(), state=self._state(),
+            load_error="" if self.loop.load_error is None else str(self.loop.load_error))
+
+    def _state(self) -> str:
+        return "FAILED" if self.loop.load_error is not None else "LOADING" if self.loop.loading else "READY"
 
     def _expert_calls(self) -> pb.ExpertCalls | None:
         pool = self.info["pool"]
@@ -171,14 +177,26 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
             self.loop.metrics.requests.inc(tags={"status": status})
 
     def check_health(self) -> None:
-        """Serve's own health check: a replica whose engine thread died is replaced."""
+        """Serve's own health check: a replica whose engine thread died (or whose experts could not
+        be loaded) is replaced."""
+        if self.loop.load_error is not None:
+            raise RuntimeError(f"the expert actors could not load: {self.loop.load_error}")
         if not self.loop.alive:
             raise RuntimeError("the engine loop has stopped")
+
+    async def wait_loaded(self) -> None:
+        """Return once this replica serves (its expert actors loaded); raise why they could not."""
+        await asyncio.to_thread(self.loop.wait_loaded)
+
+    @property
+    def serving(self) -> bool:
+        """Loaded, stepping, and every expert actor answering (the health checks' SERVING)."""
+        return self.loop.alive and not self.loop.loading and self.pool_health.ok
 
     async def Check(self, request, grpc_context=None):
         from grpc_health.v1 import health_pb2
 
-        serving = self.loop.alive and self.pool_health.ok  # NOT_SERVING while its experts do not answer
+        serving = self.serving  # NOT_SERVING while loading, or while its experts do not answer
         return health_pb2.HealthCheckResponse(
             status=health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
 

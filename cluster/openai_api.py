@@ -228,11 +228,12 @@ async def chat_completions(request: Request):
 
 class OpenAIRoutes:
     """Mixed into the front deployment (cluster.ingress.Generator), which provides `loop`, `cfg`,
-    `limits`, `tokenizer`, `chat`, `model_id`, `api_key` and `pool_health`."""
+    `limits`, `tokenizer`, `chat`, `model_id`, `api_key`, `pool_health` and `serving`."""
 
     async def http_health(self) -> JSONResponse:
-        ok = self.loop.alive and self.pool_health.ok
-        return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
+        ok = self.serving
+        status = "ok" if ok else "loading" if self.loop.loading else "unavailable"
+        return JSONResponse({"status": status}, status_code=200 if ok else 503)
 
     async def http_models(self, request: Request) -> JSONResponse:
         try:

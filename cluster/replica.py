@@ -19,6 +19,7 @@ from .settings import APP_NAME, ServeSettings
 
 
 STATS_TIMEOUT_S = 2.0  # ModelInfo reports an actor that takes longer as UNREACHABLE
+ACTOR_STATE = {"READY": "ALIVE"}  # an actor's load state as ModelInfo names it (LOADING and FAILED as they are)
 
 
 def _progress_logger(every_s: float = 2.0):
@@ -38,27 +39,50 @@ def _progress_logger(every_s: float = 2.0):
     return log
 
 
+def pool_request(s: ServeSettings, ckpt: Checkpoint | None = None):
+    """(checkpoint directory, PoolConfig) of the expert pool these settings ask for, or None."""
+    ckpt = ckpt or Checkpoint(s.checkpoint or default_checkpoint())
+    pool_config = s.pool_config(resolve_dtype(s.dtype, ckpt.config))
+    return None if pool_config is None else (str(ckpt.dir.resolve()), pool_config)
+
+
+def prestart_pool(s: ServeSettings) -> None:
+    """Ask for the deployment's expert pool now, without waiting: its actors start and load their
+    experts while Serve starts its controller, proxies and replicas (which then attach to it).
+    Skipped where this process cannot read the checkpoint (a replica asks for it then)."""
+    try:
+        request = pool_request(s)
+    except (OSError, ValueError):
+        return
+    if request is not None:
+        from actors.pool_host import request_shared_pool
+
+        request_shared_pool(*request, APP_NAME)
+
+
 def build_engine_loop(s: ServeSettings) -> tuple[EngineLoop, dict[str, Any]]:
+    """The replica's engine loop, once its dense part is loaded. With expert actors the loop starts
+    at once but steps only when every actor has loaded its experts (requests queue meanwhile, and
+    ModelInfo reports the actors LOADING with their progress)."""
     torch.set_num_threads(max(1, int(s.replica_num_cpus)))  # the replica's CPU share, not the host's cores
     ckpt = Checkpoint(s.checkpoint or default_checkpoint())
     dtype = resolve_dtype(s.dtype, ckpt.config)
     tokenizer = Tokenizer(ckpt.dir) if (ckpt.dir / "tokenizer.model").exists() else None
-    factory, pool = None, None
-    pool_config = s.pool_config(dtype)
-    if pool_config is not None:
+    factory, pool, request = None, None, pool_request(s, ckpt)
+    if request is not None:
         from actors.pool_host import shared_pool
         from actors.remote_experts import remote_experts_factory
 
-        pool = shared_pool(str(ckpt.dir.resolve()), pool_config, APP_NAME)
+        pool = shared_pool(*request, APP_NAME)
         factory = remote_experts_factory(pool)
     device = "cuda" if s.replica_num_gpus > 0 else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to the replica's GPU
     model = load_model(ckpt, dtype=getattr(torch, dtype), experts_factory=factory, device=device)
-    if pool is not None:  # the actors loaded their experts meanwhile; wait for the rest
-        pool.wait_loaded(_progress_logger())
     engine = Engine(model, kv_cache_tokens=s.kv_cache_tokens, max_batch_tokens=s.max_batch_tokens,
                     max_running=s.max_running, micro_batches=s.effective_micro_batches(pool.device if pool else None))
     metrics = ServingMetrics(model.cfg.num_hidden_layers, model.cfg.num_local_experts)
-    loop = EngineLoop(engine, tokenizer, max_queue=s.max_queue, metrics=metrics,
+    # the actors load their experts meanwhile (they started before this replica's dense part)
+    wait = None if pool is None else (lambda: pool.wait_loaded(_progress_logger()))
+    loop = EngineLoop(engine, tokenizer, max_queue=s.max_queue, metrics=metrics, wait_ready=wait,
                       stream_interval_s=s.stream_interval_ms / 1e3, max_messages_per_s=s.stream_messages_per_s)
     return loop, {"checkpoint": str(ckpt.dir), "dtype": dtype, "pool": pool}
 
@@ -79,8 +103,10 @@ async def actor_infos(pool) -> list[dict[str, Any]]:
                 "state": "UNREACHABLE"}
         if task.done() and task.exception() is None:
             st = task.result()
-            info.update(state="ALIVE", node_id=st["node_id"],
-                        weight_bytes=st["weight_bytes"], tokens_processed=st["tokens"], device=st["device"])
+            info.update(state=ACTOR_STATE.get(st["state"], st["state"]), node_id=st["node_id"],
+                        weight_bytes=st["weight_bytes"], tokens_processed=st["tokens"], device=st["device"],
+                        load_bytes_read=st["bytes_read"], load_total_bytes=st["total_bytes"],
+                        load_seconds=st["load_s"])
         elif not task.done():
             task.cancel()
         out.append(info)

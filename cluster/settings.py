@@ -72,6 +72,11 @@ class ServeSettings:
     # A replica Serve stops (scale-down, redeploy) takes no new requests and lets its streams finish
     # for up to this long; streams still running then are cut, and the project's clients resume them.
     graceful_shutdown_s: float = 30.0
+    # A replica is up for Serve once its dense part is loaded: while the expert actors load it
+    # answers ModelInfo (LOADING, with their progress) and health checks (NOT_SERVING), and requests
+    # wait. True: it is up only once they are loaded (a RayService upgrade then moves traffic only
+    # to a cluster that can serve it).
+    ready_when_loaded: bool = False
 
     def __post_init__(self) -> None:
         for name in ("expert_actors", "max_batch_tokens", "max_running", "kv_cache_tokens", "max_queue"):

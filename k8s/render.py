@@ -31,12 +31,13 @@ EXPERT_RESOURCES: dict[str, float] = {"expert_host": 1}
 FRONT_RESOURCES: dict[str, float] = {"front_host": 1}
 OVERLAYS: dict[str, ServeSettings] = {
     # The demo model shipped in the image (checkpoint None), two expert actors on one CPU each,
-    # one front replica that Serve may double under load. Every 5 minutes the expert planner
+    # one front replica that Serve may double under load (up only once the experts are loaded, so a
+    # RayService upgrade switches traffic to a cluster that serves). Every 5 minutes the expert planner
     # re-places the experts for the measured load (one spare slot per actor for a hot copy).
     "cpu": ServeSettings(checkpoint=None, expert_actors=2, expert_num_cpus=1.0, expert_device="cpu", http_host="0.0.0.0",
                          expert_resources=dict(EXPERT_RESOURCES), expert_slots=5, rebalance_every_s=300.0,
                          replicas=1, autoscale_max_replicas=2, replica_num_cpus=1.0,
-                         replica_resources=dict(FRONT_RESOURCES)),
+                         replica_resources=dict(FRONT_RESOURCES), ready_when_loaded=True),
     # A real Mixtral on the PVC (served in its own bfloat16): one expert actor (one GPU, never a silent
     # CPU fallback; the CPU share feeds it) per expert, with room for a second expert (11 GB of
     # bfloat16 over 32 layers) that rebalancing every 5 minutes gives to the hottest; 1-4 front replicas.
@@ -44,7 +45,7 @@ OVERLAYS: dict[str, ServeSettings] = {
                          http_host="0.0.0.0", expert_slots=2, rebalance_every_s=300.0,
                          expert_num_cpus=1.0, expert_resources=dict(EXPERT_RESOURCES),
                          replicas=1, autoscale_max_replicas=4, replica_num_cpus=4.0,
-                         replica_resources=dict(FRONT_RESOURCES)),
+                         replica_resources=dict(FRONT_RESOURCES), ready_when_loaded=True),
 }
 
 def serve_config(overlay: str) -> dict[str, Any]:

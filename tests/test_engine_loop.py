@@ -95,3 +95,62 @@ def test_resumed_stream_continues_exactly(make_loop, params, tokenizer):
         assert rest[-1].completion_tokens == len(ids) and rest[-1].finish_reason == "length"
     done = asyncio.run(run(ids, len(text.encode())))  # it had in fact ended: one empty last chunk
     assert len(done) == 1 and done[0].token_ids == [] and done[0].finish_reason == "length"
+
+
+def test_requests_wait_while_loading_then_run(model):
+    """With wait_ready (the expert actors still loading) requests queue; they run, with the tokens
+    they would have had, once it returns."""
+    import threading
+
+    want = Engine(model, kv_cache_tokens=1024).generate([[1, 7, 9]], SamplingParams(max_tokens=8,
+                                                                                   ignore_eos=True))[0]
+    release = threading.Event()
+    loop = EngineLoop(Engine(model, kv_cache_tokens=1024), None, wait_ready=release.wait)
+    try:
+        assert loop.loading and loop.alive
+
+        async def run():
+            task = asyncio.ensure_future(collect(loop, 8))
+            await asyncio.sleep(0.3)
+            assert not task.done() and loop.loading  # queued, not failed
+            release.set()
+            return await asyncio.wait_for(task, 30)
+
+        chunks, _, _ = asyncio.run(run())
+        assert [t for c in chunks for t in c.token_ids] == want.output_ids
+        assert not loop.loading and loop.load_error is None
+        loop.wait_loaded(timeout=1)
+    finally:
+        release.set()
+        loop.stop()
+
+
+def test_a_failed_load_fails_queued_and_later_requests(model):
+    import threading
+
+    from model.errors import BackendUnavailable
+
+    release, error = threading.Event(), BackendUnavailable("experts [0, 1] unavailable: disk on fire")
+
+    def wait_ready():
+        release.wait()
+        raise error
+
+    loop = EngineLoop(Engine(model, kv_cache_tokens=1024), None, wait_ready=wait_ready)
+
+    async def run():
+        queued = asyncio.ensure_future(collect(loop, 4))
+        await asyncio.sleep(0.2)
+        release.set()
+        with pytest.raises(BackendUnavailable, match="disk on fire"):
+            await asyncio.wait_for(queued, 10)
+        with pytest.raises(BackendUnavailable, match="disk on fire"):
+            await collect(loop, 4)  # a request after the failure
+
+    try:
+        asyncio.run(run())
+        assert loop.load_error is error and not loop.loading and not loop.alive
+        with pytest.raises(BackendUnavailable):
+            loop.wait_loaded(timeout=1)
+    finally:
+        loop.stop()

@@ -86,3 +86,23 @@ def test_actors_load_in_the_background_and_a_failed_load_is_named(tiny_dir, tmp_
             ExpertPool(tmp_path, PoolConfig(num_actors=1, num_cpus=0.25, start_timeout_s=30))
     finally:
         ray.shutdown()
+
+
+def test_status_shows_actors_loading():
+    """`raymoe status` on a server whose expert actors are still loading (ModelInfo state LOADING)."""
+    from cli.status import render
+    from protos import generator_pb2 as pb
+
+    info = pb.ModelInfoResponse(model="/m", state="LOADING", config=pb.ModelConfig(num_hidden_layers=2),
+                                expert_actors=[
+                                    pb.ExpertActorInfo(name="experts[0-3]@layers[0-1]", state="LOADING",
+                                                       load_bytes_read=1 << 30, load_total_bytes=4 << 30,
+                                                       load_seconds=2.0),
+                                    pb.ExpertActorInfo(name="experts[4-7]@layers[0-1]", state="ALIVE",
+                                                       load_bytes_read=4 << 30, load_total_bytes=4 << 30,
+                                                       load_seconds=4.0)])
+    text = render(info)
+    assert "LOADING: expert actors read 5.00 of 8.00 GB (62%, 1280 MB/s); requests wait" in text
+    assert "LOADING 25%" in text and "ALIVE" in text
+    failed = render(pb.ModelInfoResponse(model="/m", state="FAILED", load_error="experts [7] unavailable: x"))
+    assert "FAILED: experts [7] unavailable: x" in failed

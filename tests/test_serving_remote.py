@@ -57,13 +57,19 @@ def test_concurrent_requests_equal_in_process(remote_server, tiny_dir):
 
 
 def test_model_info_reports_placement(remote_server):
-    client, _ = remote_server
+    client, ray = remote_server
+    from actors.pool_host import pool_host
+
+    # deploy() started the pool before Serve (prestart_pool); the replicas attached to that one
+    assert len(ray.get(pool_host("raymoe").ping.remote())) == 1
     info = client.stub.ModelInfo(pb.ModelInfoRequest())
     assert len(info.expert_actors) == 3
     assert sorted(e for a in info.expert_actors for e in a.experts) == list(range(8))
+    assert info.state == "READY" and not info.load_error
     for a in info.expert_actors:
         assert a.state == "ALIVE" and a.weight_bytes > 0 and list(a.layers) == [0, 1]
         assert a.name.startswith("experts[") and a.node_id
+        assert a.load_bytes_read == a.load_total_bytes == a.weight_bytes and a.load_seconds > 0
     calls = info.expert_calls  # earlier tests generated on the answering replica or on the other one
     assert calls.transport in ("direct", "ray")
     if calls.layer_calls:
