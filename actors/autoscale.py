@@ -1,8 +1,13 @@
 """Expert autoscaling: how many expert actors the measured work asks for (pure, no Ray).
 
-Each actor reports the seconds it spent computing layer calls (`busy_s`); between two samples
-that gives its busy fraction. Like Serve's replica autoscaling (ongoing requests against a
-target), the wanted count is ceil(Σ busy / target_busy), kept within [min, max]; it must ask for
+Each actor reports the seconds it spent computing layer calls (`busy_s`) and the seconds calls
+waited in it before their computation started (`queued_s`: a caller's next micro-batch behind
+its previous one). Between two samples, (Δbusy + Δqueued) / Δwall is the actor's demand: the
+layer calls in it on average, computing or waiting (Little's law). It is not capped at 1: calls
+of several front replicas compute side by side and their summed time exceeds the wall time, and
+waiting calls add to it, so a saturated actor asks for more than one that is merely busy. Like
+Serve's replica autoscaling (ongoing requests against a target), the wanted count is
+ceil(Σ demand / target_busy), kept within [min, max]; it must ask for
 more for `upscale_after_s`, or for fewer for `downscale_after_s`, before it changes anything, and
 then moves one actor at a time (each change loads experts, so no lurching). The pool host samples
 it (actors/pool_host.py) and applies the answer through the live placement (actors/live.py); new
@@ -32,7 +37,7 @@ class ExpertAutoscaler:
             raise ValueError(f"target busy fraction must be in (0, 1] (got {self.target_busy})")
 
     def wanted(self, busy: list[float]) -> int:
-        """The actor count Σ busy asks for, within [min, max]."""
+        """The actor count Σ busy (each actor's demand, see actor_demand) asks for, within [min, max]."""
         want = math.ceil(sum(busy) / self.target_busy - 1e-9) if busy else self.min_actors
         return max(self.min_actors, min(self.max_actors, want))
 
@@ -51,15 +56,19 @@ class ExpertAutoscaler:
         return current
 
 
-def busy_fractions(before: dict[int, tuple[float, float]], after: dict[int, tuple[float, float]]) -> list[float]:
-    """Per actor in both samples, Δbusy / Δwall from {actor: (wall time, busy_s)} (a restarted
-    actor's counter starts again: it counts from zero)."""
+def actor_demand(before: dict[int, tuple[float, float, float]],
+                 after: dict[int, tuple[float, float, float]]) -> list[float]:
+    """Per actor in both samples, (Δbusy + Δqueued) / Δwall from {actor: (wall time, busy_s,
+    queued_s)}: the calls in it on average (a restarted actor's counters start again: they count
+    from zero)."""
     out = []
-    for actor, (t1, b1) in after.items():
+    for actor, (t1, b1, q1) in after.items():
         if actor not in before:
             continue
-        t0, b0 = before[actor]
+        t0, b0, q0 = before[actor]
         if t1 <= t0:
             continue
-        out.append(max(0.0, min(1.0, (b1 - (b0 if b1 >= b0 else 0.0)) / (t1 - t0))))
+        restarted = b1 < b0 or q1 < q0
+        busy, queued = (b1, q1) if restarted else (b1 - b0, q1 - q0)
+        out.append(max(0.0, (busy + queued) / (t1 - t0)))
     return out

@@ -29,6 +29,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from typing import Callable
 
 import numpy as np
@@ -90,6 +91,7 @@ class DirectServer:
     def __init__(self, handler: Handler, host: str) -> None:
         self.handler, self.token = handler, os.urandom(TOKEN_BYTES)
         self.connections = 0
+        self.queued_s = 0.0  # summed over calls: from the frame's arrival to its computation's start
         self._lock = threading.Lock()
         self.sock = socket.create_server((host, 0), backlog=64)
         self.host, self.port = host, self.sock.getsockname()[1]
@@ -126,7 +128,8 @@ class DirectServer:
         threading.Thread(target=self._work, args=(conn, inbox), name="raymoe-direct-work", daemon=True).start()
         try:
             while True:
-                inbox.put(recv_frame(conn))
+                frame = recv_frame(conn)
+                inbox.put((*frame, time.perf_counter()))
         except Exception:  # noqa: BLE001 — any failure ends this connection, never the reader silently
             inbox.put(None)
 
@@ -138,7 +141,10 @@ class DirectServer:
     def _work(self, conn: socket.socket, inbox: queue.SimpleQueue) -> None:
         try:
             while (item := inbox.get()) is not None:
-                call_id, layer, payload = item
+                call_id, layer, payload, arrived = item
+                waited = time.perf_counter() - arrived  # behind this connection's earlier calls
+                with self._lock:
+                    self.queued_s += waited
                 try:
                     reply, seconds = self.handler(layer, payload)
                     status = min(int(seconds * 1e6), 2**31 - 1)

@@ -265,6 +265,7 @@ class ExpertActor:
         return {"name": self.name, "experts": list(self.experts), "layers": list(self.layers),
                 "assignment": {str(layer): list(ex) for layer, ex in self.assignment.items()},
                 "weight_bytes": weight_bytes, "tokens": self.tokens, "calls": self.calls, "busy_s": self.busy_s,
+                "queued_s": self.direct.queued_s,
                 "device": str(self.device), "threads": torch.get_num_threads(), "node_id": ctx.get_node_id(),
                 "host": socket.gethostname(), "pid": os.getpid(), "load_s": round(self.load.seconds, 3),
                 "state": self.load.state, "bytes_read": self.load.bytes_read, "total_bytes": self.load.total_bytes,

@@ -261,7 +261,7 @@ def measured_load(pool: "ExpertPool", reset: bool = True, timeout_s: float | Non
     """[L][E] (token, expert) pairs the actors computed since the last call with reset (or since
     they started); an actor that restarted meanwhile counts from its restart."""
     seen = pool.load_seen
-    ids = [a.id for a in pool.plan.actors]
+    ids = [a.id for a in pool.plan.actors if pool.actors[a.id] is not None]  # not one gone for good
     counts = ray.get([pool.actors[i].expert_load.remote() for i in ids], timeout=timeout_s or pool.config.call_timeout_s)
     cfg = pool.model_config
     total = [[0.0] * cfg.num_local_experts for _ in range(cfg.num_hidden_layers)]
@@ -282,8 +282,10 @@ def _with_nodes(pool: "ExpertPool") -> Plan:
     import dataclasses
 
     plan = pool.plan
-    stats = ray.get([pool.actors[a.id].stats.remote() for a in plan.actors], timeout=pool.config.call_timeout_s)
-    actors = tuple(dataclasses.replace(a, node=st["node_id"]) for a, st in zip(plan.actors, stats))
+    there = [a for a in plan.actors if pool.actors[a.id] is not None]  # not one gone for good
+    stats = ray.get([pool.actors[a.id].stats.remote() for a in there], timeout=pool.config.call_timeout_s)
+    nodes = {a.id: st["node_id"] for a, st in zip(there, stats)}
+    actors = tuple(dataclasses.replace(a, node=nodes.get(a.id, a.node)) for a in plan.actors)
     return dataclasses.replace(plan, actors=actors)
 
 
@@ -304,6 +306,36 @@ def rebalance_pool(pool: "ExpertPool", on_step: Callable[[str], None] | None = N
     load = measured_load(pool)
     new = planner.rebalance(_with_nodes(pool), load, min_copies=pool.config.replicas)
     return apply(pool, new, "rebalance", load, on_step)
+
+
+def dead_actors(pool: "ExpertPool", timeout_s: float = 2.0) -> list[int]:
+    """The plan's actors that Ray says are dead for good (killed, or out of restarts); one that is
+    restarting or slow is not among them."""
+    ids = [a.id for a in pool.plan.actors if pool.actors[a.id] is not None]
+    refs = [pool.actors[i].ping.remote() for i in ids]
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    dead = []
+    for i, ref in zip(ids, refs):
+        if ref in done:
+            try:
+                ray.get(ref, timeout=0)
+            except ray.exceptions.ActorDiedError:
+                dead.append(i)
+            except Exception:  # noqa: BLE001 — unavailable for now (restarting): not dead
+                pass
+    return dead
+
+
+def replace_dead(pool: "ExpertPool", dead: list[int], on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Start new actors for the ones gone for good and give them those actors' copies (or what the
+    load says); meanwhile their pairs go to other copies (failover), or their experts' calls wait."""
+    from . import planner
+
+    for i in dead:  # nothing to drain from a dead actor; its bundle is free for its successor
+        pool.retire_actor(i)
+    load = measured_load(pool, reset=False)
+    new = planner.replace(_with_nodes(pool), dead, load, min_copies=pool.config.replicas)
+    return apply(pool, new, "replace", load, on_step)
 
 
 def report(pool: "ExpertPool", timeout_s: float = 5.0) -> dict[str, Any]:

@@ -63,6 +63,24 @@ def scale(plan: Plan, num_actors: int, load: Any = None, *, nodes: Sequence[str]
     return _replan(plan, actors, load, copies, min_gain)
 
 
+def replace(plan: Plan, dead: Sequence[int], load: Any = None, *, min_copies: int = 1,
+            min_gain: float = MIN_GAIN) -> Plan:
+    """The plan with the actors in `dead` (gone for good) replaced by as many new ones (fresh ids,
+    the same layers and slots, any node): the copies they held go to the new actors, or wherever
+    the load says, and everything else stays."""
+    gone = set(dead)
+    unknown = gone - {a.id for a in plan.actors}
+    if unknown:
+        raise ValueError(f"no actor(s) {sorted(unknown)} in the plan")
+    next_id = max((a.id for a in plan.actors), default=-1) + 1
+    actors = [a for a in plan.actors if a.id not in gone]
+    for i, a in enumerate(sorted((a for a in plan.actors if a.id in gone), key=lambda a: a.id)):
+        actors.append(dataclasses.replace(a, id=next_id + i, node="", experts=tuple(() for _ in a.experts)))
+    if load is None:
+        load = [[0.0] * plan.num_experts for _ in range(plan.num_layers)]
+    return _replan(plan, actors, load, min_copies, min_gain)
+
+
 def _replan(plan: Plan, actors: list[ActorSlots], load: Any, min_copies: int, min_gain: float) -> Plan:
     if min_copies < 1:
         raise ValueError(f"min_copies must be at least 1 (got {min_copies})")

@@ -25,12 +25,13 @@ import time
 from typing import Any
 
 from . import live
-from .autoscale import ExpertAutoscaler, busy_fractions
+from .autoscale import ExpertAutoscaler, actor_demand
 from .pool import LIVE_SETTINGS, ExpertPool, PoolConfig, named_pools, pool_key, remove_named_pool
 
 NAMESPACE = "raymoe"
 RETIRE_AFTER_S = 120.0  # how long an old pool serves the replicas of the previous deployment
 AUTOSCALE_SAMPLE_S = 2.0  # how often expert autoscaling samples the actors' busy time
+DEAD_CHECK_S = 5.0  # how often the host looks for expert actors dead for good (and replaces them)
 
 
 class PoolHost:
@@ -44,8 +45,9 @@ class PoolHost:
         self._stop = threading.Event()
         self._last_rebalance = time.monotonic()
         self._autoscaler: ExpertAutoscaler | None = None
-        self._busy: dict[int, tuple[float, float]] = {}
+        self._samples: dict[int, tuple[float, float, float]] = {}  # actor → (when, busy_s, queued_s)
         self._sampled = 0.0
+        self._dead_checked = time.monotonic()
         threading.Thread(target=self._janitor, name="raymoe-pool-janitor", daemon=True).start()
 
     def pool_name(self, key: str) -> str:
@@ -125,7 +127,7 @@ class PoolHost:
             return sorted(self.pools)
 
     def _maybe_autoscale(self) -> None:
-        """Sample the actors' busy time (every AUTOSCALE_SAMPLE_S) and let the policy decide; a
+        """Sample the actors' busy and queued time (every AUTOSCALE_SAMPLE_S) and let the policy decide; a
         change runs on its own thread (it waits for new actors, and perhaps for new nodes)."""
         try:
             pool = self._pool()
@@ -147,12 +149,12 @@ class PoolHost:
         except Exception:  # noqa: BLE001 — an actor restarting: sample again next time
             return
         now = time.monotonic()
-        sample = {i: (now, st["busy_s"]) for i, st in zip(ids, stats)}
-        busy = busy_fractions(self._busy, sample)
-        self._busy = sample
-        if len(busy) != len(ids):
+        sample = {i: (now, st["busy_s"], st["queued_s"]) for i, st in zip(ids, stats)}
+        demand = actor_demand(self._samples, sample)
+        self._samples = sample
+        if len(demand) != len(ids):
             return
-        want = policy.decide(now, len(ids), busy)
+        want = policy.decide(now, len(ids), demand)
         if want != len(ids) and self._changing.acquire(blocking=False):
             def scale() -> None:
                 try:
@@ -160,15 +162,39 @@ class PoolHost:
                 except Exception as e:  # noqa: BLE001 — the old placement keeps serving
                     print(f"raymoe: expert autoscaling to {want} actors failed: {e}", flush=True)
                 finally:
-                    self._busy = {}
+                    self._samples = {}
                     self._changing.release()
 
             threading.Thread(target=scale, name="raymoe-expert-autoscale", daemon=True).start()
+
+    def _maybe_replace_dead(self) -> None:
+        """Replace the expert actors Ray says are dead for good (ray.kill, out of restarts): Ray
+        re-creates a restartable actor itself (also on another node when its node is gone)."""
+        if time.monotonic() - self._dead_checked < DEAD_CHECK_S:
+            return
+        self._dead_checked = time.monotonic()
+        try:
+            pool = self._pool()
+        except LookupError:
+            return
+        if pool.failed() or not self._changing.acquire(blocking=False):
+            return
+        try:
+            dead = live.dead_actors(pool)
+            if dead:
+                print(f"raymoe: replacing expert actor(s) {[pool.actor_name(i) for i in dead]}, dead for good",
+                      flush=True)
+                live.replace_dead(pool, dead)
+        except Exception as e:  # noqa: BLE001 — tried again next time; copies (if any) serve meanwhile
+            print(f"raymoe: replacing dead expert actors failed: {e}", flush=True)
+        finally:
+            self._changing.release()
 
     def _janitor(self) -> None:
         while not self._stop.wait(1.0):
             self._maybe_rebalance()
             self._maybe_autoscale()
+            self._maybe_replace_dead()
             with self._lock:
                 now = time.monotonic()
                 for name in [n for n, when in self.retiring.items() if when <= now]:

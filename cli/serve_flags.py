@@ -77,8 +77,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autoscale", metavar="MIN:MAX", default=None,
                    help="let Serve scale the front replicas between MIN and MAX (overrides --replicas)")
     p.add_argument("--expert-autoscale", metavar="MIN:MAX", default=None,
-                   help="scale the expert actors between MIN and MAX following their busy time, with live placement "
-                        "changes (starts with --expert-actors, default MIN)")
+                   help="scale the expert actors between MIN and MAX following their busy and queued time, with live "
+                        "placement changes (starts with --expert-actors, default MIN)")
     p.add_argument("--config", metavar="FILE", help="YAML (or JSON) of ServeSettings fields; flags override it")
     p.add_argument("--address", help="join this Ray cluster instead of starting a private one (e.g. auto)")
     p.add_argument("--api-key", default=None,

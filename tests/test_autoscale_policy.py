@@ -2,7 +2,7 @@
 
 import pytest
 
-from actors.autoscale import ExpertAutoscaler, busy_fractions
+from actors.autoscale import ExpertAutoscaler, actor_demand
 
 
 def test_wanted_follows_the_total_busy_time():
@@ -40,11 +40,23 @@ def test_a_simulated_load_scales_up_then_down():
     assert all(abs(x - y) <= 1 for x, y in zip(history, history[1:]))
 
 
-def test_busy_fractions_and_bad_bounds():
-    before = {0: (10.0, 1.0), 1: (10.0, 5.0)}
-    after = {0: (12.0, 2.0), 1: (12.0, 0.5), 2: (12.0, 0.1)}  # actor 1 restarted; 2 is new
-    assert busy_fractions(before, after) == [0.5, 0.25]
+def test_actor_demand_and_bad_bounds():
+    before = {0: (10.0, 1.0, 0.0), 1: (10.0, 5.0, 3.0)}
+    after = {0: (12.0, 2.0, 0.0), 1: (12.0, 0.5, 0.1), 2: (12.0, 0.1, 0.0)}  # actor 1 restarted; 2 is new
+    assert actor_demand(before, after) == pytest.approx([0.5, 0.3])
     with pytest.raises(ValueError):
         ExpertAutoscaler(3, 2)
     with pytest.raises(ValueError):
         ExpertAutoscaler(1, 2, target_busy=0)
+
+
+def test_queueing_asks_for_more_than_busy_time_alone():
+    """Three front replicas keep one actor saturated: their calls compute side by side (summed busy
+    time 1.5 s per second of wall time) and each waits 0.5 s per second behind its own previous
+    micro-batch. The demand (3.0) asks for the actors that would serve it at the target; a reading
+    capped at one busy actor would have asked for 2."""
+    before, after = {0: (0.0, 0.0, 0.0)}, {0: (2.0, 3.0, 3.0)}
+    demand = actor_demand(before, after)
+    assert demand == [3.0]
+    a = ExpertAutoscaler(1, 8, target_busy=0.5)
+    assert a.wanted(demand) == 6 and a.wanted([min(1.0, d) for d in demand]) == 2

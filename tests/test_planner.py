@@ -7,7 +7,7 @@ import pytest
 
 from actors.placement import plan_placement
 from actors.plan import ActorSlots, Plan, diff, from_placement, imbalance, layer_loads
-from actors.planner import copy_counts, rebalance, scale
+from actors.planner import copy_counts, rebalance, replace, scale
 
 
 def static(num_experts=8, num_layers=2, actors=4, slots=None, nodes=None):
@@ -83,6 +83,23 @@ def test_scaling_down_moves_only_the_stopped_actors_experts():
     assert all(a.slots == 4 for a in new.actors)
     for a in new.actors:  # what the survivors held, they still hold
         assert set(plan.actor(a.id).experts[0]) <= set(a.experts[0])
+
+
+def test_a_dead_actor_is_replaced_by_a_new_one_holding_its_experts():
+    plan = static(actors=4)  # 2 experts each, in both layers
+    new = replace(plan, [1])
+    assert [a.id for a in new.actors] == [0, 2, 3, 4] and new.version == plan.version + 1
+    assert new.actor(4).experts == plan.actor(1).experts and new.actor(4).node == ""
+    for i in (0, 2, 3):  # nothing else moves
+        assert new.actor(i).experts == plan.actor(i).experts
+    d = diff(plan, new)
+    assert d.started == (4,) and d.stopped == (1,) and d.moves == 2 * 2
+    grouped = from_placement(plan_placement(8, 4, 4, layer_groups=2))  # layer groups: same layers, own group
+    dead = grouped.actors[0]
+    again = replace(grouped, [dead.id])
+    assert again.actors[-1].layers == dead.layers and again.actors[-1].experts == dead.experts
+    with pytest.raises(ValueError, match="no actor"):
+        replace(plan, [9])
 
 
 def test_copies_of_an_expert_go_to_different_nodes():

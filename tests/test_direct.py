@@ -1,0 +1,38 @@
+"""The direct transport's two ends on loopback, without Ray: frames, errors, and the queueing an
+actor measures (the expert autoscaling signal beside busy time)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from actors.direct import DirectChannel, DirectServer
+
+
+def slow_double(layer: int, payload: np.ndarray):
+    if layer < 0:
+        raise ValueError("no such layer")
+    time.sleep(0.2)
+    return payload * 2, 0.2
+
+
+def test_calls_behind_a_callers_earlier_call_count_as_queued():
+    server = DirectServer(slow_double, "127.0.0.1")
+    channel = DirectChannel(server.endpoint(), timeout_s=5)
+    try:
+        a, b = np.arange(8, dtype=np.uint8), np.arange(8, 16, dtype=np.uint8)
+        channel.send(1, 0, a)
+        channel.send(2, 0, b)  # a micro-batch pipelined behind the first: it waits ~0.2 s in the actor
+        out_b, secs = channel.recv(2, timeout_s=5)
+        out_a, _ = channel.recv(1, timeout_s=5)
+        assert out_a.tolist() == (a * 2).tolist() and out_b.tolist() == (b * 2).tolist() and secs == 0.2
+        assert 0.15 <= server.queued_s <= 1.0
+        channel.send(3, -1, a)
+        with pytest.raises(RuntimeError, match="no such layer"):
+            channel.recv(3, timeout_s=5)
+        channel.send(4, 0, a)  # the connection lives on after a failed call
+        assert channel.recv(4, timeout_s=5)[0].tolist() == (a * 2).tolist()
+    finally:
+        channel.close()
