@@ -51,6 +51,12 @@ def plain_read_seconds(directory: Path) -> tuple[float, int]:
     return time.perf_counter() - t, n
 
 
+def started_at(pid: int) -> float:
+    """When the process started, on time.monotonic()'s clock (Linux: seconds since boot)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_of(pattern: str) -> dict[int, int]:
     """pid → resident bytes of the processes whose command line matches (those of our server)."""
     out = {}
@@ -132,8 +138,12 @@ def main() -> int:
             seen.append(None)  # stops the watcher
             watch.join(10)
             info = client.stub.ModelInfo(pb.ModelInfoRequest(), timeout=30)
-        actor_rss = sorted(rss_of(r"^ray::ExpertActor").values())
-        front_rss = sorted(rss_of(r"^ray::ServeReplica").values())
+        procs = {name: rss_of(pattern) for name, pattern in (
+            ("pool host", r"^ray::PoolHost"), ("serve controller", r"^ray::ServeController"),
+            ("serve proxy", r"^ray::ProxyActor"), ("expert actor", r"^ray::ExpertActor"),
+            ("front replica", r"^ray::ServeReplica"))}
+        actor_rss = sorted(procs["expert actor"].values())
+        front_rss = sorted(procs["front replica"].values())
         shares = sorted(a.weight_bytes for a in info.expert_actors)
         load_s = None
         for stamp, line in zip(stamps, lines):
@@ -143,6 +153,10 @@ def main() -> int:
         loading = [s for s, line in zip(stamps, lines) if "loading experts" in line]
         load_s = (loading[-1] - loading[0] + 2.0) if loading else None  # lines come every 2 s
         gaps = [b - a for a, b in zip([0.0] + progress_stamps, progress_stamps + [ready_s])]
+        print("  process start (s after the command):", ", ".join(
+            f"{name} {', '.join(f'{started_at(pid) - t0:.1f}' for pid in sorted(pids))}"
+            for name, pids in procs.items() if pids))
+        print("  expert actors loading (s):", ", ".join(f"{a.load_seconds:.1f}" for a in info.expert_actors))
         answers = [x for x in seen if x is not None]
         for stamp, line in answers[:1] + [a for a in answers[1:] if "LOADING" in a[1]][-1:]:
             print(f"  [{stamp:5.1f} s] ModelInfo: {line}")

@@ -97,7 +97,7 @@ def cluster_expert_progress(app: str) -> list[dict]:
                if any(a["name"].endswith("/" + n) for n in names)]
     if not handles:
         return []
-    ready, _ = ray.wait([h.progress.remote() for h in handles], num_returns=len(handles), timeout=0.2)
+    ready, _ = ray.wait([h.progress.remote() for h in handles], num_returns=len(handles), timeout=2.0)
     return [ray.get(r) for r in ready]
 
 
