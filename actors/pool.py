@@ -45,6 +45,9 @@ class ExpertsUnavailable(BackendUnavailable):
         where = "" if layer is None else f"layer {layer}: "
         super().__init__(f"{where}experts {self.experts} unavailable: {reason}")
 
+    def __reduce__(self):  # across Ray (a remote error's cause) it is rebuilt from its parts
+        return type(self), (self.layer, self.experts, self.reason)
+
 
 def brief(error: BaseException) -> str:
     """A Ray error's first and last lines: what happened, without the remote traceback between."""

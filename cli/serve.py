@@ -43,8 +43,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             from .progress import Ticker, serve_progress_line
 
             t0 = time.monotonic()
-            with Ticker(lambda: serve_progress_line(APP_NAME, t0)):  # on stderr, like every progress line
-                deploy(settings, api_key=os.environ.get(ENV) if args.address else None)
+            from model.errors import BackendUnavailable
+
+            from .commands import UserError
+
+            try:
+                with Ticker(lambda: serve_progress_line(APP_NAME, t0)):  # on stderr, like every progress line
+                    deploy(settings, api_key=os.environ.get(ENV) if args.address else None)
+            except BackendUnavailable as e:  # e.g. the expert actors could not load their experts
+                raise UserError(f"cannot serve: {e}") from None
             grpc_at = f"127.0.0.1:{settings.grpc_port}"
             http_at = f"http://{settings.http_host}:{settings.http_port}"
             key = " (API key required)" if os.environ.get(ENV) else ""

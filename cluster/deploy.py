@@ -25,7 +25,15 @@ def deploy(settings: ServeSettings, proxy_location: str | None = None, api_key: 
                                          request_timeout_s=settings.request_timeout_s))
     app = build_app(settings.to_dict(), api_key=api_key)
     handle = serve.run(app, name=APP_NAME, route_prefix="/")
-    handle.wait_loaded.remote().result()  # a replica is up once its dense part is; the experts may still load
+    try:
+        handle.wait_loaded.remote().result()  # a replica is up once its dense part is; the experts may still load
+    except Exception as e:  # noqa: BLE001 — Ray's wrapper carries the remote traceback; keep the reason
+        from model.errors import BackendUnavailable
+
+        cause = getattr(e, "cause", None) or e
+        if isinstance(cause, BackendUnavailable):
+            raise BackendUnavailable(str(cause).splitlines()[0]) from None
+        raise
 
 
 def release_pool(settings: ServeSettings) -> None:

@@ -39,9 +39,8 @@ def _progress_logger(every_s: float = 2.0):
     return log
 
 
-def pool_request(s: ServeSettings, ckpt: Checkpoint | None = None):
+def pool_request(s: ServeSettings, ckpt: Checkpoint):
     """(checkpoint directory, PoolConfig) of the expert pool these settings ask for, or None."""
-    ckpt = ckpt or Checkpoint(s.checkpoint or default_checkpoint())
     pool_config = s.pool_config(resolve_dtype(s.dtype, ckpt.config))
     return None if pool_config is None else (str(ckpt.dir.resolve()), pool_config)
 
@@ -50,10 +49,18 @@ def prestart_pool(s: ServeSettings) -> None:
     """Ask for the deployment's expert pool now, without waiting: its actors start and load their
     experts while Serve starts its controller, proxies and replicas (which then attach to it).
     Skipped where this process cannot read the checkpoint (a replica asks for it then)."""
+    if not s.expert_actors:
+        return
     try:
-        request = pool_request(s)
+        ckpt = Checkpoint(s.checkpoint or default_checkpoint())
     except (OSError, ValueError):
         return
+    try:
+        request = pool_request(s, ckpt)
+    except ValueError:
+        return
+    finally:
+        ckpt.close()
     if request is not None:
         from actors.pool_host import request_shared_pool
 

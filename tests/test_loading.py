@@ -106,3 +106,43 @@ def test_status_shows_actors_loading():
     assert "LOADING 25%" in text and "ALIVE" in text
     failed = render(pb.ModelInfoResponse(model="/m", state="FAILED", load_error="experts [7] unavailable: x"))
     assert "FAILED: experts [7] unavailable: x" in failed
+
+
+def test_a_server_whose_experts_cannot_load_says_why(tiny_dir, tmp_path):
+    """A sharded checkpoint whose expert shard is damaged: the front replica loads its dense part
+    (another shard) and comes up, the expert actors fail, and deploy() (so `raymoe serve`) raises
+    one clear error naming the file, not a remote traceback."""
+    ray = pytest.importorskip("ray")
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from ray import serve
+
+    from cluster.deploy import deploy, release_pool
+    from cluster.settings import ServeSettings
+    from model.errors import BackendUnavailable
+    from serving_helpers import free_port
+
+    tensors = load_file(str(tiny_dir / "model.safetensors"))
+    experts = {k: v for k, v in tensors.items() if ".block_sparse_moe.experts." in k and ".layers.1." in k}
+    shards = {"model-00001-of-00002.safetensors": {k: v for k, v in tensors.items() if k not in experts},
+              "model-00002-of-00002.safetensors": experts}
+    for name, part in shards.items():
+        save_file(part, str(tmp_path / name), metadata={"format": "pt"})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: name for name, part in shards.items() for k in part}}))
+    for f in ("config.json", "tokenizer.model"):
+        shutil.copy(tiny_dir / f, tmp_path / f)
+    damaged = tmp_path / "model-00002-of-00002.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-1000])
+    settings = ServeSettings(checkpoint=str(tmp_path), expert_actors=2, expert_num_cpus=0.25, replica_num_cpus=0.5,
+                             grpc_port=free_port(), http_port=free_port())
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with pytest.raises(BackendUnavailable, match="could not load its experts") as err:
+            deploy(settings)
+        assert "model-00002-of-00002.safetensors" in str(err.value) and "Traceback" not in str(err.value)
+    finally:
+        serve.shutdown()
+        release_pool(settings)
+        ray.shutdown()
