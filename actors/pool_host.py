@@ -262,6 +262,27 @@ def pool_host(app: str = "raymoe"):
         return None
 
 
+def pool_progress(app: str = "raymoe", timeout_s: float = 2.0) -> list[dict]:
+    """Loading snapshots of the expert actors of the server's pools, asked by name (those that
+    answer within timeout_s): for a server that is starting."""
+    import ray
+    from ray.util import list_named_actors
+
+    names = named_pools(f"{app}-experts-")
+    handles = [ray.get_actor(a["name"], namespace=a["namespace"]) for a in list_named_actors(all_namespaces=True)
+               if any(a["name"].endswith("/" + n) for n in names)]
+    if not handles:
+        return []
+    ready, _ = ray.wait([h.progress.remote() for h in handles], num_returns=len(handles), timeout=timeout_s)
+    out = []
+    for ref in ready:
+        try:
+            out.append(ray.get(ref, timeout=0))
+        except ray.exceptions.RayError:  # dead meanwhile
+            pass
+    return out
+
+
 def release_shared_pool(app: str = "raymoe") -> None:
     """Stop every pool of the server and its host (what `raymoe serve` does on Ctrl-C)."""
     import ray

@@ -85,24 +85,10 @@ class PoolProgress:
         return f"raymoe: loading experts: {progress_line(self.snapshots)}"
 
 
-def cluster_expert_progress(app: str) -> list[dict]:
-    """Loading snapshots of the expert actors of `app`'s pools, asked by name (a server starting)."""
-    import ray
-    from ray.util import list_named_actors
-
-    from actors.pool import named_pools
-
-    names = named_pools(f"{app}-experts-")
-    handles = [ray.get_actor(a["name"], namespace=a["namespace"]) for a in list_named_actors(all_namespaces=True)
-               if any(a["name"].endswith("/" + n) for n in names)]
-    if not handles:
-        return []
-    ready, _ = ray.wait([h.progress.remote() for h in handles], num_returns=len(handles), timeout=2.0)
-    return [ray.get(r) for r in ready]
-
-
 def serve_progress_line(app: str, t0: float) -> str:
-    snaps = cluster_expert_progress(app)
+    from actors.pool_host import pool_progress
+
+    snaps = pool_progress(app)
     waited = f"{time.monotonic() - t0:.0f} s"
     if not snaps:
         return f"raymoe: starting the front replica and its expert pool ({waited})"

@@ -24,16 +24,27 @@ def deploy(settings: ServeSettings, proxy_location: str | None = None, api_key: 
                 grpc_options=gRPCOptions(port=settings.grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS,
                                          request_timeout_s=settings.request_timeout_s))
     app = build_app(settings.to_dict(), api_key=api_key)
-    handle = serve.run(app, name=APP_NAME, route_prefix="/")
-    try:
-        handle.wait_loaded.remote().result()  # a replica is up once its dense part is; the experts may still load
-    except Exception as e:  # noqa: BLE001 — Ray's wrapper carries the remote traceback; keep the reason
-        from model.errors import BackendUnavailable
+    from model.errors import BackendUnavailable
 
+    try:
+        handle = serve.run(app, name=APP_NAME, route_prefix="/")
+        handle.wait_loaded.remote().result()  # a replica is up once its dense part is; the experts may still load
+    except Exception as e:  # noqa: BLE001 — Ray's wrappers carry remote tracebacks; keep the reason
         cause = getattr(e, "cause", None) or e
         if isinstance(cause, BackendUnavailable):
             raise BackendUnavailable(str(cause).splitlines()[0]) from None
+        failed = [s for s in _pool_progress(settings) if s["state"] == "FAILED"]
+        if failed:  # Serve gave up on replicas whose experts could not load: say why
+            raise BackendUnavailable(f"{failed[0]['what']} could not load its experts: {failed[0]['error']}") from None
         raise
+
+
+def _pool_progress(settings: ServeSettings) -> list[dict]:
+    if not settings.expert_actors:
+        return []
+    from actors.pool_host import pool_progress
+
+    return pool_progress(APP_NAME)
 
 
 def release_pool(settings: ServeSettings) -> None:

@@ -72,7 +72,7 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
         self.limits = self.settings.request_limits()
         self.api_key = ApiKey()
         self.loop, self.info = build_engine_loop(self.settings)
-        if self.settings.ready_when_loaded:
+        if self.settings.ready_when_loaded or self.info["replacing"]:  # up for Serve only once it serves
             self.loop.wait_loaded()  # raises why the experts could not load: the replica fails to start
         # An actor that misses pings for this long (restarts take a few seconds) makes Check NOT_SERVING.
         self.pool_health = PoolHealth(self.info["pool"], stale_s=min(15.0, self.settings.expert_timeout_s))

@@ -75,13 +75,17 @@ def build_engine_loop(s: ServeSettings) -> tuple[EngineLoop, dict[str, Any]]:
     ckpt = Checkpoint(s.checkpoint or default_checkpoint())
     dtype = resolve_dtype(s.dtype, ckpt.config)
     tokenizer = Tokenizer(ckpt.dir) if (ckpt.dir / "tokenizer.model").exists() else None
-    factory, pool, request = None, None, pool_request(s, ckpt)
+    factory, pool, request, replacing = None, None, pool_request(s, ckpt), False
     if request is not None:
+        from actors.pool import named_pools
         from actors.pool_host import shared_pool
         from actors.remote_experts import remote_experts_factory
 
         pool = shared_pool(*request, APP_NAME)
         factory = remote_experts_factory(pool)
+        # Another pool of this server still serves: a redeploy with other settings, whose old
+        # replicas keep the traffic until this one can take it (see Generator.__init__).
+        replacing = bool(named_pools(f"{APP_NAME}-experts-") - {pool.name})
     device = "cuda" if s.replica_num_gpus > 0 else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to the replica's GPU
     model = load_model(ckpt, dtype=getattr(torch, dtype), experts_factory=factory, device=device)
     engine = Engine(model, kv_cache_tokens=s.kv_cache_tokens, max_batch_tokens=s.max_batch_tokens,
@@ -91,7 +95,7 @@ def build_engine_loop(s: ServeSettings) -> tuple[EngineLoop, dict[str, Any]]:
     wait = None if pool is None else (lambda: pool.wait_loaded(_progress_logger()))
     loop = EngineLoop(engine, tokenizer, max_queue=s.max_queue, metrics=metrics, wait_ready=wait,
                       stream_interval_s=s.stream_interval_ms / 1e3, max_messages_per_s=s.stream_messages_per_s)
-    return loop, {"checkpoint": str(ckpt.dir), "dtype": dtype, "pool": pool}
+    return loop, {"checkpoint": str(ckpt.dir), "dtype": dtype, "pool": pool, "replacing": replacing}
 
 
 async def actor_infos(pool) -> list[dict[str, Any]]:

@@ -74,8 +74,9 @@ class ServeSettings:
     graceful_shutdown_s: float = 30.0
     # A replica is up for Serve once its dense part is loaded: while the expert actors load it
     # answers ModelInfo (LOADING, with their progress) and health checks (NOT_SERVING), and requests
-    # wait. True: it is up only once they are loaded (a RayService upgrade then moves traffic only
-    # to a cluster that can serve it).
+    # wait. Not so when another pool of the server still serves (a redeploy with other settings: the
+    # old replicas keep the traffic until the new ones can serve), nor with True: up only once the
+    # experts are loaded (a RayService upgrade then moves traffic only to a cluster that serves).
     ready_when_loaded: bool = False
 
     def __post_init__(self) -> None:
