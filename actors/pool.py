@@ -49,6 +49,12 @@ class ExpertsUnavailable(BackendUnavailable):
         return type(self), (self.layer, self.experts, self.reason)
 
 
+def remote_cause(error: BaseException) -> BaseException:
+    """The exception a remote call raised, out of Ray's wrapper (RayTaskError.cause), or `error`."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, BaseException) else error
+
+
 def brief(error: BaseException) -> str:
     """A Ray error's first and last lines: what happened, without the remote traceback between."""
     lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]

@@ -177,7 +177,7 @@ class PoolHost:
             pool = self._pool()
         except LookupError:
             return
-        if pool.failed() or not self._changing.acquire(blocking=False):
+        if not self._changing.acquire(blocking=False):  # (a pool that failed to load has no dead actors)
             return
         try:
             dead = live.dead_actors(pool)

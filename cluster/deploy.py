@@ -30,7 +30,9 @@ def deploy(settings: ServeSettings, proxy_location: str | None = None, api_key: 
         handle = serve.run(app, name=APP_NAME, route_prefix="/")
         handle.wait_loaded.remote().result()  # a replica is up once its dense part is; the experts may still load
     except Exception as e:  # noqa: BLE001 — Ray's wrappers carry remote tracebacks; keep the reason
-        cause = getattr(e, "cause", None) or e
+        from actors.pool import remote_cause
+
+        cause = remote_cause(e)
         if isinstance(cause, BackendUnavailable):
             raise BackendUnavailable(str(cause).splitlines()[0]) from None
         failed = [s for s in _pool_progress(settings) if s["state"] == "FAILED"]

@@ -113,7 +113,7 @@ class EngineLoop:
         self.num_waiting = 0  # queued for admission (approximate outside the loop thread)
         self.num_running = 0
         self._wait_ready = wait_ready
-        self.ready = threading.Event()  # set once wait_ready returned (at once without one)
+        self._settled = threading.Event()  # wait_ready returned or raised (at once without one)
         self.load_error: BaseException | None = None  # what wait_ready raised
         self._thread = threading.Thread(target=self._run, name="raymoe-engine", daemon=True)
         self._thread.start()
@@ -181,17 +181,14 @@ class EngineLoop:
     @property
     def loading(self) -> bool:
         """Still waiting for wait_ready (requests queue meanwhile)."""
-        return not self.ready.is_set() and self.load_error is None
+        return not self._settled.is_set()
 
     def wait_loaded(self, timeout: float | None = None) -> None:
         """Block until ready; raise what loading raised."""
-        while not self.ready.wait(0.2 if timeout is None else min(0.2, timeout)):
-            if self.load_error is not None:
-                raise self.load_error
-            if timeout is not None:
-                timeout -= 0.2
-                if timeout <= 0:
-                    raise TimeoutError("the model is still loading")
+        if not self._settled.wait(timeout):
+            raise TimeoutError("the model is still loading")
+        if self.load_error is not None:
+            raise self.load_error
 
     def stop(self) -> None:
         self._stopped = True
@@ -211,11 +208,12 @@ class EngineLoop:
             except Exception as e:  # noqa: BLE001 — every request, queued or later, gets this error
                 self.load_error = e
                 self._stopped = True
+                self._settled.set()
                 for kind, _, req in self._take_inbox():
                     if kind == "add":
                         req.send(e)
                 return
-        self.ready.set()
+        self._settled.set()
         while not self._stopped:
             try:
                 self._iterate()

@@ -64,8 +64,10 @@ class ExpertsRoutes:
             return self._refuse(grpc_context, grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"the placement change did not finish within {timeout_s:g} s", None)
         except ray.exceptions.RayTaskError as e:
-            cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else e
             from actors.live import PlacementFailed
+            from actors.pool import remote_cause
+
+            cause = remote_cause(e)
 
             if isinstance(cause, ValueError):  # the planner refused: e.g. too few actors for the copies
                 return self._refuse(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(cause).splitlines()[0], None)
