@@ -170,6 +170,7 @@ class DirectChannel:
         self.send_timeout_s = timeout_s
         self.sock.sendall(self.token)
         self.replies: dict[int, tuple[int, np.ndarray]] = {}  # received ahead of their caller
+        self.abandoned: set[int] = set()  # calls whose caller gave up: their replies are dropped
         self.broken = False
         self._poll = select.poll()  # not select(): descriptors past 1024 are common in big replicas
         self._poll.register(self.sock, select.POLLIN)
@@ -200,12 +201,20 @@ class DirectChannel:
             except (OSError, ConnectionLost) as e:
                 self.broken = True
                 raise ConnectionLost(str(e)) from None
-            self.replies[got] = (status, body)
+            if got in self.abandoned:
+                self.abandoned.discard(got)
+            else:
+                self.replies[got] = (status, body)
         status, body = self.replies.pop(call_id)
         if status in (FAILED, NOT_LOADED):
             text = body.tobytes().decode(errors="replace")
             raise ExpertsNotLoaded(text) if status == NOT_LOADED else RuntimeError(text)
         return body, status / 1e6
+
+    def abandon(self, call_id: int) -> None:
+        """Nobody will ask for `call_id`'s reply: drop it (now, or when it comes)."""
+        if self.replies.pop(call_id, None) is None:
+            self.abandoned.add(call_id)
 
     def close(self) -> None:
         self.broken = True

@@ -46,11 +46,12 @@ class Pending:
     """One layer's expert calls in flight; `result()` waits (bounded) and combines."""
 
     def __init__(self, owner: "RemoteExperts", x: torch.Tensor, calls: list, sends: list["Send"], like: torch.Tensor,
-                 started: float, version: int, spare: frozenset) -> None:
+                 started: float, version: int, spare: frozenset, dead: frozenset = frozenset()) -> None:
         self.owner, self.x, self.calls, self.sends = owner, x, calls, sends
         self.actors = [s.actor for s in sends]
         self.version = version  # of the plan it was routed by (live placement waits for it to return)
         self.spare = spare  # actors whose failed calls can go to other copies
+        self.dead = dead  # actors that failed this layer call for good (it was routed around them)
         self.shape, self.dtype, self.device = tuple(like.shape), like.dtype, like.device
         self.started = started  # when dispatch began
 
@@ -61,12 +62,15 @@ class Pending:
         pool = self.owner.pool
         timeout = pool.config.call_timeout_s if timeout_s is None else timeout_s
         t0 = time.perf_counter()
+        lost = None
         try:
             parts = pool.transport().gather(self.calls, self.actors, timeout, self.spare)
         except Unreachable as e:
-            raise self.owner.unavailable(e.actors, e.reason) from None
+            lost = e
         finally:
             pool.end_call(self.version)
+        if lost is not None:
+            return self._around(lost, timeout - (time.perf_counter() - t0))
         t1 = time.perf_counter()
         out = torch.zeros(self.shape, dtype=self.dtype)
         received, failed = 0, []
@@ -81,7 +85,8 @@ class Pending:
                 pool.suspect(send.actor)
             again = self.owner.send_pairs(self.x, torch.cat([s.tokens[s.local] for s in failed]),
                                           torch.cat([s.experts for s in failed]), torch.cat([s.weights for s in failed]),
-                                          self.x, t0, failed=frozenset(s.actor for s in failed))
+                                          self.x, t0, failed=frozenset(s.actor for s in failed) | self.dead,
+                                          dead=self.dead)
             left = max(0.001, timeout - (time.perf_counter() - t0))
             out += again.result(left).to(out.dtype).cpu()
         t2 = time.perf_counter()
@@ -93,6 +98,27 @@ class Pending:
         m.combine_us.append((t2 - t1) * 1e6)
         m.bytes_received += received
         return out.to(self.device)
+
+    def _around(self, e: Unreachable, left_s: float) -> torch.Tensor:
+        """The layer's output once `e.actors` failed for good a call that had no other copy to go to
+        *in its route*: the route may have left a copy out only because it was suspected (silent for
+        a while, as an actor is on a loaded machine), so while every expert they were sent still has
+        a copy on an actor that has not failed this call, all the pairs are sent again around them
+        (a suspected copy then gets them, and is waited for). Otherwise, and after a timeout, the
+        experts are named: ExpertsUnavailable."""
+        pool, layer = self.owner.pool, self.owner.layer
+        dead = self.dead | frozenset(e.actors)
+        owners = pool.plan.owners(layer)
+        sent = {int(x) for s in self.sends if s.actor in e.actors for x in s.experts.unique()}
+        if e.reason.startswith("no answer") or left_s <= 0 or dead == self.dead or \
+                any(all(o in dead for o in owners[x]) for x in sent):
+            raise self.owner.unavailable(sorted(dead), e.reason) from None
+        for a in e.actors:
+            pool.suspect(a)
+        again = self.owner.send_pairs(self.x, torch.cat([s.tokens[s.local] for s in self.sends]),
+                                      torch.cat([s.experts for s in self.sends]), torch.cat([s.weights for s in self.sends]),
+                                      self.x, time.perf_counter(), failed=dead, dead=dead)
+        return again.result(left_s).to(self.dtype).to(self.device)
 
 
 @dataclasses.dataclass
@@ -144,19 +170,20 @@ class RemoteExperts:
                                weights.reshape(-1).detach().cpu().float(), x, t0)
 
     def send_pairs(self, x: torch.Tensor, token: torch.Tensor, experts: torch.Tensor, w: torch.Tensor,
-                   like: torch.Tensor, t0: float, failed: frozenset = frozenset()) -> Pending:
+                   like: torch.Tensor, t0: float, failed: frozenset = frozenset(), dead: frozenset = frozenset()) -> Pending:
         """(token, expert, weight) pairs over x [T, D] (CPU) → one payload per actor computing them
-        (`failed`: actors that just failed these pairs; they get them again only as a last resort)."""
+        (`failed`: actors that just failed these pairs; they get them again only as a last resort;
+        `dead`: those that failed them for good, see Pending._around)."""
         pool = self.pool
         version, route = pool.begin_call(self.layer, failed)
         try:
-            return self._send(x, token, experts, w, route, version, like, t0)
+            return self._send(x, token, experts, w, route, version, like, t0, dead)
         except BaseException:
             pool.end_call(version)
             raise
 
     def _send(self, x: torch.Tensor, token: torch.Tensor, experts: torch.Tensor, w: torch.Tensor, route: LayerRoute,
-              version: int, like: torch.Tensor, t0: float) -> Pending:
+              version: int, like: torch.Tensor, t0: float, dead: frozenset = frozenset()) -> Pending:
         pool, T = self.pool, x.shape[0]
         actor_of = self.assign(experts.long(), route)  # [P]
         # Pairs grouped by actor, in pair order within an actor, so each actor's tokens come sorted.
@@ -181,16 +208,15 @@ class RemoteExperts:
         m.bytes_sent += sent
         m.calls += len(calls)
         m.layer_calls += 1
-        return Pending(self, x, calls, sends, like, t0, version, route.spare)
+        return Pending(self, x, calls, sends, like, t0, version, route.spare, dead)
 
     def unavailable(self, actors: list[int], reason: str) -> ExpertsUnavailable:
         """The experts of `actors` that no other actor holds (all of them, without copies)."""
         down = set(actors) | set(self.pool._down)
         names = [self.pool.actor_name(a) for a in sorted(set(actors))]
         owners = self.pool.plan.owners(self.layer)
-        experts = [e for a in sorted(set(actors)) for e in self.pool.hosted(a, self.layer)
-                   if all(o in down for o in owners[e])]
-        experts = experts or [e for a in actors for e in self.pool.hosted(a, self.layer)]
+        hosted = sorted({e for a in set(actors) for e in self.pool.hosted(a, self.layer)})
+        experts = [e for e in hosted if all(o in down for o in owners[e])] or hosted
         return ExpertsUnavailable(self.layer, experts, f"actor(s) {', '.join(names)}: {reason}")
 
 

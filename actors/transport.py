@@ -154,6 +154,7 @@ class DirectCalls:
                 self._send(call, deadline, timeout_s)
             except Unreachable:
                 if not call.spare:
+                    _abandon(c for c in calls if c is not call)
                     raise
                 call.lost = True  # Ray says the actor is gone: its copies take the pairs
         replies: list[Reply | None] = []
@@ -169,6 +170,7 @@ class DirectCalls:
                     for a in late:  # their late replies must not pile up on a kept channel
                         self._drop(a, self._channels().get(a))
                     raise Unreachable(sorted(set(late) | {call.actor}), e.reason) from None
+                _abandon(calls[len(replies) + 1:])  # the caller sends these pairs again, elsewhere
                 raise
         return replies
 
@@ -276,6 +278,13 @@ class DirectCalls:
         if channels.get(actor) is channel:
             del channels[actor]
         channel.close()
+
+
+def _abandon(calls) -> None:
+    """The replies of these direct calls will not be asked for: their channels drop them."""
+    for c in calls:
+        if c.channel is not None and not c.channel.broken:
+            c.channel.abandon(c.id)
 
 
 def make_transport(name: str, pool: "ExpertPool") -> RayCalls | DirectCalls:

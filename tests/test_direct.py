@@ -36,3 +36,18 @@ def test_calls_behind_a_callers_earlier_call_count_as_queued():
         assert channel.recv(4, timeout_s=5)[0].tolist() == (a * 2).tolist()
     finally:
         channel.close()
+
+
+def test_an_abandoned_calls_reply_is_dropped_whenever_it_comes():
+    server = DirectServer(slow_double, "127.0.0.1")
+    channel = DirectChannel(server.endpoint(), timeout_s=5)
+    try:
+        a = np.arange(4, dtype=np.uint8)
+        for call_id in (1, 2, 3):
+            channel.send(call_id, 0, a)
+        channel.abandon(1)  # before its reply came
+        assert channel.recv(3, timeout_s=5)[0].tolist() == (a * 2).tolist()  # 1 and 2 arrived meanwhile
+        channel.abandon(2)  # after its reply came
+        assert channel.replies == {} and channel.abandoned == set()
+    finally:
+        channel.close()

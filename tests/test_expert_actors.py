@@ -211,3 +211,43 @@ def test_a_dead_copy_fails_over_and_an_expert_without_copies_is_named(pool, ckpt
     assert time.monotonic() - t0 < 30
     assert err.value.layer == 0 and err.value.experts == [6, 7]
     assert pool.placement.actors[2].name in str(err.value)
+
+@pytest.mark.parametrize("transport", ["direct", "ray"])
+def test_a_copy_only_suspected_takes_the_pairs_when_the_other_dies(cluster, ckpt, transport):
+    """2 actors, each with every expert. A is silent (stopped) and suspected, as a slow actor is under
+    load; then B dies for good. A layer call must not fail: A is the copy left, so the call goes back
+    to it and waits for it (it resumes 1.5 s later)."""
+    import os
+    import signal
+    import threading
+
+    with ExpertPool(ckpt, PoolConfig(num_actors=2, replicas=2, num_cpus=0.25, call_timeout_s=60,
+                                     transport=transport)) as p:
+        cfg = p.model_config
+        args = routed(cfg, 12, seed=7)
+        torch.testing.assert_close(RemoteExperts(0, p)(*args), local_layer(ckpt, 0)(*args), atol=1e-5, rtol=1e-5)
+        pid = p.stats()[0]["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        resume = threading.Timer(1.5, os.kill, (pid, signal.SIGCONT))
+        try:
+            p.suspect(0)  # what a failover does after a silence (it cannot be cleared while A is stopped)
+            ray.kill(p.actors[1], no_restart=True)
+            wait_dead(p.actors[1])  # B is gone before the call
+            resume.start()
+            out = RemoteExperts(0, p)(*args)
+        finally:
+            resume.cancel()
+            os.kill(pid, signal.SIGCONT)
+        torch.testing.assert_close(out, local_layer(ckpt, 0)(*args), atol=1e-5, rtol=1e-5)
+
+
+def wait_dead(actor, timeout_s: float = 30) -> None:
+    """Until Ray reports `actor` dead (ray.kill returns before the process is gone)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.ping.remote(), timeout=deadline - time.monotonic())
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{actor} still answers {timeout_s:g} s after ray.kill")
