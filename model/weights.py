@@ -91,9 +91,20 @@ class Checkpoint:
         return sum(self.nbytes(f"{self._moe_prefix(layer)}experts.{e}.{w}.weight")
                    for layer in layers for e in ids for w in ("w1", "w2", "w3"))
 
+    def dense_names(self) -> list[str]:
+        """The checkpoint's names of what dense_state reads (not a tied lm_head a file may still
+        hold, nor leftovers such as rotary inv_freq buffers)."""
+        c = self.config
+        names = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if c.tie_word_embeddings else ["lm_head.weight"])
+        for i in range(c.num_hidden_layers):
+            attn = f"model.layers.{i}.self_attn."
+            names += [attn + f"{w}_proj.weight" for w in "qkvo"]
+            names += [f"model.layers.{i}.{n}.weight" for n in ("input_layernorm", "post_attention_layernorm")]
+            names.append(self._moe_prefix(i) + "gate.weight")
+        return names
+
     def dense_nbytes(self) -> int:
-        experts = ".block_sparse_moe.experts."
-        return sum(self.nbytes(name) for name in self._files if experts not in name)
+        return sum(self.nbytes(name) for name in self.dense_names())
 
     def close(self) -> None:
         """Close the files opened so far (a Checkpoint reopens them if it is used again)."""

@@ -225,3 +225,21 @@ def test_export_round_trip(tmp_path, model):
     assert hf_state_dict(again).keys() == hf_state_dict(model).keys()
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_load_progress_counts_what_is_read(tmp_path, model):
+    """A file may hold tensors nobody reads (a tied model's lm_head, old rotary buffers): the total
+    the progress line shows is what the load reads, so a finished load shows 100%."""
+    from model.progress import LoadProgress
+
+    save_checkpoint(model, tmp_path)
+    state = file_tensors(tmp_path)
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    progress = LoadProgress(total_bytes=0)
+    load_model(tmp_path, progress=progress)
+    assert progress.state == "READY" and progress.bytes_read == progress.total_bytes
+    dense = LoadProgress(total_bytes=0)
+    ckpt = Checkpoint(tmp_path)
+    load_model(ckpt, experts_factory=lambda layer: None, progress=dense)
+    assert dense.bytes_read == dense.total_bytes == sum(ckpt.nbytes(n) for n in ckpt.reads)
