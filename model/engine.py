@@ -5,16 +5,16 @@ one decode token of every running sequence plus prompt chunks of newly admitted 
 `max_batch_tokens`), runs the model once, and samples for every sequence whose pending tokens are
 all in the cache.
 
-Memory: a sequence is admitted when the KV cache can hold its prompt (not its whole max_tokens)
-and takes blocks as it grows. When the cache runs out, the running sequence that arrived last is
+Memory: a sequence is admitted when the KV cache can hold its prompt and the first token it
+samples (not its whole max_tokens) and takes blocks as it grows. When the cache runs out, the running sequence that arrived last is
 preempted: its blocks are freed and it goes back to the queue (in its place by arrival) with the
 tokens it has, to be recomputed (prompt + output re-prefilled) when memory frees up. Sampling
 depends only on (seed, position), so a preempted sequence produces the tokens it would have
 (the recomputation is one prefill instead of step-by-step decoding, so float rounding can
 differ in the last bits: only a near-tie between two tokens could flip). A waiting request
-that fits may start before an earlier one that does not, but only
-`max_overtakes` times in a row: after that the queue is strictly first come, first served until
-the earlier one starts, so a large request is never starved.
+that fits may start before an earlier one that does not, but each waiting request is passed at
+most `max_overtakes` times: after that the queue is strictly first come, first served until it
+starts, so a large request is never starved.
 
 Isolation: a row with non-finite logits fails that sequence alone. If the model itself raises,
 the step's sequences are retried one at a time and only those that fail again are failed; a
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 from typing import Hashable
 
 import torch
@@ -49,7 +50,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" | ...
     arrival: int = 0  # order of arrival: the queue and preemption follow it
     preemptions: int = 0
-    overtaken: int = 0  # admissions that went ahead of this sequence while it waited at the head
+    overtaken: int = 0  # admissions that went ahead of this sequence while it waited
 
     @property
     def num_tokens(self) -> int:
@@ -185,26 +186,39 @@ class Engine:
         return batch
 
     def _admit(self, budget: int) -> list[tuple[Sequence, list[int]]]:
-        """Start waiting sequences whose tokens fit in the free blocks, oldest first; one that does
-        not fit may be overtaken by later ones, at most `max_overtakes` times."""
+        """Start waiting sequences that fit in the free blocks, oldest first. Fitting counts the
+        token its prefill samples (the block the next step writes it into), so a sequence admitted
+        into the last free blocks is not preempted at once at the next block boundary. One that
+        does not fit may be overtaken by later ones, each waiting sequence at most `max_overtakes`
+        times (counted on every sequence passed, so it holds also for one that was preempted and
+        waits again)."""
         admitted = []
         i = 0
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_running:
-            if i > 0 and self.waiting[0].overtaken >= self.max_overtakes:
-                break  # strict order until the head starts
             seq = self.waiting[i]
-            if self.cache.blocks_for(seq.num_tokens) > self.cache.free_blocks:
+            if self.cache.blocks_for(self._admission_tokens(seq)) > self.cache.free_blocks:
+                if seq.overtaken >= self.max_overtakes:
+                    break  # strict order until it starts
                 i += 1
                 continue
-            if i > 0:
-                self.waiting[0].overtaken += 1
+            limit_reached = False
+            for passed in itertools.islice(self.waiting, i):  # each stays behind `seq`
+                passed.overtaken += 1
+                limit_reached |= passed.overtaken >= self.max_overtakes
             del self.waiting[i]
             self.cache.allocate(seq.seq_id, seq.num_tokens)  # the whole prompt: prefill may take steps
             self.running[seq.seq_id] = seq
             chunk = seq.pending(budget)
             admitted.append((seq, chunk))
             budget -= len(chunk)
+            if limit_reached:
+                break  # strict order until the one passed too often starts
         return admitted
+
+    @staticmethod
+    def _admission_tokens(seq: Sequence) -> int:
+        """What a sequence needs to start: its tokens, and one more unless its prefill samples its last."""
+        return seq.num_tokens + (1 if seq.params.max_tokens - len(seq.output_ids) > 1 else 0)
 
     # --- stepping ---------------------------------------------------------------------------
 

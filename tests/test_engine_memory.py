@@ -71,6 +71,60 @@ def test_a_request_that_does_not_fit_is_overtaken_but_not_starved(model):
     assert all(len(s.output_ids) == 30 for s in smalls)
 
 
+def test_a_request_is_admitted_with_room_for_its_first_token(model):
+    """A prompt that fills exactly the free blocks waits for one more: admitted at once, its first
+    sampled token would need a block at the next step and it would be preempted (its prefill lost)."""
+    engine = Engine(model, kv_cache_tokens=64, block_size=4)  # 16 blocks
+    first = engine.add("first", [1] * 30, SamplingParams(max_tokens=3, ignore_eos=True))  # up to 32 tokens: 8 blocks
+    engine.step()
+    exact = engine.add("exact", [1, 2, 3, 4] * 8, SamplingParams(max_tokens=6, ignore_eos=True))  # 8 blocks = the free ones
+    engine.step()
+    assert "exact" not in engine.running and engine.cache.free_blocks == 8
+    while engine.has_work():
+        engine.step()
+    assert engine.preemptions == 0 and len(first.output_ids) == 3
+    assert exact.output_ids == alone(model, exact.prompt_ids, exact.params).output_ids
+
+
+def test_no_waiting_request_is_passed_more_than_max_overtakes_times(model):
+    """Random arrivals of mixed sizes into a cache that preempts: counted from outside (every
+    admission passes the earlier-arrived sequences still waiting), nobody is passed more than
+    max_overtakes times, everything finishes, and greedy outputs are those of each request alone."""
+    import random
+
+    rng, limit = random.Random(4), 2
+    engine = Engine(model, kv_cache_tokens=96, block_size=4, max_overtakes=limit, max_batch_tokens=48)
+    passed: dict = {}
+    admit = engine._admit
+
+    def observed(budget):
+        before = list(engine.waiting)
+        started = admit(budget)
+        gone = set()
+        for seq, _ in started:
+            gone.add(seq.seq_id)
+            for w in before:
+                if w.arrival < seq.arrival and w.seq_id not in gone:
+                    passed[w.seq_id] = passed.get(w.seq_id, 0) + 1
+        return started
+
+    engine._admit = observed
+    seqs, steps = [], 0
+    while len(seqs) < 30 or engine.has_work():
+        if len(seqs) < 30 and rng.random() < 0.6:
+            big = rng.random() < 0.3
+            prompt = [rng.randrange(1, 500) for _ in range(rng.randrange(40, 60) if big else rng.randrange(2, 12))]
+            seqs.append(engine.add(len(seqs), prompt, SamplingParams(max_tokens=rng.randrange(2, 30), ignore_eos=True)))
+        engine.step()
+        steps += 1
+        assert steps < 5000
+    assert engine.preemptions > 0 and max(passed.values()) <= limit
+    assert any(n == limit for n in passed.values())  # the limit was reached, so it was tested
+    for seq in seqs:
+        assert seq.finish_reason == "length"
+        assert seq.output_ids == alone(model, seq.prompt_ids, seq.params).output_ids
+
+
 def poison(model, token: int):
     """The model with token `token`'s embedding set to inf: any sequence containing it turns to NaN."""
     import copy
