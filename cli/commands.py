@@ -154,7 +154,8 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
     if args.target:
         from .demo_eval import server_generate
 
-        print_eval(evaluate(checkpoint, n=args.n, seed=seed, generate=server_generate(args.target, api_key=args.api_key)))
+        generate = server_generate(args.target, api_key=args.api_key, app=args.app_name)
+        print_eval(evaluate(checkpoint, n=args.n, seed=seed, generate=generate))
     elif args.expert_actors is not None:
         from .demo_eval import remote_experts_generate
 

@@ -17,14 +17,14 @@ MAX_TOKENS = 6  # the longest answer (4 digits) plus EOS, with room to spare
 
 
 def server_generate(target: str, concurrency: int = 32, timeout: float = 120.0,
-                    api_key: str | None = None) -> GenerateFn:
+                    api_key: str | None = None, app: str | None = None) -> GenerateFn:
     """Each prompt as its own Generate call, `concurrency` at a time (the server batches them)."""
     from protos import generator_pb2 as pb
 
     from cluster.client import Client
 
     def generate(prompts: list[str]) -> list[str]:
-        with Client(target, api_key=api_key) as client, concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        with Client(target, api_key=api_key, app=app) as client, concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
             client.wait_ready(timeout)
             return list(pool.map(lambda p: client.generate(
                 pb.GenerateRequest(prompt=p, max_tokens=MAX_TOKENS), timeout=timeout).text, prompts))

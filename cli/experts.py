@@ -59,7 +59,7 @@ def cmd_experts(args: argparse.Namespace) -> int:
     if args.action != "scale" and args.actors is not None:
         print("raymoe: --actors goes with `experts scale`", file=sys.stderr)
         return 2
-    with Client(args.target, api_key=args.api_key) as client:
+    with Client(args.target, api_key=args.api_key, app=args.app_name) as client:
         try:
             if args.action == "show":
                 reply = client.placement(timeout=args.timeout)

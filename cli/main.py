@@ -41,6 +41,8 @@ def _add_expert_device(p) -> None:
 
 def _add_api_key(p) -> None:
     p.add_argument("--api-key", default=None, help="the server's API key (default: $RAYMOE_API_KEY)")
+    p.add_argument("--app-name", default=None,
+                   help="the server's Serve application, where several share the Ray cluster (raymoe serve --app-name)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,15 +48,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             from .commands import UserError
 
             try:
-                with Ticker(lambda: serve_progress_line(APP_NAME, t0)):  # on stderr, like every progress line
+                with Ticker(lambda: serve_progress_line(settings.app_name, t0)):  # on stderr, like every progress line
                     deploy(settings, api_key=os.environ.get(ENV) if args.address else None)
             except BackendUnavailable as e:  # e.g. the expert actors could not load their experts
                 raise UserError(f"cannot serve: {e}") from None
             grpc_at = f"127.0.0.1:{settings.grpc_port}"
-            http_at = f"http://{settings.http_host}:{settings.http_port}"
+            http_at = f"http://{settings.http_host}:{settings.http_port}{settings.http_route_prefix().rstrip('/')}"
             key = " (API key required)" if os.environ.get(ENV) else ""
-            lines = [f"raymoe: serving {settings.checkpoint or 'the default model'}{key}; Ctrl-C stops",
-                     f"  gRPC       {grpc_at} (all interfaces)   try: raymoe generate --target {grpc_at} "
+            app = "" if settings.app_name == APP_NAME else f" --app-name {settings.app_name}"
+            lines = [f"raymoe: serving {settings.checkpoint or 'the default model'}{key} as application "
+                     f"{settings.app_name!r}; Ctrl-C stops",
+                     f"  gRPC       {grpc_at} (all interfaces)   try: raymoe generate --target {grpc_at}{app} "
                      f"--prompt '123+456=' --stream",
                      f"  HTTP       {http_at}/v1   (OpenAI-compatible)   try: curl {http_at}/v1/completions "
                      f"-d '{{\"prompt\": \"123+456=\", \"max_tokens\": 8}}'"]
@@ -66,7 +68,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             stop.wait()
         finally:
             print("raymoe: shutting down", file=sys.stderr, flush=True)
-            serve.shutdown()
+            if args.address:  # a shared cluster: take down this application only, not the others' servers
+                try:
+                    serve.delete(settings.app_name)
+                except Exception as e:  # noqa: BLE001 — e.g. it never deployed; the pool is released below
+                    print(f"raymoe: could not delete application {settings.app_name!r}: {e}", file=sys.stderr)
+            else:
+                serve.shutdown()
             release_pool(settings)
     return 0
 
@@ -92,7 +100,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise UserError(f"--prompt-ids must be comma-separated integers (got {args.prompt_ids!r})") from None
     else:
         request.prompt = args.prompt
-    with Client(args.target, api_key=args.api_key) as client:
+    with Client(args.target, api_key=args.api_key, app=args.app_name) as client:
         try:
             if args.wait_ready:
                 client.wait_ready(args.wait_ready)

@@ -17,6 +17,10 @@ from cluster.settings import ServeSettings
 # flag, ServeSettings field, type, help (the default is appended)
 FLAGS: list[tuple[str, str, Any, str]] = [
     ("--checkpoint", "checkpoint", str, "Hugging Face Mixtral directory (default: the demo model)"),
+    ("--app-name", "app_name", str, "the Serve application's name; several servers (models) share one Ray cluster "
+                                    "under names of their own (clients: raymoe generate --app-name)"),
+    ("--route-prefix", "route_prefix", str, "where the HTTP API lives (default: / for the default app name, "
+                                            "/APP_NAME for any other)"),
     ("--dtype", "dtype", ("auto", "float32", "bfloat16", "float16"), "weights and activations; auto: the checkpoint's own"),
     ("--expert-actors", "expert_actors", int, "host the experts on N Ray actors (0: inside each front replica)"),
     ("--expert-replicas", "expert_replicas", int, "copies of each expert, on different actors"),

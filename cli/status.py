@@ -58,7 +58,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from cluster.client import Client
 
-    with Client(args.target, api_key=args.api_key) as client:
+    with Client(args.target, api_key=args.api_key, app=args.app_name) as client:
         try:
             info = client.model_info(timeout=args.timeout)
         except grpc.RpcError as e:

@@ -100,10 +100,16 @@ def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {key}"),) if key else ()
 
 
+def call_metadata(api_key: str | None, app: str | None) -> tuple[tuple[str, str], ...]:
+    """Every call's metadata: the API key (see auth_metadata) and, where several servers share the
+    Ray cluster, the Serve application to reach (`application`, as Serve's gRPC proxy reads it)."""
+    return auth_metadata(api_key) + ((("application", app),) if app else ())
+
+
 class Client:
-    def __init__(self, target: str, api_key: str | None = None) -> None:
+    def __init__(self, target: str, api_key: str | None = None, app: str | None = None) -> None:
         self.target = target
-        self.metadata = auth_metadata(api_key)  # sent with every call (`stub` calls made directly: add it)
+        self.metadata = call_metadata(api_key, app)  # sent with every call (`stub` calls made directly: add it)
         self.channel = grpc.insecure_channel(target)
         self.stub = pb_grpc.GeneratorStub(self.channel)
         self.experts = pb_grpc.ExpertsStub(self.channel)
@@ -115,7 +121,7 @@ class Client:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                status = self.health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                status = self.health.Check(health_pb2.HealthCheckRequest(), timeout=5, metadata=self.metadata).status
                 if status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
@@ -178,8 +184,8 @@ class Client:
 class AsyncClient:
     """`Client` over grpc.aio, for many concurrent streams from one thread (the benchmarks)."""
 
-    def __init__(self, target: str, api_key: str | None = None) -> None:
-        self.metadata = auth_metadata(api_key)
+    def __init__(self, target: str, api_key: str | None = None, app: str | None = None) -> None:
+        self.metadata = call_metadata(api_key, app)
         self.channel = grpc.aio.insecure_channel(target)
         self.stub = pb_grpc.GeneratorStub(self.channel)
 

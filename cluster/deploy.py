@@ -3,7 +3,7 @@ down the expert pool it leaves behind (used by `raymoe serve`, the tests and the
 
 from __future__ import annotations
 
-from .settings import APP_NAME, SERVICER_FUNCTIONS, ServeSettings
+from .settings import SERVICER_FUNCTIONS, ServeSettings
 
 
 def deploy(settings: ServeSettings, proxy_location: str | None = None, api_key: str | None = None) -> None:
@@ -27,7 +27,7 @@ def deploy(settings: ServeSettings, proxy_location: str | None = None, api_key: 
     from model.errors import BackendUnavailable
 
     try:
-        handle = serve.run(app, name=APP_NAME, route_prefix="/")
+        handle = serve.run(app, name=settings.app_name, route_prefix=settings.http_route_prefix())
         handle.wait_loaded.remote().result()  # a replica is up once its dense part is; the experts may still load
     except Exception as e:  # noqa: BLE001 — Ray's wrappers carry remote tracebacks; keep the reason
         from actors.pool import remote_cause
@@ -46,7 +46,7 @@ def _pool_progress(settings: ServeSettings) -> list[dict]:
         return []
     from actors.pool_host import pool_progress
 
-    return pool_progress(APP_NAME)
+    return pool_progress(settings.app_name)
 
 
 def release_pool(settings: ServeSettings) -> None:
@@ -54,4 +54,4 @@ def release_pool(settings: ServeSettings) -> None:
     if settings.expert_actors:
         from actors.pool_host import release_shared_pool
 
-        release_shared_pool(APP_NAME)
+        release_shared_pool(settings.app_name)

@@ -47,13 +47,11 @@ class ExpertsRoutes:
 
         from actors.pool_host import pool_host
 
-        from .settings import APP_NAME
-
         if not self.api_key.allows_grpc(grpc_context):
             from .ingress import Unauthenticated
 
             return self._fail(grpc_context, Unauthenticated(), None)  # the status every door answers
-        host = pool_host(APP_NAME) if self.info["pool"] is not None else None
+        host = pool_host(self.settings.app_name) if self.info["pool"] is not None else None
         if host is None:
             return self._refuse(grpc_context, grpc.StatusCode.FAILED_PRECONDITION,
                                 "this server computes its experts inside the front replicas; start it with "

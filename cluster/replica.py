@@ -15,7 +15,7 @@ from model.weights import Checkpoint, load_model
 
 from .engine_loop import EngineLoop
 from .metrics import ServingMetrics
-from .settings import APP_NAME, ServeSettings
+from .settings import ServeSettings
 
 
 STATS_TIMEOUT_S = 2.0  # ModelInfo reports an actor that takes longer as UNREACHABLE
@@ -64,7 +64,7 @@ def prestart_pool(s: ServeSettings) -> None:
     if request is not None:
         from actors.pool_host import request_shared_pool
 
-        request_shared_pool(*request, APP_NAME)
+        request_shared_pool(*request, s.app_name)
 
 
 def build_engine_loop(s: ServeSettings) -> tuple[EngineLoop, dict[str, Any]]:
@@ -81,11 +81,11 @@ def build_engine_loop(s: ServeSettings) -> tuple[EngineLoop, dict[str, Any]]:
         from actors.pool_host import shared_pool
         from actors.remote_experts import remote_experts_factory
 
-        pool = shared_pool(*request, APP_NAME)
+        pool = shared_pool(*request, s.app_name)
         factory = remote_experts_factory(pool)
         # Another pool of this server still serves: a redeploy with other settings, whose old
         # replicas keep the traffic until this one can take it (see Generator.__init__).
-        replacing = bool(named_pools(f"{APP_NAME}-experts-") - {pool.name})
+        replacing = bool(named_pools(f"{s.app_name}-experts-") - {pool.name})
     device = "cuda" if s.replica_num_gpus > 0 else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to the replica's GPU
     model = load_model(ckpt, dtype=getattr(torch, dtype), experts_factory=factory, device=device)
     engine = Engine(model, kv_cache_tokens=s.kv_cache_tokens, max_batch_tokens=s.max_batch_tokens,

@@ -11,7 +11,7 @@ import math
 import os
 from typing import Any
 
-APP_NAME = "raymoe"
+APP_NAME = "raymoe"  # the default application name (each server in one Ray cluster needs its own)
 DEPLOYMENT_NAME = "Generator"
 SERVICER_FUNCTIONS = [
     "protos.generator_pb2_grpc.add_GeneratorServicer_to_server",
@@ -23,6 +23,11 @@ SERVICER_FUNCTIONS = [
 @dataclasses.dataclass(frozen=True)
 class ServeSettings:
     checkpoint: str | None = None  # None → the default (demo) model
+    # Several servers (models) share one Ray cluster as Serve applications of their own names: gRPC
+    # clients name theirs in the `application` metadata (once there are several), HTTP clients by
+    # its route prefix ("" → "/" for the default name, "/<app_name>" for any other).
+    app_name: str = APP_NAME
+    route_prefix: str = ""
     dtype: str = "auto"  # auto → the checkpoint's own (config.json torch_dtype / dtype)
     expert_actors: int = 0  # 0 → experts inside each front replica
     expert_replicas: int = 1  # copies of each expert across the actors
@@ -80,6 +85,14 @@ class ServeSettings:
     ready_when_loaded: bool = False
 
     def __post_init__(self) -> None:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", self.app_name):
+            raise ValueError(f"app_name must be 1-63 letters, digits, '_', '.' or '-', starting with a letter or "
+                             f"digit (got {self.app_name!r})")
+        if self.route_prefix and not re.fullmatch(r"/([A-Za-z0-9_.~-]+(/[A-Za-z0-9_.~-]+)*)?", self.route_prefix):
+            raise ValueError(f"route_prefix must be '/' or a path such as /models/a, without a trailing / "
+                             f"(got {self.route_prefix!r})")
         for name in ("expert_actors", "max_batch_tokens", "max_running", "kv_cache_tokens", "max_queue"):
             if getattr(self, name) < (0 if name == "expert_actors" else 1):
                 raise ValueError(f"{name} must be positive (got {getattr(self, name)})")
@@ -119,6 +132,10 @@ class ServeSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def http_route_prefix(self) -> str:
+        """Where the application's HTTP routes live: /v1/... under it."""
+        return self.route_prefix or ("/" if self.app_name == APP_NAME else f"/{self.app_name}")
 
     def local_ray_cpus(self) -> int:
         """Logical CPUs for a local Ray instance: the host's cores, or enough to place every replica
@@ -187,8 +204,8 @@ class ServeSettings:
             "http_options": {"host": self.http_host, "port": self.http_port,
                              "request_timeout_s": self.request_timeout_s},
             "applications": [{
-                "name": APP_NAME,
-                "route_prefix": "/",
+                "name": self.app_name,
+                "route_prefix": self.http_route_prefix(),
                 "import_path": "cluster.app:build_app",
                 "args": self.to_dict(),
                 "deployments": [{"name": DEPLOYMENT_NAME, **self.deployment_options()}],

@@ -227,3 +227,19 @@ def test_serve_settings_from_a_config_file_and_flags(tmp_path, capsys):
     s = settings_from_args(build_parser().parse_args(["serve", "--expert-autoscale", "2:4"]))
     assert (s.expert_actors, s.expert_autoscale_min, s.expert_autoscale_max) == (2, 2, 4)
     assert_user_error(capsys, ["serve", "--expert-actors", "5", "--expert-autoscale", "1:3"], "expert autoscaling")
+
+
+def test_app_names_and_route_prefixes(capsys):
+    """A second server's name gives its HTTP prefix and its Serve config entry; bad ones are one line."""
+    from cli.main import build_parser
+    from cli.serve_flags import settings_from_args
+
+    s = settings_from_args(build_parser().parse_args(["serve", "--app-name", "mixtral-b"]))
+    assert s.http_route_prefix() == "/mixtral-b"
+    entry = s.serve_config()["applications"][0]
+    assert (entry["name"], entry["route_prefix"], entry["args"]["app_name"]) == ("mixtral-b", "/mixtral-b", "mixtral-b")
+    assert settings_from_args(build_parser().parse_args(["serve"])).http_route_prefix() == "/"
+    assert settings_from_args(build_parser().parse_args(["serve", "--app-name", "b", "--route-prefix", "/m/b"])
+                              ).http_route_prefix() == "/m/b"
+    assert_user_error(capsys, ["serve", "--app-name", "two words"], "app_name")
+    assert_user_error(capsys, ["serve", "--route-prefix", "models/"], "route_prefix")

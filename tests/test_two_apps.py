@@ -1,0 +1,57 @@
+"""Two servers (models) in one Ray cluster, as Serve applications of their own names: each answers
+its own gRPC clients (the `application` metadata) and HTTP route prefix, each keeps its own expert
+pool, and taking one down leaves the other serving."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import grpc
+import pytest
+
+from cluster.client import Client, completion_json
+from cluster.settings import APP_NAME, ServeSettings
+from protos import generator_pb2 as pb
+from serving_helpers import running_server
+
+
+def http_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_two_models_share_a_cluster_under_their_own_names(tiny_dir):
+    from ray import serve
+
+    from actors.pool_host import pool_progress
+    from cluster.deploy import deploy, release_pool
+
+    with running_server("raymoe-test-two-apps", expert_actors=1, expert_num_cpus=0.25, replica_num_cpus=0.5) as first:
+        second = ServeSettings(app_name="second", checkpoint=str(tiny_dir), expert_actors=1, expert_num_cpus=0.25,
+                               replica_num_cpus=0.5, grpc_port=int(first.target.rsplit(":", 1)[1]), http_port=first.http_port)
+        deploy(second)
+        try:
+            target = first.target
+            with Client(target, app=APP_NAME) as a, Client(target, app="second") as b:
+                b.wait_ready(60)
+                assert a.model_info().model != b.model_info().model == str(tiny_dir)
+                request = pb.GenerateRequest(prompt="123+456=", max_tokens=8)
+                assert a.generate(request).text == "579"  # the demo model, still served
+                got = completion_json(list(b.stream(pb.GenerateRequest(prompt="Hello", max_tokens=5, ignore_eos=True))))
+                assert len(got["token_ids"]) == 5
+                with Client(target, app="nope") as lost, pytest.raises(grpc.RpcError) as err:
+                    lost.model_info(timeout=30)
+                assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            base = f"http://127.0.0.1:{first.http_port}"
+            assert http_json(f"{base}/v1/models")["data"][0]["id"] != http_json(f"{base}/second/v1/models")["data"][0]["id"]
+            pools = {app: pool_progress(app) for app in (APP_NAME, "second")}
+            assert all(p and all(s["state"] == "READY" for s in p) for p in pools.values()), pools
+        finally:
+            serve.delete("second")
+            release_pool(second)
+        with Client(first.target, app=APP_NAME) as a:  # the first server is untouched
+            assert a.generate(pb.GenerateRequest(prompt="123+456=", max_tokens=8), timeout=60).text == "579"
+            info = a.model_info()
+            assert info.state == "READY" and [actor.state for actor in info.expert_actors] == ["ALIVE"]
+        assert pool_progress("second") == [] and pool_progress(APP_NAME)
