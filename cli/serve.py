@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 
-from cluster.deploy import deploy, release_pool
+from cluster.deploy import DeployFailed, deploy, release_pool
 from cluster.settings import APP_NAME
 
 
@@ -22,11 +22,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve_flags import settings_from_args
 
     settings = settings_from_args(args)
+    _check_checkpoint(settings.checkpoint, joining=bool(args.address))
     if args.api_key is not None:  # the replicas read it from their environment (see cluster/auth.py)
         os.environ[ENV] = args.api_key
-    stop = threading.Event()
+    stop, starting = threading.Event(), threading.Event()
+
+    def on_signal(*_) -> None:
+        stop.set()
+        if starting.is_set():  # a Mixtral loads for minutes: stop now, taking down what started
+            starting.clear()
+            raise KeyboardInterrupt
+
+    starting.set()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     dashboard = None if args.address or args.no_dashboard else args.dashboard_port
     if not args.address:  # a private Ray on this machine: read the checkpoint ahead while it starts
         from model.default import default_checkpoint
@@ -50,8 +59,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             try:
                 with Ticker(lambda: serve_progress_line(settings.app_name, t0)):  # on stderr, like every progress line
                     deploy(settings, api_key=os.environ.get(ENV) if args.address else None)
-            except BackendUnavailable as e:  # e.g. the expert actors could not load their experts
+            except (BackendUnavailable, DeployFailed) as e:  # e.g. the checkpoint, or the experts, could not load
                 raise UserError(f"cannot serve: {e}") from None
+            starting.clear()
             grpc_at = f"127.0.0.1:{settings.grpc_port}"
             http_at = f"http://{settings.http_host}:{settings.http_port}{settings.http_route_prefix().rstrip('/')}"
             key = " (API key required)" if os.environ.get(ENV) else ""
@@ -67,6 +77,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print("\n".join(lines), flush=True)
             stop.wait()
         finally:
+            starting.clear()
             print("raymoe: shutting down", file=sys.stderr, flush=True)
             if args.address:  # a shared cluster: take down this application only, not the others' servers
                 try:
@@ -77,6 +88,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 serve.shutdown()
             release_pool(settings)
     return 0
+
+
+def _check_checkpoint(path: str | None, joining: bool) -> None:
+    """A checkpoint this machine can see is checked before anything starts (a CheckpointError is
+    the one-line message); joining a cluster, a path only its nodes have is left to them."""
+    if path is None:
+        return
+    from pathlib import Path
+
+    if joining and not Path(path).exists():
+        return
+    from model.weights import Checkpoint
+
+    Checkpoint(path).close()
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -38,7 +38,32 @@ def deploy(settings: ServeSettings, proxy_location: str | None = None, api_key: 
         failed = [s for s in _pool_progress(settings) if s["state"] == "FAILED"]
         if failed:  # Serve gave up on replicas whose experts could not load: say why
             raise BackendUnavailable(f"{failed[0]['what']} could not load its experts: {failed[0]['error']}") from None
+        reason = replica_error(settings.app_name)
+        if reason:  # e.g. the replicas could not read the checkpoint
+            raise DeployFailed(f"application {settings.app_name!r}: {reason}") from None
         raise
+
+
+class DeployFailed(RuntimeError):
+    """Serve gave up deploying the application; the message is the replicas' own error, one line."""
+
+
+def replica_error(app: str) -> str | None:
+    """The last error line of what Serve reports for the application's failed deployments (their
+    replicas' constructor tracebacks), without the module path: e.g. 'CheckpointError: DIR: …'."""
+    import re
+
+    from ray import serve
+
+    try:
+        status = serve.status().applications[app]
+    except Exception:  # noqa: BLE001 — no such application (any more)
+        return None
+    for message in [d.message for d in status.deployments.values()] + [status.message]:
+        errors = re.findall(r"^(?:[\w]+\.)*(\w+(?:Error|Exception|Unavailable)): (.+)$", message or "", re.MULTILINE)
+        if errors:
+            return ": ".join(errors[-1])
+    return None
 
 
 def _pool_progress(settings: ServeSettings) -> list[dict]:

@@ -243,3 +243,46 @@ def test_app_names_and_route_prefixes(capsys):
                               ).http_route_prefix() == "/m/b"
     assert_user_error(capsys, ["serve", "--app-name", "two words"], "app_name")
     assert_user_error(capsys, ["serve", "--route-prefix", "models/"], "route_prefix")
+
+
+def test_serve_refuses_a_bad_checkpoint_before_starting_anything(capsys, tmp_path):
+    """One line after 'starting the server' (it used to start Ray and Serve, then print Serve's traceback)."""
+    for directory, fragment in ((tmp_path / "nope", "checkpoint directory not found"), (tmp_path, "config.json")):
+        assert main(["serve", "--no-dashboard", "--checkpoint", str(directory)]) == 2
+        captured = capsys.readouterr()
+        lines = captured.err.splitlines()
+        assert len(lines) == 2 and lines[0] == "raymoe: starting the server", captured.err
+        assert lines[1].startswith(f"raymoe: {directory}") and fragment in lines[1], captured.err
+        assert "Traceback" not in captured.err + captured.out
+
+
+def test_ctrl_c_while_the_server_starts_stops_it_at_once():
+    """SIGINT while the replica (or a Mixtral's experts, for minutes) is still starting ends the
+    command then, taking down what it started (it used to wait until the server was up)."""
+    import signal
+    import socket
+    import time
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--no-dashboard", "--grpc-port", str(ports[0]),
+                             "--http-port", str(ports[1])], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        for line in proc.stderr:  # the deploy has begun: the handlers are in place, the replica is not up
+            if "starting the front replica" in line or time.monotonic() > deadline:
+                break
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and "serving" not in out, out
+        assert time.monotonic() - sent < 30
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

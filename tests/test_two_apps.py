@@ -55,3 +55,37 @@ def test_two_models_share_a_cluster_under_their_own_names(tiny_dir):
             info = a.model_info()
             assert info.state == "READY" and [actor.state for actor in info.expert_actors] == ["ALIVE"]
         assert pool_progress("second") == [] and pool_progress(APP_NAME)
+
+
+def test_a_server_that_cannot_deploy_says_why_and_the_others_keep_serving(tmp_path):
+    """A third server whose checkpoint the replicas cannot read: deploy raises the replicas' own
+    error in one line, while the running server answers a stream started before it."""
+    import threading
+
+    from ray import serve
+
+    from cluster.deploy import DeployFailed, deploy
+
+    with running_server("raymoe-test-bad-app") as first:
+        bad = ServeSettings(app_name="bad", checkpoint=str(tmp_path / "missing"), grpc_port=int(first.target.rsplit(":", 1)[1]),
+                            http_port=first.http_port, replica_num_cpus=0.5)
+        done, results = threading.Event(), []
+
+        def streams() -> None:  # one stream after another for as long as the failed deploy takes
+            while not done.is_set():
+                chunks = list(first.stream(pb.GenerateRequest(prompt="123+456=", max_tokens=64, ignore_eos=True)))
+                results.append(completion_json(chunks))
+
+        worker = threading.Thread(target=streams)
+        worker.start()
+        try:
+            with pytest.raises(DeployFailed) as err:
+                deploy(bad)
+        finally:
+            done.set()
+            serve.delete("bad")
+            worker.join(120)
+        message = str(err.value)
+        assert "\n" not in message and "CheckpointError" in message and "missing" in message, message
+        assert results and all(r["finish_reason"] == "length" and len(r["token_ids"]) == 64 for r in results)
+        assert first.generate(pb.GenerateRequest(prompt="123+456=", max_tokens=8)).text == "579"
