@@ -27,6 +27,9 @@ def run_command(args: argparse.Namespace) -> int:
     except (UserError, ConfigError, CheckpointError, TokenizerError, ValueError) as e:
         print(f"raymoe: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path that cannot be written or read (2); a server that did not answer in time (1)
+        print(f"raymoe: {e}", file=sys.stderr)
+        return 1 if isinstance(e, TimeoutError) else 2
     except KeyboardInterrupt:
         return 130
 

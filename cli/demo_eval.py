@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -24,10 +25,21 @@ def server_generate(target: str, concurrency: int = 32, timeout: float = 120.0,
     from cluster.client import Client
 
     def generate(prompts: list[str]) -> list[str]:
+        import grpc
+
+        from .commands import UserError
+
         with Client(target, api_key=api_key, app=app) as client, concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-            client.wait_ready(timeout)
-            return list(pool.map(lambda p: client.generate(
-                pb.GenerateRequest(prompt=p, max_tokens=MAX_TOKENS), timeout=timeout).text, prompts))
+            try:
+                client.wait_ready(1.0)
+            except TimeoutError:
+                print(f"raymoe: waiting up to {timeout:g} s for {target} to serve", file=sys.stderr, flush=True)
+                client.wait_ready(timeout)  # TimeoutError: one line (see run_command)
+            try:
+                return list(pool.map(lambda p: client.generate(
+                    pb.GenerateRequest(prompt=p, max_tokens=MAX_TOKENS), timeout=timeout).text, prompts))
+            except grpc.RpcError as e:
+                raise UserError(f"{target}: {e.code().name}: {e.details()}") from None
 
     return generate
 

@@ -286,3 +286,9 @@ def test_ctrl_c_while_the_server_starts_stops_it_at_once():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_paths_that_cannot_be_written_are_one_line(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert_user_error(capsys, ["init-model", "--preset", "tiny", "--out", str(blocker / "ckpt")], str(blocker))
