@@ -8,8 +8,13 @@ limits either way. Every error is OpenAI-shaped JSON, {"error": {"message", "typ
 "code"}}, with its status: 400 invalid body, 401 missing or wrong key, 404 unknown model, 429 server
 busy, 503 experts unavailable, 500 otherwise (with no internals in the message).
 
+Several choices: `n` (both endpoints) and a batch of prompts (completions: a list of strings or of
+token-id lists) are one engine sequence each, generated side by side; choice k of prompt p has
+index p·n + k, and with a `seed` choice k samples with seed + k (so choices differ, and the same
+request gives the same choices). Usage counts each prompt once and every choice's tokens.
+
 Where raymoe differs from OpenAI, on purpose: `temperature` defaults to 0 (greedy), as in raymoe's
-gRPC API; `n`, `best_of`, `echo`, `suffix`, penalties, `logit_bias`, tools and response formats other
+gRPC API; `best_of`, `echo`, `suffix`, penalties, `logit_bias`, tools and response formats other
 than their neutral values are refused with a 400 naming the field rather than ignored. Extra
 fields raymoe understands: `top_k`, `ignore_eos`, `stop_token_ids`.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 import uuid
@@ -37,7 +43,8 @@ COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream
 COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 CHAT_FIELDS = COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_tokens", "response_format",
                         "tools", "tool_choice", "parallel_tool_calls"}
-NEUTRAL = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
+MAX_CHOICES = 64  # prompts × n in one request (each is a sequence of the engine)
+NEUTRAL = {"best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
            "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
            "tools": (None, []), "tool_choice": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
            "response_format": (None, {"type": "text"})}
@@ -122,7 +129,10 @@ def _common(body: dict, allowed: set[str]) -> dict[str, Any]:
         raise HttpError(400, "max_tokens must be at least 1 (got 0)", param="max_tokens")
     if "model" in body and not isinstance(body["model"], (str, type(None))):
         raise HttpError(400, "model must be a string", param="model")
-    return dict(max_tokens=_typed(body, "max_tokens", (int,), "an integer"),
+    n = _typed(body, "n", (int,), "an integer")
+    if n is not None and not 1 <= n <= MAX_CHOICES:
+        raise HttpError(400, f"n must be between 1 and {MAX_CHOICES} (got {n})", param="n")
+    return dict(n=n or 1, max_tokens=_typed(body, "max_tokens", (int,), "an integer"),
                 temperature=_typed(body, "temperature", number, "a number"),
                 top_p=_typed(body, "top_p", number, "a number"),
                 top_k=_typed(body, "top_k", (int,), "an integer"),
@@ -131,22 +141,27 @@ def _common(body: dict, allowed: set[str]) -> dict[str, Any]:
                 ignore_eos=bool(_typed(body, "ignore_eos", (bool,), "a boolean")))
 
 
-def parse_completion(body: dict) -> tuple[dict, tuple[bool, bool]]:
-    """A completions body → (build_request kwargs, (stream?, include usage in the stream?))."""
+def parse_completion(body: dict) -> tuple[dict, list[dict], tuple[bool, bool]]:
+    """A completions body → (build_request kwargs but the prompt, one {"prompt"} or {"prompt_ids"}
+    per prompt, (stream?, include usage in the stream?))."""
     kw = _common(body, COMPLETION_FIELDS)
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        kw["prompt"] = prompt
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        kw["prompt_ids"] = prompt
-    elif isinstance(prompt, list) and len(prompt) > 1:
-        raise HttpError(400, "a batch of prompts is not supported: send one prompt per request", param="prompt")
-    else:
-        raise HttpError(400, "prompt must be a string or a list of token ids", param="prompt")
+    batch = prompt if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt) \
+        else [prompt]
+    prompts = [_one_prompt(p) for p in batch]
+    if len(prompts) * kw["n"] > MAX_CHOICES:
+        raise HttpError(400, f"{len(prompts)} prompts × n {kw['n']} = {len(prompts) * kw['n']} choices; the limit "
+                        f"is {MAX_CHOICES}", param="prompt")
     kw["logprobs"] = _typed(body, "logprobs", (int,), "an integer")
-    return kw, _stream_flags(body)
+    return kw, prompts, _stream_flags(body)
+
+
+def _one_prompt(prompt: Any) -> dict:
+    if isinstance(prompt, str):
+        return {"prompt": prompt}
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return {"prompt_ids": prompt}
+    raise HttpError(400, "prompt must be a string, a list of token ids, or a list of either", param="prompt")
 
 
 def wants_logprobs(body: dict) -> bool:
@@ -247,12 +262,13 @@ class OpenAIRoutes:
         try:
             self._http_auth(request)
             body = await self._json_body(request)
-            kw, (stream, usage) = parse_completion(body)
+            kw, prompts, (stream, usage) = parse_completion(body)
             self._check_model(body)
-            req = await asyncio.to_thread(self._build, kw)  # tokenizing: off the shared event loop
+            n = kw.pop("n")
+            reqs = await asyncio.to_thread(lambda: [self._build({**kw, **p}) for p in prompts])  # off the event loop
         except Exception as e:  # noqa: BLE001
             return http_error_for(e).response()
-        view = _CompletionView(self, req, "text_completion", "cmpl", logprobs=wants_logprobs(body))
+        view = _CompletionView(self, reqs, n, "text_completion", "cmpl", logprobs=wants_logprobs(body))
         return await view.respond(stream, usage)
 
     async def http_chat_completions(self, request: Request):
@@ -271,10 +287,11 @@ class OpenAIRoutes:
                 kw["prompt_ids"] = await asyncio.to_thread(self.chat.prompt_ids, self.tokenizer, messages)
             except ChatError as e:
                 raise HttpError(400, str(e), param="messages") from None
+            n = kw.pop("n")
             req = await asyncio.to_thread(self._build, kw)
         except Exception as e:  # noqa: BLE001
             return http_error_for(e).response()
-        view = _CompletionView(self, req, "chat.completion", "chatcmpl", chat=True, logprobs=want_logprobs)
+        view = _CompletionView(self, [req], n, "chat.completion", "chatcmpl", chat=True, logprobs=want_logprobs)
         return await view.respond(stream, usage)
 
     # --- helpers ---
@@ -314,20 +331,25 @@ MAX_BODY_BYTES = 8 << 20
 
 
 class _CompletionView:
-    """One request's answer in OpenAI's shapes, whole or as server-sent events."""
+    """One request's answer in OpenAI's shapes, whole or as server-sent events: a choice per
+    (prompt, k < n), each its own sequence of the engine."""
 
-    def __init__(self, owner: OpenAIRoutes, req, obj: str, prefix: str, chat: bool = False,
+    def __init__(self, owner: OpenAIRoutes, reqs: list, n: int, obj: str, prefix: str, chat: bool = False,
                  logprobs: bool = False) -> None:
-        self.owner, self.req, self.obj, self.chat, self.logprobs = owner, req, obj, chat, logprobs
+        self.owner, self.reqs, self.n, self.obj, self.chat, self.logprobs = owner, reqs, n, obj, chat, logprobs
         self.id, self.created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
-        self.text_offset = 0  # characters of the completion so far (completions' text_offset)
+        self.choices = [(r, k) for r in reqs for k in range(n)]  # index p·n + k
+        self.text_offset = [0] * len(self.choices)  # characters of each completion so far (text_offset)
 
-    def _chunks(self):
-        r = self.req
-        return self.owner.loop.generate(r.prompt_ids, r.params, r.stop)
+    def _chunks(self, index: int):
+        r, k = self.choices[index]
+        params = r.params
+        if k and params.seed is not None:  # choice k samples with its own seed (without one: random each)
+            params = dataclasses.replace(params, seed=(params.seed + k) % 2**64)
+        return self.owner.loop.generate(r.prompt_ids, params, r.stop)
 
     def _usage(self, completion_tokens: int) -> dict:
-        n = len(self.req.prompt_ids)
+        n = sum(len(r.prompt_ids) for r in self.reqs)
         return {"prompt_tokens": n, "completion_tokens": completion_tokens, "total_tokens": n + completion_tokens}
 
     def _token(self, token_id: int) -> tuple[str, list[int]]:
@@ -342,7 +364,7 @@ class _CompletionView:
             raw = piece.replace("\u2581", " ").encode()
         return raw.decode(errors="replace"), list(raw)
 
-    def _logprobs(self, chunks: list) -> dict | None:
+    def _logprobs(self, index: int, chunks: list) -> dict | None:
         if not self.logprobs:
             return None
         ids = [t for c in chunks for t in c.token_ids]
@@ -357,73 +379,143 @@ class _CompletionView:
         offsets, texts = [], []
         for t in ids:
             text, _ = self._token(t)
-            offsets.append(self.text_offset)
+            offsets.append(self.text_offset[index])
             texts.append(text)
-            self.text_offset += len(text)
+            self.text_offset[index] += len(text)
         return {"tokens": texts, "token_logprobs": lps,
                 "top_logprobs": [{self._token(a)[0]: b for a, b in row} for row in tops], "text_offset": offsets}
 
-    def _choice(self, text: str, chunks: list, finish: str | None, delta: bool, first: bool = False) -> dict:
-        lp = self._logprobs(chunks)
+    def _choice(self, index: int, text: str, chunks: list, finish: str | None, delta: bool,
+                first: bool = False) -> dict:
+        lp = self._logprobs(index, chunks)
         if not self.chat:
-            return {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
+            return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
         if delta:
             d = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-            return {"index": 0, "delta": d, "logprobs": lp, "finish_reason": finish}
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": finish}
+            return {"index": index, "delta": d, "logprobs": lp, "finish_reason": finish}
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": lp,
+                "finish_reason": finish}
 
-    def _envelope(self, choice: dict | None, usage: dict | None, chunk: bool, usage_field: bool = True) -> dict:
+    def _envelope(self, choices: list[dict], usage: dict | None, chunk: bool, usage_field: bool = True) -> dict:
         obj = self.obj + (".chunk" if chunk and self.chat else "")
-        out = {"id": self.id, "object": obj, "created": self.created, "model": self.owner.model_id,
-               "choices": [] if choice is None else [choice]}
+        out = {"id": self.id, "object": obj, "created": self.created, "model": self.owner.model_id, "choices": choices}
         if usage_field:
             out["usage"] = usage
         return out
 
     async def respond(self, stream: bool, usage_in_stream: bool):
-        chunks = self._chunks()
-        try:  # the first chunk before the status line: a refused request is still a 400 / 429 / 503
-            first = await chunks.__anext__()
-        except StopAsyncIteration:
-            first = None
-        except Exception as e:  # noqa: BLE001
-            self.owner._count(str(http_error_for(e).status))
-            return http_error_for(e).response()
+        gens = [self._chunks(i) for i in range(len(self.choices))]
+        # Every choice's first chunk before the status line: a refused request is still a 400 / 429 / 503.
+        firsts = await asyncio.gather(*(_first(g) for g in gens), return_exceptions=True)
+        failed = next((f for f in firsts if isinstance(f, BaseException)), None)
+        if failed is not None:
+            await _close_all(gens)
+            self.owner._count(str(http_error_for(failed).status))
+            return http_error_for(failed).response()
         if stream:
-            return StreamingResponse(self._events(first, chunks, usage_in_stream), media_type="text/event-stream",
+            return StreamingResponse(self._events(firsts, gens, usage_in_stream), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        got = [] if first is None else [first]
+        tasks = [asyncio.ensure_future(_rest(first, g)) for first, g in zip(firsts, gens)]
         try:
-            async with contextlib.aclosing(chunks):
-                async for c in chunks:
-                    got.append(c)
-        except Exception as e:  # noqa: BLE001
+            got = await asyncio.gather(*tasks)
+        except Exception as e:  # noqa: BLE001 — one choice failed: the others stop too (their sequences end)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             self.owner._count(str(http_error_for(e).status))
             return http_error_for(e).response()
         self.owner._count("ok")
-        text = "".join(c.text for c in got)
-        finish = got[-1].finish_reason if got else "length"
-        done = got[-1].completion_tokens if got else 0
-        return JSONResponse(self._envelope(self._choice(text, got, finish, delta=False), self._usage(done), False))
+        choices, done = [], 0
+        for i, chunks in enumerate(got):
+            text = "".join(c.text for c in chunks)
+            finish = chunks[-1].finish_reason if chunks else "length"
+            done += chunks[-1].completion_tokens if chunks else 0
+            choices.append(self._choice(i, text, chunks, finish, delta=False))
+        return JSONResponse(self._envelope(choices, self._usage(done), False))
 
-    async def _events(self, first, chunks, usage_in_stream: bool) -> AsyncIterator[str]:
-        is_first, done = True, 0
+    async def _events(self, firsts: list, gens: list, usage_in_stream: bool) -> AsyncIterator[str]:
+        done = [0] * len(gens)
         try:
-            async with contextlib.aclosing(chunks):  # a client gone mid-stream aborts the sequence now
-                pending = [] if first is None else [first]
-                async for c in _chain(pending, chunks):
-                    done = c.completion_tokens
-                    choice = self._choice(c.text, [c], c.finish_reason, delta=True, first=is_first)
-                    is_first = False
-                    yield f"data: {json.dumps(self._envelope(choice, None, True, usage_field=usage_in_stream))}\n\n"
+            async with contextlib.aclosing(_merge(firsts, gens)) as merged:  # a client gone mid-stream aborts now
+                async for i, c, is_first in merged:
+                    done[i] = c.completion_tokens
+                    choice = self._choice(i, c.text, [c], c.finish_reason, delta=True, first=is_first)
+                    yield f"data: {json.dumps(self._envelope([choice], None, True, usage_field=usage_in_stream))}\n\n"
             if usage_in_stream:
-                yield f"data: {json.dumps(self._envelope(None, self._usage(done), True))}\n\n"
+                yield f"data: {json.dumps(self._envelope([], self._usage(sum(done)), True))}\n\n"
             self.owner._count("ok")
         except Exception as e:  # noqa: BLE001 — the status line is sent; the error is an event
             err = http_error_for(e)
             self.owner._count(str(err.status))
             yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type, 'param': err.param, 'code': err.code}})}\n\n"
         yield "data: [DONE]\n\n"
+
+
+async def _first(gen):
+    """A generator's first chunk (None when it ends without one)."""
+    try:
+        return await gen.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _rest(first, gen) -> list:
+    got = [] if first is None else [first]
+    async with contextlib.aclosing(gen):
+        async for c in gen:
+            got.append(c)
+    return got
+
+
+async def _close_all(gens: list) -> None:
+    for gen in gens:
+        with contextlib.suppress(Exception):
+            await gen.aclose()
+
+
+async def _merge(firsts: list, gens: list) -> AsyncIterator[tuple[int, Any, bool]]:
+    """(choice index, chunk, its first?) from every choice as they come; closing it (or a choice's
+    error, re-raised) closes every generator, aborting their sequences."""
+    if len(gens) == 1:  # one choice: no tasks
+        async with contextlib.aclosing(gens[0]):
+            is_first = True
+            async for c in _chain([] if firsts[0] is None else [firsts[0]], gens[0]):
+                yield 0, c, is_first
+                is_first = False
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int) -> None:
+        try:
+            async for c in gens[i]:
+                await queue.put((i, c, None))
+        except Exception as e:  # noqa: BLE001
+            await queue.put((i, None, e))
+        finally:
+            await queue.put((i, None, None))
+
+    seen = [False] * len(gens)
+    for i, first in enumerate(firsts):
+        if first is not None:
+            seen[i] = True
+            yield i, first, True
+    tasks = [asyncio.ensure_future(pump(i)) for i in range(len(gens))]
+    try:
+        open_ = len(gens)
+        while open_:
+            i, c, error = await queue.get()
+            if error is not None:
+                raise error
+            if c is None:
+                open_ -= 1
+                continue
+            yield i, c, not seen[i]
+            seen[i] = True
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await _close_all(gens)
 
 
 async def _chain(first: list, rest) -> AsyncIterator:

@@ -94,6 +94,58 @@ def test_chat_plain_and_streaming(api):
     assert "".join(p.choices[0].delta.content or "" for p in parts) == "18"
 
 
+def test_several_choices_and_a_batch_of_prompts(api):
+    """A batch of prompts × n choices: choice k of prompt p is index p·n + k and equals the same prompt
+    sent alone with seed + k; streamed choices interleave and add up to the same texts; usage
+    counts each prompt once and every choice's tokens."""
+    m = model_id(api)
+    prompts, sample = ["7+", "12+3", "123+456="], dict(max_tokens=8, temperature=1.5, top_p=0.95)
+    batch = api.completions.create(model=m, prompt=prompts, n=2, seed=11, logprobs=1, **sample)
+    assert [c.index for c in batch.choices] == list(range(6))
+    alone = {(p, k): api.completions.create(model=m, prompt=p, seed=11 + k, logprobs=1, **sample)
+             for p in prompts for k in range(2)}
+    for c in batch.choices:
+        ref = alone[(prompts[c.index // 2], c.index % 2)].choices[0]
+        assert (c.text, c.finish_reason) == (ref.text, ref.finish_reason)
+        assert c.logprobs.token_logprobs == pytest.approx(ref.logprobs.token_logprobs, abs=1e-5)
+    assert len({c.text for c in batch.choices}) > 3  # seeds differ per choice: not copies
+    assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for (_, k), a in alone.items() if k == 0)
+    assert batch.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone.values())
+    parts = list(api.completions.create(model=m, prompt=prompts, n=2, seed=11, stream=True,
+                                        stream_options={"include_usage": True}, **sample))
+    streamed = {}
+    for p in parts:
+        for c in p.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert streamed == {c.index: c.text for c in batch.choices}
+    assert parts[-1].usage.completion_tokens == batch.usage.completion_tokens
+    greedy = api.completions.create(model=m, prompt=["123+456=", [1, 261, 262, 264, 270]], max_tokens=8, n=2)
+    assert [c.text for c in greedy.choices][:2] == ["579", "579"]
+    chat = api.chat.completions.create(model=m, messages=[{"role": "user", "content": "123+456="}], n=3, seed=4,
+                                       **sample)
+    one = [api.chat.completions.create(model=m, messages=[{"role": "user", "content": "123+456="}], seed=4 + k,
+                                       **sample).choices[0].message.content for k in range(3)]
+    assert [c.message.content for c in chat.choices] == one and [c.index for c in chat.choices] == [0, 1, 2]
+
+
+def test_a_client_gone_mid_stream_ends_every_choice(base_url, server):
+    import time
+
+    """64 choices of 500 tokens (minutes of work on 16 running slots): the client reads a few events
+    and leaves; every sequence, running or still waiting, is gone within seconds."""
+    body = json.dumps({"prompt": ["7+", "12+3"], "n": 32, "max_tokens": 500, "ignore_eos": True, "stream": True,
+                       "temperature": 1.0}).encode()
+    request = urllib.request.Request(f"{base_url}/completions", body, {"Content-Type": "application/json",
+                                                                       "Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        for _ in range(4):
+            r.readline()
+    left = time.monotonic()
+    while (load := server.model_info().load).running + load.waiting and time.monotonic() < left + 5:
+        time.sleep(0.1)
+    assert load.running + load.waiting == 0, load
+
+
 def test_http_and_grpc_give_the_same_tokens(api, server):
     from model.tokenizer import Tokenizer
 
@@ -130,12 +182,15 @@ BAD_BODIES = [
     ({"prompt": "1+1=", "temperature": -1}, "temperature"),
     ({"prompt": "1+1=", "max_tokens": 10**9}, "max_tokens"),
     ({"prompt": "1+1=", "max_tokens": 2.5}, "max_tokens"),
-    ({"prompt": "1+1=", "n": 2}, "n"),
+    ({"prompt": "1+1=", "n": 0}, "n"),
+    ({"prompt": "1+1=", "n": 65}, "n"),
+    ({"prompt": ["1+1="] * 33, "n": 2}, "prompt"),  # 66 choices
+    ({"prompt": ["1+1=", 5]}, "prompt"),
+    ({"prompt": ["1+1=", [1, 99999]]}, "prompt"),  # one bad prompt refuses the whole batch
     ({"prompt": "1+1=", "frequency_penalty": 0.5}, "frequency_penalty"),
     ({"prompt": "1+1=", "logprobs": 500}, "logprobs"),
     ({"prompt": "1+1=", "best_of": 3}, "best_of"),
     ({"prompt": "1+1=", "frobnicate": True}, "frobnicate"),
-    ({"prompt": ["a", "b"]}, "prompt"),
     ({"prompt": [1, 99999]}, "prompt"),
     ({}, "prompt"),
     ({"prompt": "1+1=", "stop": [1, 2]}, "stop"),
