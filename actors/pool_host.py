@@ -269,8 +269,13 @@ def pool_progress(app: str = "raymoe", timeout_s: float = 2.0) -> list[dict]:
     from ray.util import list_named_actors
 
     names = named_pools(f"{app}-experts-")
-    handles = [ray.get_actor(a["name"], namespace=a["namespace"]) for a in list_named_actors(all_namespaces=True)
-               if any(a["name"].endswith("/" + n) for n in names)]
+    handles = []
+    for a in list_named_actors(all_namespaces=True):
+        if any(a["name"].endswith("/" + n) for n in names):
+            try:
+                handles.append(ray.get_actor(a["name"], namespace=a["namespace"]))
+            except ValueError:  # gone since it was listed
+                pass
     if not handles:
         return []
     ready, _ = ray.wait([h.progress.remote() for h in handles], num_returns=len(handles), timeout=timeout_s)

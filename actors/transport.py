@@ -167,6 +167,7 @@ class DirectCalls:
             except Unreachable as e:
                 if e.reason.startswith("no answer"):  # the deadline passed: name every call still open
                     late = [c.actor for c in calls[len(replies) + 1:] if not self._answered(c)]
+                    _abandon(calls[len(replies) + 1:])  # replies that came will not be asked for either
                     for a in late:  # their late replies must not pile up on a kept channel
                         self._drop(a, self._channels().get(a))
                     raise Unreachable(sorted(set(late) | {call.actor}), e.reason) from None

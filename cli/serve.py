@@ -15,8 +15,6 @@ from cluster.settings import APP_NAME
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    from ray import serve
-
     from cluster.auth import ENV
     from .ray_session import check_expert_device, ray_connection
     from .serve_flags import settings_from_args
@@ -25,69 +23,100 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _check_checkpoint(settings.checkpoint, joining=bool(args.address))
     if args.api_key is not None:  # the replicas read it from their environment (see cluster/auth.py)
         os.environ[ENV] = args.api_key
-    stop, starting = threading.Event(), threading.Event()
+    stop, starting, signals = threading.Event(), threading.Event(), []
 
-    def on_signal(*_) -> None:
+    def on_signal(signum, _frame) -> None:
+        signals.append(signum)
         stop.set()
         if starting.is_set():  # a Mixtral loads for minutes: stop now, taking down what started
             starting.clear()
             raise KeyboardInterrupt
 
     starting.set()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     dashboard = None if args.address or args.no_dashboard else args.dashboard_port
-    if not args.address:  # a private Ray on this machine: read the checkpoint ahead while it starts
-        from model.default import default_checkpoint
+    try:
+        if not args.address:  # a private Ray on this machine: read the checkpoint ahead while it starts
+            from model.default import default_checkpoint
 
-        from .prefetch import prefetch
+            from .prefetch import prefetch
 
-        prefetch(settings.checkpoint or default_checkpoint())
-    with ray_connection(args.address, settings.local_ray_cpus(), dashboard_port=dashboard) as started:
-        if settings.expert_actors:
-            check_expert_device(settings.expert_device, started)
-        try:
-            import time
-
-            from .progress import Ticker, serve_progress_line
-
-            t0 = time.monotonic()
-            from model.errors import BackendUnavailable
-
-            from .commands import UserError
-
-            try:
-                with Ticker(lambda: serve_progress_line(settings.app_name, t0)):  # on stderr, like every progress line
-                    deploy(settings, api_key=os.environ.get(ENV) if args.address else None)
-            except (BackendUnavailable, DeployFailed) as e:  # e.g. the checkpoint, or the experts, could not load
-                raise UserError(f"cannot serve: {e}") from None
-            starting.clear()
-            grpc_at = f"127.0.0.1:{settings.grpc_port}"
-            http_at = f"http://{settings.http_host}:{settings.http_port}{settings.http_route_prefix().rstrip('/')}"
-            key = " (API key required)" if os.environ.get(ENV) else ""
-            app = "" if settings.app_name == APP_NAME else f" --app-name {settings.app_name}"
-            lines = [f"raymoe: serving {settings.checkpoint or 'the default model'}{key} as application "
-                     f"{settings.app_name!r}; Ctrl-C stops",
-                     f"  gRPC       {grpc_at} (all interfaces)   try: raymoe generate --target {grpc_at}{app} "
-                     f"--prompt '123+456=' --stream",
-                     f"  HTTP       {http_at}/v1   (OpenAI-compatible)   try: curl {http_at}/v1/completions "
-                     f"-d '{{\"prompt\": \"123+456=\", \"max_tokens\": 8}}'"]
-            if dashboard is not None:
-                lines.append(f"  dashboard  http://127.0.0.1:{dashboard}")
-            print("\n".join(lines), flush=True)
-            stop.wait()
-        finally:
-            starting.clear()
-            print("raymoe: shutting down", file=sys.stderr, flush=True)
-            if args.address:  # a shared cluster: take down this application only, not the others' servers
-                try:
-                    serve.delete(settings.app_name)
-                except Exception as e:  # noqa: BLE001 — e.g. it never deployed; the pool is released below
-                    print(f"raymoe: could not delete application {settings.app_name!r}: {e}", file=sys.stderr)
-            else:
-                serve.shutdown()
-            release_pool(settings)
+            prefetch(settings.checkpoint or default_checkpoint())
+        with ray_connection(args.address, settings.local_ray_cpus(), dashboard_port=dashboard) as started:
+            if settings.expert_actors:
+                check_expert_device(settings.expert_device, started)
+            _serve_until_stopped(settings, args.address, dashboard, stop, starting)
+    except KeyboardInterrupt:  # stopped while starting (cleaned up above)
+        return 128 + (signals[0] if signals else signal.SIGINT)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
+
+
+def _serve_until_stopped(settings, address: str | None, dashboard: int | None, stop: threading.Event,
+                         starting: threading.Event) -> None:
+    """Deploy, print where it serves, wait for a signal, take down what this command owns: on a
+    private Ray all of Serve; on a shared cluster its application and expert pool, unless it was
+    replacing a running one and that failed (deploy rolled it back to its settings)."""
+    import os
+    import time
+
+    from ray import serve
+
+    from cluster.auth import ENV
+    from model.errors import BackendUnavailable
+
+    from .commands import UserError
+    from .progress import Ticker, serve_progress_line
+
+    replacing = bool(address) and settings.app_name in serve.status().applications
+    owned = not replacing
+    try:
+        t0 = time.monotonic()
+        try:
+            with Ticker(lambda: serve_progress_line(settings.app_name, t0)):  # on stderr, like every progress line
+                ports = deploy(settings, api_key=os.environ.get(ENV) if address else None)
+        except (BackendUnavailable, DeployFailed) as e:  # e.g. the checkpoint, or the experts, could not load
+            kept = (f"; the application {settings.app_name!r} that was running runs on with its settings"
+                    if replacing else "")
+            raise UserError(f"cannot serve: {e}{kept}") from None
+        owned = True
+        starting.clear()
+        print(_banner(settings, ports, dashboard), flush=True)
+        stop.wait()
+    finally:
+        starting.clear()
+        print("raymoe: shutting down", file=sys.stderr, flush=True)
+        if not address:
+            serve.shutdown()
+        elif owned:  # a shared cluster: this application only, not the other servers
+            try:
+                serve.delete(settings.app_name)
+            except Exception as e:  # noqa: BLE001 — e.g. it never deployed; the pool is released below
+                print(f"raymoe: could not delete application {settings.app_name!r}: {e}", file=sys.stderr)
+        if owned:
+            release_pool(settings)
+
+
+def _banner(settings, ports, dashboard: int | None) -> str:
+    import os
+
+    from cluster.auth import ENV
+
+    grpc_at = f"127.0.0.1:{ports.grpc_port}"
+    http_at = f"http://{settings.http_host}:{ports.http_port}{settings.http_route_prefix().rstrip('/')}"
+    key = " (API key required)" if os.environ.get(ENV) else ""
+    app = "" if settings.app_name == APP_NAME else f" --app-name {settings.app_name}"
+    lines = [f"raymoe: serving {settings.checkpoint or 'the default model'}{key} as application "
+             f"{settings.app_name!r}; Ctrl-C stops",
+             f"  gRPC       {grpc_at} (all interfaces)   try: raymoe generate --target {grpc_at}{app} "
+             f"--prompt '123+456=' --stream",
+             f"  HTTP       {http_at}/v1   (OpenAI-compatible)   try: curl {http_at}/v1/completions "
+             f"-d '{{\"prompt\": \"123+456=\", \"max_tokens\": 8}}'"]
+    if dashboard is not None:
+        lines.append(f"  dashboard  http://127.0.0.1:{dashboard}")
+    return "\n".join(lines)
 
 
 def _check_checkpoint(path: str | None, joining: bool) -> None:

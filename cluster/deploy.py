@@ -3,14 +3,25 @@ down the expert pool it leaves behind (used by `raymoe serve`, the tests and the
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+
 from .settings import SERVICER_FUNCTIONS, ServeSettings
 
 
-def deploy(settings: ServeSettings, proxy_location: str | None = None, api_key: str | None = None) -> None:
+@dataclasses.dataclass(frozen=True)
+class ServePorts:
+    """Where the cluster's Serve proxies listen (they keep the options of whoever started Serve)."""
+
+    http_port: int
+    grpc_port: int
+
+
+def deploy(settings: ServeSettings, proxy_location: str | None = None, api_key: str | None = None) -> ServePorts:
     """Start Serve's proxies (on every node by default; "HeadOnly" where several Ray nodes share one
     machine and so one port) and deploy the application; return once it serves (its expert actors
-    loaded, or the error that stopped them). api_key: put the key in the replicas' runtime
-    environment (when joining a cluster whose processes do not have it in theirs)."""
+    loaded, or the error that stopped them), with the ports it is served on. api_key: put the key in
+    the replicas' runtime environment (when joining a cluster whose processes do not have it in theirs)."""
     from ray import serve
     from ray.serve.config import gRPCOptions
 
@@ -18,30 +29,94 @@ def deploy(settings: ServeSettings, proxy_location: str | None = None, api_key: 
     from .replica import prestart_pool
 
     prestart_pool(settings)  # the expert actors load while Serve starts
+    ports = _running_serve(settings)
+    previous = _running_settings(settings.app_name) if ports is not None else None
     serve.start(proxy_location=proxy_location,
                 http_options={"host": settings.http_host, "port": settings.http_port,
                               "request_timeout_s": settings.request_timeout_s},
                 grpc_options=gRPCOptions(port=settings.grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS,
                                          request_timeout_s=settings.request_timeout_s))
     app = build_app(settings.to_dict(), api_key=api_key)
-    from model.errors import BackendUnavailable
-
     try:
         handle = serve.run(app, name=settings.app_name, route_prefix=settings.http_route_prefix())
         handle.wait_loaded.remote().result()  # a replica is up once its dense part is; the experts may still load
     except Exception as e:  # noqa: BLE001 — Ray's wrappers carry remote tracebacks; keep the reason
-        from actors.pool import remote_cause
-
-        cause = remote_cause(e)
-        if isinstance(cause, BackendUnavailable):
-            raise BackendUnavailable(str(cause).splitlines()[0]) from None
-        failed = [s for s in _pool_progress(settings) if s["state"] == "FAILED"]
-        if failed:  # Serve gave up on replicas whose experts could not load: say why
-            raise BackendUnavailable(f"{failed[0]['what']} could not load its experts: {failed[0]['error']}") from None
-        reason = replica_error(settings.app_name)
-        if reason:  # e.g. the replicas could not read the checkpoint
-            raise DeployFailed(f"application {settings.app_name!r}: {reason}") from None
+        error = _why_not(settings, e)  # read before a roll-back replaces what Serve reports
+        if previous is not None and previous != settings.to_dict():  # Serve stops serving a failed update
+            _roll_back(previous, api_key)
+        if error is not None:
+            raise error from None
         raise
+    return ports or ServePorts(settings.http_port, settings.grpc_port)
+
+
+def _why_not(settings: ServeSettings, error: Exception) -> Exception | None:
+    """The one-line error to raise for a failed deployment (None: keep Serve's own)."""
+    from actors.pool import remote_cause
+    from model.errors import BackendUnavailable
+
+    cause = remote_cause(error)
+    if isinstance(cause, BackendUnavailable):
+        return BackendUnavailable(str(cause).splitlines()[0])
+    failed = [s for s in _pool_progress(settings) if s["state"] == "FAILED"]
+    if failed:  # Serve gave up on replicas whose experts could not load: say why
+        return BackendUnavailable(f"{failed[0]['what']} could not load its experts: {failed[0]['error']}")
+    reason = replica_error(settings.app_name)
+    if reason:  # e.g. the replicas could not read the checkpoint
+        return DeployFailed(f"application {settings.app_name!r}: {reason}")
+    return None
+
+
+def _running_settings(app: str) -> dict | None:
+    """The settings the application of that name runs with now (None: it does not run)."""
+    from ray import serve
+
+    if app not in serve.status().applications:
+        return None
+    try:
+        return serve.get_app_handle(app).settings_dict.remote().result(timeout_s=30)
+    except Exception:  # noqa: BLE001 — not serving (failed, or still starting): nothing to return to
+        return None
+
+
+def _roll_back(previous: dict, api_key: str | None) -> None:
+    """Deploy the application again with the settings it ran with (its pool is still there)."""
+    from ray import serve
+
+    from .app import build_app
+
+    settings = ServeSettings.from_dict(previous)
+    print(f"raymoe: the new deployment of {settings.app_name!r} failed; deploying it again with the settings "
+          "it ran with", file=sys.stderr, flush=True)
+    try:
+        serve.run(build_app(previous, api_key=api_key), name=settings.app_name,
+                  route_prefix=settings.http_route_prefix()).wait_loaded.remote().result()
+    except Exception as e:  # noqa: BLE001 — the reason of the new deployment's failure matters more
+        print(f"raymoe: rolling back failed too: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+
+
+def _running_serve(settings: ServeSettings) -> ServePorts | None:
+    """The ports of a Serve already running on the cluster (None: none runs); says on stderr where
+    they are not the settings' (serve.start keeps a running Serve's options) or where it lacks
+    raymoe's gRPC services (started by something else: the gRPC API will answer UNIMPLEMENTED)."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return None
+    details = client.get_serve_details()
+    http = (details.get("http_options") or {}).get("port", 8000)
+    grpc_options = details.get("grpc_options") or {}
+    ports = ServePorts(int(http), int(grpc_options.get("port", 9000)))
+    if (ports.http_port, ports.grpc_port) != (settings.http_port, settings.grpc_port):
+        print(f"raymoe: Serve already runs on this cluster with HTTP port {ports.http_port} and gRPC port "
+              f"{ports.grpc_port}; the application is served there", file=sys.stderr, flush=True)
+    missing = sorted(set(SERVICER_FUNCTIONS) - set(grpc_options.get("grpc_servicer_functions") or []))
+    if missing:
+        print(f"raymoe: the running Serve was started without raymoe's gRPC services ({', '.join(missing)}): "
+              "only the HTTP API will answer; start Serve with them (cluster.settings.SERVICER_FUNCTIONS)",
+              file=sys.stderr, flush=True)
+    return ports
 
 
 class DeployFailed(RuntimeError):

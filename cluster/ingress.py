@@ -184,6 +184,10 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
         if not self.loop.alive:
             raise RuntimeError("the engine loop has stopped")
 
+    async def settings_dict(self) -> dict:
+        """The settings this replica runs with (deploy rolls a failed replacement back to them)."""
+        return self.settings.to_dict()
+
     async def wait_loaded(self) -> None:
         """Return once this replica serves (its expert actors loaded); raise why they could not."""
         await asyncio.to_thread(self.loop.wait_loaded)

@@ -405,11 +405,18 @@ class _CompletionView:
 
     async def respond(self, stream: bool, usage_in_stream: bool):
         gens = [self._chunks(i) for i in range(len(self.choices))]
-        # Every choice's first chunk before the status line: a refused request is still a 400 / 429 / 503.
-        firsts = await asyncio.gather(*(_first(g) for g in gens), return_exceptions=True)
-        failed = next((f for f in firsts if isinstance(f, BaseException)), None)
+        firsts = [asyncio.ensure_future(_first(g)) for g in gens]
+        # Before the status line, so that a refused request is still a 400 / 429 / 503: a stream waits
+        # for the first choice to have its first chunk (refusals come before any token), a whole
+        # answer for every choice's.
+        try:
+            await asyncio.wait(firsts, return_when=asyncio.FIRST_COMPLETED if stream else asyncio.ALL_COMPLETED)
+        except asyncio.CancelledError:  # the client left before the status line
+            await _stop(firsts, gens)
+            raise
+        failed = next((t.exception() for t in firsts if t.done() and not t.cancelled() and t.exception()), None)
         if failed is not None:
-            await _close_all(gens)
+            await _stop(firsts, gens)
             self.owner._count(str(http_error_for(failed).status))
             return http_error_for(failed).response()
         if stream:
@@ -419,9 +426,7 @@ class _CompletionView:
         try:
             got = await asyncio.gather(*tasks)
         except Exception as e:  # noqa: BLE001 — one choice failed: the others stop too (their sequences end)
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await _stop(tasks, gens)
             self.owner._count(str(http_error_for(e).status))
             return http_error_for(e).response()
         self.owner._count("ok")
@@ -459,63 +464,66 @@ async def _first(gen):
         return None
 
 
-async def _rest(first, gen) -> list:
-    got = [] if first is None else [first]
+async def _rest(first: asyncio.Future, gen) -> list:
+    """Every chunk of one choice, its first from the task that is reading it."""
+    head = await first
+    got = [] if head is None else [head]
     async with contextlib.aclosing(gen):
         async for c in gen:
             got.append(c)
     return got
 
 
-async def _close_all(gens: list) -> None:
+async def _stop(tasks: list, gens: list) -> None:
+    """Cancel the tasks reading the choices, then close every generator: their sequences end."""
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     for gen in gens:
         with contextlib.suppress(Exception):
             await gen.aclose()
 
 
 async def _merge(firsts: list, gens: list) -> AsyncIterator[tuple[int, Any, bool]]:
-    """(choice index, chunk, its first?) from every choice as they come; closing it (or a choice's
-    error, re-raised) closes every generator, aborting their sequences."""
-    if len(gens) == 1:  # one choice: no tasks
-        async with contextlib.aclosing(gens[0]):
+    """(choice index, chunk, its first?) from every choice as they come (`firsts`: the tasks reading
+    each choice's first chunk); a choice's error is raised, and ending the iteration for any reason
+    stops every choice."""
+    tasks: list = []
+    try:
+        if len(gens) == 1:  # one choice: read it here
+            head = await firsts[0]
             is_first = True
-            async for c in _chain([] if firsts[0] is None else [firsts[0]], gens[0]):
+            async for c in _chain([] if head is None else [head], gens[0]):
                 yield 0, c, is_first
                 is_first = False
-        return
-    queue: asyncio.Queue = asyncio.Queue()
+            return
+        queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(i: int) -> None:
-        try:
-            async for c in gens[i]:
-                await queue.put((i, c, None))
-        except Exception as e:  # noqa: BLE001
-            await queue.put((i, None, e))
-        finally:
-            await queue.put((i, None, None))
+        async def pump(i: int) -> None:
+            try:
+                head = await firsts[i]
+                if head is not None:
+                    queue.put_nowait((i, head, None))
+                async for c in gens[i]:
+                    queue.put_nowait((i, c, None))
+            except Exception as e:  # noqa: BLE001
+                queue.put_nowait((i, None, e))
+            finally:
+                queue.put_nowait((i, None, None))
 
-    seen = [False] * len(gens)
-    for i, first in enumerate(firsts):
-        if first is not None:
-            seen[i] = True
-            yield i, first, True
-    tasks = [asyncio.ensure_future(pump(i)) for i in range(len(gens))]
-    try:
-        open_ = len(gens)
-        while open_:
+        tasks = [asyncio.ensure_future(pump(i)) for i in range(len(gens))]
+        seen, left = [False] * len(gens), len(gens)
+        while left:
             i, c, error = await queue.get()
             if error is not None:
                 raise error
             if c is None:
-                open_ -= 1
+                left -= 1
                 continue
             yield i, c, not seen[i]
             seen[i] = True
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await _close_all(gens)
+        await _stop(tasks + list(firsts), gens)
 
 
 async def _chain(first: list, rest) -> AsyncIterator:

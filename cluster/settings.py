@@ -90,6 +90,9 @@ class ServeSettings:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", self.app_name):
             raise ValueError(f"app_name must be 1-63 letters, digits, '_', '.' or '-', starting with a letter or "
                              f"digit (got {self.app_name!r})")
+        if self.http_route_prefix().strip("/").split("/")[0] in ("v1", "health"):
+            raise ValueError(f"route prefix {self.http_route_prefix()!r} would hide the default application's "
+                             f"/v1 and /health routes: choose another app_name or route_prefix")
         if self.route_prefix and not re.fullmatch(r"/([A-Za-z0-9_.~-]+(/[A-Za-z0-9_.~-]+)*)?", self.route_prefix):
             raise ValueError(f"route_prefix must be '/' or a path such as /models/a, without a trailing / "
                              f"(got {self.route_prefix!r})")

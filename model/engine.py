@@ -193,10 +193,15 @@ class Engine:
         times (counted on every sequence passed, so it holds also for one that was preempted and
         waits again)."""
         admitted = []
+        bs = self.cache.block_size
+        # Blocks the next step will ask for and nobody holds yet: a running sequence whose tokens end
+        # on a block boundary (its next token opens a block), and each admitted one's first token.
+        reserved = sum(1 for s in self.running.values() if s.num_cached == s.num_tokens - 1 and s.num_tokens % bs == 0)
         i = 0
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_running:
             seq = self.waiting[i]
-            if self.cache.blocks_for(self._admission_tokens(seq)) > self.cache.free_blocks:
+            need = self.cache.blocks_for(self._admission_tokens(seq))
+            if need > self.cache.free_blocks - reserved:
                 if seq.overtaken >= self.max_overtakes:
                     break  # strict order until it starts
                 i += 1
@@ -207,6 +212,7 @@ class Engine:
                 limit_reached |= passed.overtaken >= self.max_overtakes
             del self.waiting[i]
             self.cache.allocate(seq.seq_id, seq.num_tokens)  # the whole prompt: prefill may take steps
+            reserved += need - self.cache.blocks_for(seq.num_tokens)
             self.running[seq.seq_id] = seq
             chunk = seq.pending(budget)
             admitted.append((seq, chunk))

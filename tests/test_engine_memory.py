@@ -86,6 +86,22 @@ def test_a_request_is_admitted_with_room_for_its_first_token(model):
     assert exact.output_ids == alone(model, exact.prompt_ids, exact.params).output_ids
 
 
+def test_admissions_in_one_step_leave_each_other_room(model):
+    """Two requests into an empty 4-block cache: A (8 tokens, 2 blocks, a 3rd for its first token)
+    and B (1 block + 1). Both fit alone, but not both with their next tokens: B waits for A, and
+    nobody is preempted."""
+    engine = Engine(model, kv_cache_tokens=16, block_size=4)
+    a = engine.add("a", [1, 5, 6, 7, 8, 9, 10, 11], SamplingParams(max_tokens=4, ignore_eos=True))
+    b = engine.add("b", [1, 12, 13, 14], SamplingParams(max_tokens=4, ignore_eos=True))
+    engine.step()
+    assert list(engine.running) == ["a"]
+    while engine.has_work():
+        engine.step()
+    assert engine.preemptions == 0
+    for seq in (a, b):
+        assert seq.output_ids == alone(model, seq.prompt_ids, seq.params).output_ids
+
+
 def test_no_waiting_request_is_passed_more_than_max_overtakes_times(model):
     """Random arrivals of mixed sizes into a cache that preempts: counted from outside (every
     admission passes the earlier-arrived sequences still waiting), nobody is passed more than

@@ -249,5 +249,7 @@ def wait_dead(actor, timeout_s: float = 30) -> None:
             ray.get(actor.ping.remote(), timeout=deadline - time.monotonic())
         except ray.exceptions.RayActorError:
             return
+        except ray.exceptions.GetTimeoutError:
+            break
         time.sleep(0.05)
     raise AssertionError(f"{actor} still answers {timeout_s:g} s after ray.kill")

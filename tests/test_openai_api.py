@@ -129,10 +129,10 @@ def test_several_choices_and_a_batch_of_prompts(api):
 
 
 def test_a_client_gone_mid_stream_ends_every_choice(base_url, server):
+    """64 choices of 500 tokens on 16 running slots: the stream starts with the first choice's first
+    token (not once every choice has started); the client reads a few events and leaves; every
+    sequence, running or still waiting, is gone within seconds."""
     import time
-
-    """64 choices of 500 tokens (minutes of work on 16 running slots): the client reads a few events
-    and leaves; every sequence, running or still waiting, is gone within seconds."""
     body = json.dumps({"prompt": ["7+", "12+3"], "n": 32, "max_tokens": 500, "ignore_eos": True, "stream": True,
                        "temperature": 1.0}).encode()
     request = urllib.request.Request(f"{base_url}/completions", body, {"Content-Type": "application/json",
@@ -140,6 +140,7 @@ def test_a_client_gone_mid_stream_ends_every_choice(base_url, server):
     with urllib.request.urlopen(request, timeout=60) as r:
         for _ in range(4):
             r.readline()
+        assert server.model_info().load.waiting > 0  # choices still waiting for a slot, yet streaming
     left = time.monotonic()
     while (load := server.model_info().load).running + load.waiting and time.monotonic() < left + 5:
         time.sleep(0.1)

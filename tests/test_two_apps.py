@@ -89,3 +89,20 @@ def test_a_server_that_cannot_deploy_says_why_and_the_others_keep_serving(tmp_pa
         assert "\n" not in message and "CheckpointError" in message and "missing" in message, message
         assert results and all(r["finish_reason"] == "length" and len(r["token_ids"]) == 64 for r in results)
         assert first.generate(pb.GenerateRequest(prompt="123+456=", max_tokens=8)).text == "579"
+
+
+def test_a_failed_replacement_leaves_the_running_server_serving(tmp_path):
+    """`raymoe serve --address` under the name of a running server, with a checkpoint its replicas
+    cannot read: the command fails in one line, and takes down neither that server nor its pool."""
+    import threading
+
+    from cli.commands import UserError
+    from cli.serve import _serve_until_stopped
+
+    with running_server("raymoe-test-replace") as first:
+        bad = ServeSettings(checkpoint=str(tmp_path / "missing"), grpc_port=int(first.target.rsplit(":", 1)[1]),
+                            http_port=first.http_port)
+        with pytest.raises(UserError) as err:
+            _serve_until_stopped(bad, "auto", None, threading.Event(), threading.Event())
+        assert "CheckpointError" in str(err.value) and "runs on with its settings" in str(err.value)
+        assert first.generate(pb.GenerateRequest(prompt="123+456=", max_tokens=8), timeout=60).text == "579"
