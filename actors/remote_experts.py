@@ -83,10 +83,7 @@ class Pending:
         if failed:  # their pairs go to the experts' other copies now
             for send in failed:
                 pool.suspect(send.actor)
-            again = self.owner.send_pairs(self.x, torch.cat([s.tokens[s.local] for s in failed]),
-                                          torch.cat([s.experts for s in failed]), torch.cat([s.weights for s in failed]),
-                                          self.x, t0, failed=frozenset(s.actor for s in failed) | self.dead,
-                                          dead=self.dead)
+            again = self._resend(failed, t0, failed=frozenset(s.actor for s in failed) | self.dead, dead=self.dead)
             left = max(0.001, timeout - (time.perf_counter() - t0))
             out += again.result(left).to(out.dtype).cpu()
         t2 = time.perf_counter()
@@ -115,10 +112,14 @@ class Pending:
             raise self.owner.unavailable(sorted(dead), e.reason) from None
         for a in e.actors:
             pool.suspect(a)
-        again = self.owner.send_pairs(self.x, torch.cat([s.tokens[s.local] for s in self.sends]),
-                                      torch.cat([s.experts for s in self.sends]), torch.cat([s.weights for s in self.sends]),
-                                      self.x, time.perf_counter(), failed=dead, dead=dead)
+        again = self._resend(self.sends, time.perf_counter(), failed=dead, dead=dead)
         return again.result(left_s).to(self.dtype).to(self.device)
+
+    def _resend(self, sends: list["Send"], t0: float, failed: frozenset, dead: frozenset) -> "Pending":
+        """The pairs of `sends` routed and sent again (around `failed`)."""
+        return self.owner.send_pairs(self.x, torch.cat([s.tokens[s.local] for s in sends]),
+                                     torch.cat([s.experts for s in sends]), torch.cat([s.weights for s in sends]),
+                                     self.x, t0, failed=failed, dead=dead)
 
 
 @dataclasses.dataclass

@@ -25,7 +25,6 @@ def deploy(settings: ServeSettings, proxy_location: str | None = None, api_key: 
     from ray import serve
     from ray.serve.config import gRPCOptions
 
-    from .app import build_app
     from .replica import prestart_pool
 
     prestart_pool(settings)  # the expert actors load while Serve starts
@@ -36,10 +35,8 @@ def deploy(settings: ServeSettings, proxy_location: str | None = None, api_key: 
                               "request_timeout_s": settings.request_timeout_s},
                 grpc_options=gRPCOptions(port=settings.grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS,
                                          request_timeout_s=settings.request_timeout_s))
-    app = build_app(settings.to_dict(), api_key=api_key)
     try:
-        handle = serve.run(app, name=settings.app_name, route_prefix=settings.http_route_prefix())
-        handle.wait_loaded.remote().result()  # a replica is up once its dense part is; the experts may still load
+        _run(settings, api_key)
     except Exception as e:  # noqa: BLE001 — Ray's wrappers carry remote tracebacks; keep the reason
         error = _why_not(settings, e)  # read before a roll-back replaces what Serve reports
         if previous is not None and previous != settings.to_dict():  # Serve stops serving a failed update
@@ -48,6 +45,18 @@ def deploy(settings: ServeSettings, proxy_location: str | None = None, api_key: 
             raise error from None
         raise
     return ports or ServePorts(settings.http_port, settings.grpc_port)
+
+
+def _run(settings: ServeSettings, api_key: str | None) -> None:
+    """serve.run the application; return once it serves (a replica is up once its dense part is,
+    and the experts may still be loading: wait_loaded waits for them)."""
+    from ray import serve
+
+    from .app import build_app
+
+    handle = serve.run(build_app(settings.to_dict(), api_key=api_key), name=settings.app_name,
+                       route_prefix=settings.http_route_prefix())
+    handle.wait_loaded.remote().result()
 
 
 def _why_not(settings: ServeSettings, error: Exception) -> Exception | None:
@@ -81,16 +90,11 @@ def _running_settings(app: str) -> dict | None:
 
 def _roll_back(previous: dict, api_key: str | None) -> None:
     """Deploy the application again with the settings it ran with (its pool is still there)."""
-    from ray import serve
-
-    from .app import build_app
-
     settings = ServeSettings.from_dict(previous)
     print(f"raymoe: the new deployment of {settings.app_name!r} failed; deploying it again with the settings "
           "it ran with", file=sys.stderr, flush=True)
     try:
-        serve.run(build_app(previous, api_key=api_key), name=settings.app_name,
-                  route_prefix=settings.http_route_prefix()).wait_loaded.remote().result()
+        _run(settings, api_key)
     except Exception as e:  # noqa: BLE001 — the reason of the new deployment's failure matters more
         print(f"raymoe: rolling back failed too: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
 

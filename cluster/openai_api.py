@@ -490,13 +490,6 @@ async def _merge(firsts: list, gens: list) -> AsyncIterator[tuple[int, Any, bool
     stops every choice."""
     tasks: list = []
     try:
-        if len(gens) == 1:  # one choice: read it here
-            head = await firsts[0]
-            is_first = True
-            async for c in _chain([] if head is None else [head], gens[0]):
-                yield 0, c, is_first
-                is_first = False
-            return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int) -> None:
@@ -524,10 +517,3 @@ async def _merge(firsts: list, gens: list) -> AsyncIterator[tuple[int, Any, bool
             seen[i] = True
     finally:
         await _stop(tasks + list(firsts), gens)
-
-
-async def _chain(first: list, rest) -> AsyncIterator:
-    for item in first:
-        yield item
-    async for item in rest:
-        yield item

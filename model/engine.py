@@ -194,8 +194,8 @@ class Engine:
         waits again)."""
         admitted = []
         bs = self.cache.block_size
-        # Blocks the next step will ask for and nobody holds yet: a running sequence whose tokens end
-        # on a block boundary (its next token opens a block), and each admitted one's first token.
+        # Blocks the next step will ask for and nobody holds yet: running sequences whose tokens end
+        # on a block boundary (their next token opens a block). An admitted one takes its own at once.
         reserved = sum(1 for s in self.running.values() if s.num_cached == s.num_tokens - 1 and s.num_tokens % bs == 0)
         i = 0
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_running:
@@ -211,8 +211,7 @@ class Engine:
                 passed.overtaken += 1
                 limit_reached |= passed.overtaken >= self.max_overtakes
             del self.waiting[i]
-            self.cache.allocate(seq.seq_id, seq.num_tokens)  # the whole prompt: prefill may take steps
-            reserved += need - self.cache.blocks_for(seq.num_tokens)
+            self.cache.allocate(seq.seq_id, self._admission_tokens(seq))  # the whole prompt and its first token
             self.running[seq.seq_id] = seq
             chunk = seq.pending(budget)
             admitted.append((seq, chunk))
