@@ -6,8 +6,8 @@
 #                -t raymoe:0.1.0-cuda .                                              # CUDA torch
 #
 # raymoe is installed as a package (not mounted, not a runtime_env): Serve's gRPC proxy imports
-# the generated stubs (protos.generator_pb2_grpc) on every node, and expert actors import
-# `actors`/`model` on nodes that never ran the app's code.
+# the generated stubs (raymoe.protos.generator_pb2_grpc) on every node, and expert actors import
+# raymoe.actors / raymoe.model on nodes that never ran the app's code.
 FROM python:3.11-slim
 
 # KubeRay's injected probes and its wait-for-GCS init container run bash and wget.
@@ -42,8 +42,8 @@ RUN pip install --no-deps /tmp/raymoe/src && rm -rf /tmp/raymoe
 # (checkpoint: null) at one path in the image, identical on every pod: the shipped demo model,
 # or else a `tiny` checkpoint created here once under $RAYMOE_CACHE.
 RUN mkdir -p "${RAYMOE_CACHE}" \
- && python -c "import protos.generator_pb2_grpc, grpc_health.v1.health_pb2_grpc, cluster.app, actors.pool; \
-from model.default import default_checkpoint; print('default model:', default_checkpoint())" \
+ && python -c "import raymoe.protos.generator_pb2_grpc, grpc_health.v1.health_pb2_grpc, raymoe.cluster.app, raymoe.actors.pool; \
+from raymoe.model.default import default_checkpoint; print('default model:', default_checkpoint())" \
  && chmod -R a+rX /opt/raymoe
 
 # Ray needs no root; /tmp/ray (logs, sockets) and $HOME are writable for this user.

@@ -24,9 +24,9 @@ import numpy as np
 import ray
 import torch
 
-from model.config import ModelConfig
-from model.moe import swiglu_grouped
-from model.progress import LoadProgress
+from raymoe.model.config import ModelConfig
+from raymoe.model.moe import swiglu_grouped
+from raymoe.model.progress import LoadProgress
 
 from .direct import DirectServer, ExpertsNotLoaded
 
@@ -137,7 +137,7 @@ class ExpertActor:
 
     def _load_weights(self) -> None:
         """Read this actor's experts (only theirs), straight into the serving dtype, then the device."""
-        from model.weights import Checkpoint
+        from raymoe.model.weights import Checkpoint
 
         ckpt = None
         try:
@@ -165,7 +165,7 @@ class ExpertActor:
         """Hold exactly `assignment` {layer: experts} from now on: read the copies not held yet (only
         those), keep the others without a copy, drop the rest; each layer switches at once, between
         two of its calls. Layer calls keep being answered meanwhile. Returns bytes read and seconds."""
-        from model.weights import Checkpoint
+        from raymoe.model.weights import Checkpoint
 
         self._loaded.wait()
         if self.load.state == "FAILED":

@@ -29,8 +29,8 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from model.config import ModelConfig
-from model.errors import BackendUnavailable
+from raymoe.model.config import ModelConfig
+from raymoe.model.errors import BackendUnavailable
 
 from .expert_actor import ExpertActor
 from .placement import Placement, assign_nodes, plan_placement

@@ -7,7 +7,7 @@ and for it to reload its experts). In each, one expert actor is SIGKILLed while 
 printed: the longest pause a stream saw (its largest gap between two messages) against the same
 streams without the kill, the streams that failed, and those whose tokens differ.
 
-    python bench/bench_failover.py [--streams 16] [--new-tokens 200]
+    python -m bench.bench_failover [--streams 16] [--new-tokens 200]
 """
 
 from __future__ import annotations
@@ -17,20 +17,18 @@ import asyncio
 import os
 import random
 import signal
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import free_port  # noqa: E402
+from bench.machine import free_port
 
 
 async def _streams(target: str, prompts, n):
-    from cluster.client import AsyncClient
-    from protos import generator_pb2 as pb
+    from raymoe.cluster.client import AsyncClient
+    from raymoe.protos import generator_pb2 as pb
 
     async with AsyncClient(target) as client:
         async def one(ids):
@@ -57,9 +55,9 @@ def measure(replicas: int, ckpt: Path, prompts, n) -> tuple[float, float, int, i
     """(longest pause without a kill, with one, failed streams, differing streams)."""
     from ray import serve
 
-    from cluster.client import Client
-    from cluster.deploy import deploy, release_pool
-    from cluster.settings import ServeSettings
+    from raymoe.cluster.client import Client
+    from raymoe.cluster.deploy import deploy, release_pool
+    from raymoe.cluster.settings import ServeSettings
 
     settings = ServeSettings(checkpoint=str(ckpt), expert_actors=4, expert_replicas=replicas, expert_num_cpus=0.25,
                              grpc_port=free_port(), http_port=free_port(), stream_interval_ms=0, max_running=32)
@@ -92,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     import torch
 
-    from model.presets import init_checkpoint
+    from raymoe.model.presets import init_checkpoint
 
     tmp = tempfile.TemporaryDirectory()
     ckpt = init_checkpoint("small", Path(tmp.name) / "small", seed=0, dtype=torch.bfloat16)

@@ -7,19 +7,17 @@ Placement: with G ≥ 2 GPUs, the front replica (embeddings, attention, KV cache
 GPU and G − 1 expert actors take one GPU each; with one GPU, the front and one expert actor share
 it (half each). The engine-only rows run on GPU 0.
 
-    python bench/bench_gpu.py [--layers 4] [--streams 1,32,128] [--checkpoint DIR] [extra bench_serving flags]
+    python -m bench.bench_gpu [--layers 4] [--streams 1,32,128] [--checkpoint DIR] [extra bench_serving flags]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
@@ -34,7 +32,7 @@ def main() -> None:
     tmp = None
     ckpt = args.checkpoint
     if ckpt is None:
-        from model.presets import init_checkpoint
+        from raymoe.model.presets import init_checkpoint
 
         if args.out is None:
             tmp = tempfile.TemporaryDirectory()

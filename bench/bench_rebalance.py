@@ -16,7 +16,7 @@ On this 2-core machine the four actors share the cores, so the slowest actor mat
 machines with a core (or GPU) per actor: the tokens/s gain is what the hardware allows here, the
 load figures are what a rebalance changes everywhere.
 
-    python bench/bench_rebalance.py [--streams 32] [--new-tokens 64] [--skew 6]
+    python -m bench.bench_rebalance [--streams 32] [--new-tokens 64] [--skew 6]
 """
 
 from __future__ import annotations
@@ -24,20 +24,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import free_port  # noqa: E402
+from bench.machine import free_port
 
 
 async def _streams(target: str, prompts, n):
-    from cluster.client import AsyncClient
-    from protos import generator_pb2 as pb
+    from raymoe.cluster.client import AsyncClient
+    from raymoe.protos import generator_pb2 as pb
 
     async with AsyncClient(target) as client:
         async def one(ids):
@@ -96,10 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from ray import serve
 
-    from cluster.client import Client
-    from cluster.deploy import deploy, release_pool
-    from cluster.settings import ServeSettings
-    from model.presets import init_checkpoint
+    from raymoe.cluster.client import Client
+    from raymoe.cluster.deploy import deploy, release_pool
+    from raymoe.cluster.settings import ServeSettings
+    from raymoe.model.presets import init_checkpoint
 
     torch.set_num_threads(1)
     tmp = tempfile.TemporaryDirectory()

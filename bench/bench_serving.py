@@ -19,7 +19,7 @@ output against the slowest actor's own compute (the difference is transport and 
 token (the server's stream interval lets several tokens share one). Each cell is the fastest of
 --repeats runs (this machine's speed varies by ±15% from run to run). A PNG plot goes beside it.
 
-    python bench/bench_serving.py [--checkpoint DIR] [--expert-actors 4] [--streams 1,32,128]
+    python -m bench.bench_serving [--checkpoint DIR] [--expert-actors 4] [--streams 1,32,128]
                                   [--paths transformers,engine,...] [--new-tokens 64]
 """
 
@@ -31,16 +31,14 @@ import dataclasses
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import CpuWindow, free_port, pct, process_cpu, top_processes  # noqa: E402
+from bench.machine import CpuWindow, free_port, pct, process_cpu, top_processes
 
 BY_PROCESS = False  # --by-process: print which processes used the CPU of each served run
 PATHS = ("transformers", "engine", "engine+actors", "served-local", "served-direct", "served-ray")
@@ -73,8 +71,8 @@ def run_transformers(hf, prompts, n) -> Result:
 
 
 def run_engine(model, prompts, n, pool=None, micro_batches: int = 1) -> Result:
-    from model.engine import Engine
-    from model.sampling import SamplingParams
+    from raymoe.model.engine import Engine
+    from raymoe.model.sampling import SamplingParams
 
     engine = Engine(model, kv_cache_tokens=len(prompts) * (len(prompts[0]) + n + 16), max_running=len(prompts),
                     micro_batches=micro_batches)
@@ -120,8 +118,8 @@ def _latencies(r: Result, streams: list[tuple[float, list[tuple[float, int]]]]) 
 # --- the served paths ------------------------------------------------------------------------
 
 async def _streams(target: str, prompts, n):
-    from cluster.client import AsyncClient
-    from protos import generator_pb2 as pb
+    from raymoe.cluster.client import AsyncClient
+    from raymoe.protos import generator_pb2 as pb
 
     async with AsyncClient(target) as client:
 
@@ -136,8 +134,8 @@ async def _streams(target: str, prompts, n):
 
 
 def model_info(target: str):
-    from cluster.client import Client
-    from protos import generator_pb2 as pb
+    from raymoe.cluster.client import Client
+    from raymoe.protos import generator_pb2 as pb
 
     with Client(target) as c:
         return c.stub.ModelInfo(pb.ModelInfoRequest(), timeout=30)
@@ -191,9 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"unknown paths: {', '.join(sorted(unknown))} (choose from {', '.join(PATHS)})")
 
-    from model.config import resolve_dtype
-    from model.presets import init_checkpoint
-    from model.weights import Checkpoint, load_model
+    from raymoe.model.config import resolve_dtype
+    from raymoe.model.presets import init_checkpoint
+    from raymoe.model.weights import Checkpoint, load_model
 
     tmp = tempfile.TemporaryDirectory()
     ckpt = args.checkpoint or str(init_checkpoint("small", Path(tmp.name) / "small", dtype=torch.bfloat16))
@@ -228,8 +226,8 @@ def main(argv: list[str] | None = None) -> None:
         del local
     need_ray = [p for p in paths if p == "engine+actors" or p.startswith("served")]
     if need_ray:
-        from cli.ray_session import ray_connection
-        from cluster.settings import ServeSettings
+        from raymoe.cli.ray_session import ray_connection
+        from raymoe.cluster.settings import ServeSettings
 
         gpu = args.device == "cuda"
         base = ServeSettings(checkpoint=ckpt, expert_actors=args.expert_actors, max_running=max(levels),
@@ -240,8 +238,8 @@ def main(argv: list[str] | None = None) -> None:
                              **({} if args.stream_interval_ms is None else {"stream_interval_ms": args.stream_interval_ms}))
         with ray_connection(None, base.local_ray_cpus()):
             if "engine+actors" in paths:
-                from actors.pool import ExpertPool
-                from actors.remote_experts import remote_experts_factory
+                from raymoe.actors.pool import ExpertPool
+                from raymoe.actors.remote_experts import remote_experts_factory
 
                 with ExpertPool(ckpt, base.pool_config(dtype)) as pool:
                     remote = load_model(ckpt, dtype=getattr(torch, dtype), experts_factory=remote_experts_factory(pool),
@@ -259,8 +257,8 @@ def main(argv: list[str] | None = None) -> None:
 def serve_one(name: str, settings, measure) -> None:
     from ray import serve
 
-    from cluster.client import Client
-    from cluster.deploy import deploy, release_pool
+    from raymoe.cluster.client import Client
+    from raymoe.cluster.deploy import deploy, release_pool
 
     try:
         deploy(settings)

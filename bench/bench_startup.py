@@ -11,7 +11,7 @@ subprocess and reports, side by side:
   - per process, resident memory against its share: each expert actor against the bytes of its
     experts, the front replica against its dense weights plus its KV cache.
 
-    python bench/bench_startup.py [--checkpoint DIR | --layers 2] [--expert-actors 4] [--kv-cache-tokens 4096]
+    python -m bench.bench_startup [--checkpoint DIR | --layers 2] [--expert-actors 4] [--kv-cache-tokens 4096]
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import free_port  # noqa: E402
+from bench.machine import free_port
 
 
 def drop_page_cache() -> bool:
@@ -73,7 +72,7 @@ def rss_of(pattern: str) -> dict[int, int]:
 
 def watch_model_info(client, t0: float, seen: list) -> None:
     """(seconds, what ModelInfo said) every half second while the server starts, until None is appended."""
-    from protos import generator_pb2 as pb
+    from raymoe.protos import generator_pb2 as pb
 
     while not seen or seen[-1] is not None:
         try:
@@ -96,7 +95,7 @@ def main() -> int:
     ap.add_argument("--serve-args", default="", help="more `raymoe serve` flags, e.g. '--no-dashboard'")
     args = ap.parse_args()
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
-    raymoe = [sys.executable, "-m", "cli.main"]
+    raymoe = [sys.executable, "-m", "raymoe.cli.main"]
     root = Path(__file__).resolve().parents[1]
     tmp = tempfile.TemporaryDirectory()
     ckpt = Path(args.checkpoint) if args.checkpoint else Path(tmp.name) / "mixtral-shaped"
@@ -127,8 +126,8 @@ def main() -> int:
 
     threading.Thread(target=read_output, daemon=True).start()
     try:
-        from cluster.client import Client
-        from protos import generator_pb2 as pb
+        from raymoe.cluster.client import Client
+        from raymoe.protos import generator_pb2 as pb
 
         with Client(f"127.0.0.1:{port}") as client:
             watch = threading.Thread(target=watch_model_info, args=(client, t0, seen), daemon=True)

@@ -9,7 +9,7 @@ The actors only echo (a result the size of the request), so the figures are tran
   direct     raymoe's direct transport (actors/direct.py): one TCP connection per actor
 A = 1 is also what "fewer, larger calls" gives (one actor per layer, layer_groups = actors).
 
-    python bench/bench_transport.py [--actors 1,4] [--kib 1,16,64] [--rounds 400]
+    python -m bench.bench_transport [--actors 1,4] [--kib 1,16,64] [--rounds 400]
 """
 
 from __future__ import annotations
@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import CpuWindow  # noqa: E402
+from bench.machine import CpuWindow
 
 
 def echo_actor_class(ray):
@@ -34,7 +32,7 @@ def echo_actor_class(ray):
     @ray.remote(num_cpus=0.25)
     class Echo:
         def __init__(self) -> None:
-            from actors.direct import DirectServer
+            from raymoe.actors.direct import DirectServer
 
             torch.set_num_threads(1)
             self.server = DirectServer(lambda layer, payload: (payload, 0.0), host=ray.util.get_node_ip_address())
@@ -92,7 +90,7 @@ def bench_compiled(actors, x):
 def bench_direct(actors, x):
     import ray
 
-    from actors.direct import DirectChannel
+    from raymoe.actors.direct import DirectChannel
 
     channels = [DirectChannel(ep, 10.0) for ep in ray.get([a.endpoint.remote() for a in actors])]
     ids = iter(range(1 << 30))

@@ -14,7 +14,7 @@ or duplicated, lost = an error after the client's retries, cancelled, refused as
 p50/p99 of completed requests, and the resident memory of every raymoe process alive both after a
 warm-up under load (the first 10 s) and at the end. Exit status 1 if any request was lost or not identical.
 
-    python bench/chaos.py [--minutes 10] [--fault-every 30] [--clients 8] [--checkpoint DIR] [--json]
+    python -m bench.chaos [--minutes 10] [--fault-every 30] [--clients 8] [--checkpoint DIR] [--json]
 """
 
 from __future__ import annotations
@@ -33,9 +33,8 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import free_port, pct  # noqa: E402
+from bench.machine import free_port, pct
 
 FAST_FAILURE_DETECTION = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
                           "health_check_failure_threshold": 3}
@@ -70,7 +69,7 @@ class Report:
 
 def request_pool(vocab: int, n: int, seed: int = 0):
     """n distinct requests: prompt, length, greedy or seeded sampling, stream or unary."""
-    from protos import generator_pb2 as pb
+    from raymoe.protos import generator_pb2 as pb
 
     rng = random.Random(seed)
     pool = []
@@ -112,8 +111,8 @@ class Chaos:
         import ray
         from ray.cluster_utils import Cluster
 
-        from cluster.deploy import deploy
-        from cluster.settings import ServeSettings
+        from raymoe.cluster.deploy import deploy
+        from raymoe.cluster.settings import ServeSettings
 
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 3, "resources": {"front_host": 2}, "include_dashboard": False,
@@ -135,7 +134,7 @@ class Chaos:
         import ray
         from ray import serve
 
-        from cluster.deploy import release_pool
+        from raymoe.cluster.deploy import release_pool
 
         try:
             serve.shutdown()
@@ -196,8 +195,8 @@ class Chaos:
     def client_loop(self, seed: int, pool, reference) -> None:
         import grpc
 
-        from cluster.client import Client
-        from protos import generator_pb2 as pb
+        from raymoe.cluster.client import Client
+        from raymoe.protos import generator_pb2 as pb
 
         rng = random.Random(seed)
         with Client(self.target) as client:
@@ -247,8 +246,8 @@ class Chaos:
         return out
 
     def run(self, checkpoint: str) -> Report:
-        from cluster.client import Client
-        from model.config import ModelConfig
+        from raymoe.cluster.client import Client
+        from raymoe.model.config import ModelConfig
 
         vocab = ModelConfig.from_file(Path(checkpoint) / "config.json").vocab_size
         pool = request_pool(vocab, self.args.requests)
@@ -309,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint
         if checkpoint is None:
-            from model.presets import init_checkpoint
+            from raymoe.model.presets import init_checkpoint
 
             checkpoint = str(init_checkpoint("tiny", Path(tmp) / "tiny"))
         report = Chaos(args).run(checkpoint)

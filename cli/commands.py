@@ -11,9 +11,9 @@ class UserError(Exception):
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from model.config import ConfigError
-    from model.tokenizer import TokenizerError
-    from model.weights import CheckpointError
+    from raymoe.model.config import ConfigError
+    from raymoe.model.tokenizer import TokenizerError
+    from raymoe.model.weights import CheckpointError
 
     from .serve import cmd_generate, cmd_serve
     from .experts import cmd_experts
@@ -35,7 +35,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def sampling_from_args(args: argparse.Namespace):
-    from model.sampling import SamplingParams
+    from raymoe.model.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, logprobs=args.logprobs, ignore_eos=args.ignore_eos)
@@ -59,7 +59,7 @@ def prompt_from_args(args: argparse.Namespace, tokenizer) -> list[int]:
 def load_tokenizer(directory, required: bool):
     from pathlib import Path
 
-    from model.tokenizer import Tokenizer
+    from raymoe.model.tokenizer import Tokenizer
 
     if not (Path(directory) / "tokenizer.model").exists() and not required:
         return None
@@ -69,11 +69,11 @@ def load_tokenizer(directory, required: bool):
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
-    from model.completion import complete
-    from model.config import resolve_dtype
-    from model.default import default_checkpoint
-    from model.engine import Engine
-    from model.weights import Checkpoint, load_model
+    from raymoe.model.completion import complete
+    from raymoe.model.config import resolve_dtype
+    from raymoe.model.default import default_checkpoint
+    from raymoe.model.engine import Engine
+    from raymoe.model.weights import Checkpoint, load_model
 
     ckpt = Checkpoint(args.checkpoint or default_checkpoint())
     args.dtype = resolve_dtype(args.dtype, ckpt.config)  # the expert actors load in the same dtype
@@ -82,7 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     prompt = prompt_from_args(args, tokenizer)
     from .ray_session import experts_factory_from_args
 
-    from model.progress import LoadProgress, progress_line
+    from raymoe.model.progress import LoadProgress, progress_line
 
     from .progress import Ticker
 
@@ -110,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_init_model(args: argparse.Namespace) -> int:
     import torch
 
-    from model.presets import init_checkpoint
+    from raymoe.model.presets import init_checkpoint
 
     shard = None if args.shard_mb is None else int(args.shard_mb * 2**20)
     if args.layers is not None and args.layers < 1:
@@ -129,7 +129,7 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
 
     import torch
 
-    from model.demo import TrainConfig, evaluate, train_demo
+    from raymoe.model.demo import TrainConfig, evaluate, train_demo
 
     overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "threads", "log_every")
                  if getattr(args, k) is not None}
@@ -147,8 +147,8 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_demo(args: argparse.Namespace) -> int:
-    from model.default import default_checkpoint
-    from model.demo import EVAL_SEED, evaluate
+    from raymoe.model.default import default_checkpoint
+    from raymoe.model.demo import EVAL_SEED, evaluate
 
     if args.n < 1 or args.batch_size < 1:
         raise UserError("--n and --batch-size must be positive")

@@ -20,9 +20,9 @@ MAX_TOKENS = 6  # the longest answer (4 digits) plus EOS, with room to spare
 def server_generate(target: str, concurrency: int = 32, timeout: float = 120.0,
                     api_key: str | None = None, app: str | None = None) -> GenerateFn:
     """Each prompt as its own Generate call, `concurrency` at a time (the server batches them)."""
-    from protos import generator_pb2 as pb
+    from raymoe.protos import generator_pb2 as pb
 
-    from cluster.client import Client
+    from raymoe.cluster.client import Client
 
     def generate(prompts: list[str]) -> list[str]:
         import grpc
@@ -48,7 +48,7 @@ def server_generate(target: str, concurrency: int = 32, timeout: float = 120.0,
 def remote_experts_generate(checkpoint: str | Path, args: argparse.Namespace,
                             batch_size: int = 64) -> Iterator[GenerateFn]:
     """The in-process engine with its experts on Ray actors (as `raymoe run --expert-actors N`)."""
-    from model.demo import local_generate
+    from raymoe.model.demo import local_generate
 
     from .ray_session import experts_factory_from_args
 

@@ -42,7 +42,7 @@ def render_change(c) -> str:
 
 
 def _ids(ids) -> str:
-    from actors.placement import ranges
+    from raymoe.actors.placement import ranges
 
     return f"[{ranges(list(ids))}]"
 
@@ -51,7 +51,7 @@ def cmd_experts(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf.json_format import MessageToDict
 
-    from cluster.client import Client
+    from raymoe.cluster.client import Client
 
     if args.action == "scale" and (args.actors is None or args.actors < 1):
         print("raymoe: experts scale needs --actors N (at least 1)", file=sys.stderr)

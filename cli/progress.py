@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Callable, TextIO
 
-from model.progress import progress_line
+from raymoe.model.progress import progress_line
 
 EVERY_S = 1.0  # a line at least every second or so (the target is every 2 s, on a busy machine)
 
@@ -86,7 +86,7 @@ class PoolProgress:
 
 
 def serve_progress_line(app: str, t0: float) -> str:
-    from actors.pool_host import pool_progress
+    from raymoe.actors.pool_host import pool_progress
 
     snaps = pool_progress(app)
     waited = f"{time.monotonic() - t0:.0f} s"

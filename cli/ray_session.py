@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from model.transformer import ExpertsFactory
+from raymoe.model.transformer import ExpertsFactory
 
 
 @contextlib.contextmanager
@@ -80,8 +80,8 @@ def experts_factory_from_args(args: argparse.Namespace, checkpoint: str | Path) 
             raise UserError("--address joins a Ray cluster for remote experts; also give --expert-actors N")
         yield None
         return
-    from actors.pool import ExpertPool, ExpertsUnavailable, PoolConfig
-    from actors.remote_experts import remote_experts_factory
+    from raymoe.actors.pool import ExpertPool, ExpertsUnavailable, PoolConfig
+    from raymoe.actors.remote_experts import remote_experts_factory
 
     if num_actors < 1:
         raise UserError(f"--expert-actors must be at least 1 (got {num_actors})")

@@ -8,14 +8,14 @@ import signal
 import sys
 import threading
 
-from cluster.deploy import DeployFailed, deploy, release_pool
-from cluster.settings import APP_NAME
+from raymoe.cluster.deploy import DeployFailed, deploy, release_pool
+from raymoe.cluster.settings import APP_NAME
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    from cluster.auth import ENV
+    from raymoe.cluster.auth import ENV
     from .ray_session import check_expert_device, ray_connection
     from .serve_flags import settings_from_args
 
@@ -37,7 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     dashboard = None if args.address or args.no_dashboard else args.dashboard_port
     try:
         if not args.address:  # a private Ray on this machine: read the checkpoint ahead while it starts
-            from model.default import default_checkpoint
+            from raymoe.model.default import default_checkpoint
 
             from .prefetch import prefetch
 
@@ -64,8 +64,8 @@ def _serve_until_stopped(settings, address: str | None, dashboard: int | None, s
 
     from ray import serve
 
-    from cluster.auth import ENV
-    from model.errors import BackendUnavailable
+    from raymoe.cluster.auth import ENV
+    from raymoe.model.errors import BackendUnavailable
 
     from .commands import UserError
     from .progress import Ticker, serve_progress_line
@@ -102,7 +102,7 @@ def _serve_until_stopped(settings, address: str | None, dashboard: int | None, s
 def _banner(settings, ports, dashboard: int | None) -> str:
     import os
 
-    from cluster.auth import ENV
+    from raymoe.cluster.auth import ENV
 
     grpc_at = f"127.0.0.1:{ports.grpc_port}"
     http_at = f"http://{settings.http_host}:{ports.http_port}{settings.http_route_prefix().rstrip('/')}"
@@ -128,7 +128,7 @@ def _check_checkpoint(path: str | None, joining: bool) -> None:
 
     if joining and not Path(path).exists():
         return
-    from model.weights import Checkpoint
+    from raymoe.model.weights import Checkpoint
 
     Checkpoint(path).close()
 
@@ -136,9 +136,9 @@ def _check_checkpoint(path: str | None, joining: bool) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     import grpc
 
-    from protos import generator_pb2 as pb
+    from raymoe.protos import generator_pb2 as pb
 
-    from cluster.client import Client, completion_json
+    from raymoe.cluster.client import Client, completion_json
 
     request = pb.GenerateRequest(max_tokens=args.max_tokens, top_k=args.top_k, logprobs=args.logprobs,
                                  stop=args.stop, ignore_eos=args.ignore_eos, temperature=args.temperature,

@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from cluster.settings import ServeSettings
+from raymoe.cluster.settings import ServeSettings
 
 # flag, ServeSettings field, type, help (the default is appended)
 FLAGS: list[tuple[str, str, Any, str]] = [

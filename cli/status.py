@@ -56,7 +56,7 @@ def render(info) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     import grpc
 
-    from cluster.client import Client
+    from raymoe.cluster.client import Client
 
     with Client(args.target, api_key=args.api_key, app=args.app_name) as client:
         try:

@@ -1,6 +1,6 @@
 """The Serve application: `build_app(args)` is the import path named in every Serve config.
 
-`raymoe serve` and a Kubernetes RayService (serveConfigV2: import_path cluster.app:build_app)
+`raymoe serve` and a Kubernetes RayService (serveConfigV2: import_path raymoe.cluster.app:build_app)
 both deploy through this one function, with the same ServeSettings.
 """
 

@@ -1,7 +1,7 @@
 """The Python client for raymoe's Generator service (used by `raymoe generate`, `eval-demo --target`,
 the benchmarks and the tests), with streams that survive the loss of the replica serving them.
 
-    from cluster.client import Client
+    from raymoe.cluster.client import Client
     with Client("127.0.0.1:9000") as client:
         for chunk in client.stream(pb.GenerateRequest(prompt="123+456=", max_tokens=8), timeout=60):
             print(chunk.text, end="", flush=True)
@@ -25,8 +25,8 @@ from typing import AsyncIterator, Iterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos import generator_pb2 as pb
-from protos import generator_pb2_grpc as pb_grpc
+from raymoe.protos import generator_pb2 as pb
+from raymoe.protos import generator_pb2_grpc as pb_grpc
 
 # What a broken stream can get from Serve's proxy when its replica dies or drains (INTERNAL with
 # Ray's "actor died" text, UNAVAILABLE, UNKNOWN), from a dropped connection (UNAVAILABLE), or from a

@@ -61,8 +61,8 @@ def _run(settings: ServeSettings, api_key: str | None) -> None:
 
 def _why_not(settings: ServeSettings, error: Exception) -> Exception | None:
     """The one-line error to raise for a failed deployment (None: keep Serve's own)."""
-    from actors.pool import remote_cause
-    from model.errors import BackendUnavailable
+    from raymoe.actors.pool import remote_cause
+    from raymoe.model.errors import BackendUnavailable
 
     cause = remote_cause(error)
     if isinstance(cause, BackendUnavailable):
@@ -148,7 +148,7 @@ def replica_error(app: str) -> str | None:
 def _pool_progress(settings: ServeSettings) -> list[dict]:
     if not settings.expert_actors:
         return []
-    from actors.pool_host import pool_progress
+    from raymoe.actors.pool_host import pool_progress
 
     return pool_progress(settings.app_name)
 
@@ -156,6 +156,6 @@ def _pool_progress(settings: ServeSettings) -> list[dict]:
 def release_pool(settings: ServeSettings) -> None:
     """Stop the expert actors the deployment started (they outlive replicas by design)."""
     if settings.expert_actors:
-        from actors.pool_host import release_shared_pool
+        from raymoe.actors.pool_host import release_shared_pool
 
         release_shared_pool(settings.app_name)

@@ -18,11 +18,11 @@ import threading
 import time
 from typing import TYPE_CHECKING, AsyncIterator, Callable
 
-from model.completion import CompletionTracker
-from model.engine import Engine
-from model.errors import InvalidRequest
-from model.sampling import SamplingParams
-from model.tokenizer import Tokenizer
+from raymoe.model.completion import CompletionTracker
+from raymoe.model.engine import Engine
+from raymoe.model.errors import InvalidRequest
+from raymoe.model.sampling import SamplingParams
+from raymoe.model.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from .metrics import ServingMetrics

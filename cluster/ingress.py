@@ -14,10 +14,10 @@ from typing import AsyncIterator
 
 import grpc
 
-from protos import generator_pb2 as pb
+from raymoe.protos import generator_pb2 as pb
 
 from . import protocol
-from model.errors import InvalidRequest
+from raymoe.model.errors import InvalidRequest
 
 from .engine_loop import QueueFull
 from .openai_api import OpenAIRoutes
@@ -41,7 +41,7 @@ def _status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     remote error (RayTaskError, which subclasses the remote exception's type) is always ours."""
     from ray.exceptions import RayError
 
-    from model.errors import BackendUnavailable, InvalidRequest
+    from raymoe.model.errors import BackendUnavailable, InvalidRequest
 
     if isinstance(error, InvalidRequest) and not isinstance(error, RayError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
@@ -63,7 +63,7 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
         import time
         from pathlib import Path
 
-        from model.chat import ChatTemplate
+        from raymoe.model.chat import ChatTemplate
 
         from .auth import ApiKey
         from .replica import build_engine_loop

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from actors.metrics import LATENCY_BUCKETS
+from raymoe.actors.metrics import LATENCY_BUCKETS
 
 SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 

@@ -33,7 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.errors import BackendUnavailable, InvalidRequest
+from raymoe.model.errors import BackendUnavailable, InvalidRequest
 
 app = FastAPI(title="raymoe", description="OpenAI-compatible API of a raymoe server", docs_url=None, redoc_url=None,
               openapi_url=None)
@@ -281,7 +281,7 @@ class OpenAIRoutes:
                 raise HttpError(400, "this model has no chat template (no chat_template in its "
                                 "tokenizer_config.json); use /v1/completions", param="messages",
                                 code="no_chat_template")
-            from model.chat import ChatError
+            from raymoe.model.chat import ChatError
 
             try:
                 kw["prompt_ids"] = await asyncio.to_thread(self.chat.prompt_ids, self.tokenizer, messages)

@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from protos import generator_pb2 as pb
+from raymoe.protos import generator_pb2 as pb
 
 log = logging.getLogger("ray.serve")
 
@@ -45,7 +45,7 @@ class ExpertsRoutes:
 
         import ray
 
-        from actors.pool_host import pool_host
+        from raymoe.actors.pool_host import pool_host
 
         if not self.api_key.allows_grpc(grpc_context):
             from .ingress import Unauthenticated
@@ -62,8 +62,8 @@ class ExpertsRoutes:
             return self._refuse(grpc_context, grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"the placement change did not finish within {timeout_s:g} s", None)
         except ray.exceptions.RayTaskError as e:
-            from actors.live import PlacementFailed
-            from actors.pool import remote_cause
+            from raymoe.actors.live import PlacementFailed
+            from raymoe.actors.pool import remote_cause
 
             cause = remote_cause(e)
 

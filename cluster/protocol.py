@@ -6,9 +6,9 @@ raise InvalidRequest naming the field; the ingress turns that into INVALID_ARGUM
 
 from __future__ import annotations
 
-from protos import generator_pb2 as pb
-from model.config import ModelConfig
-from model.tokenizer import Tokenizer
+from raymoe.protos import generator_pb2 as pb
+from raymoe.model.config import ModelConfig
+from raymoe.model.tokenizer import Tokenizer
 
 from .engine_loop import Chunk
 from .requests import Request, RequestLimits, build_request

@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
-from model.config import resolve_dtype
-from model.default import default_checkpoint
-from model.engine import Engine
-from model.tokenizer import Tokenizer
-from model.weights import Checkpoint, load_model
+from raymoe.model.config import resolve_dtype
+from raymoe.model.default import default_checkpoint
+from raymoe.model.engine import Engine
+from raymoe.model.tokenizer import Tokenizer
+from raymoe.model.weights import Checkpoint, load_model
 
 from .engine_loop import EngineLoop
 from .metrics import ServingMetrics
@@ -27,7 +27,7 @@ def _progress_logger(every_s: float = 2.0):
     import logging
     import time
 
-    from model.progress import progress_line
+    from raymoe.model.progress import progress_line
 
     last = [0.0]
 
@@ -62,7 +62,7 @@ def prestart_pool(s: ServeSettings) -> None:
     finally:
         ckpt.close()
     if request is not None:
-        from actors.pool_host import request_shared_pool
+        from raymoe.actors.pool_host import request_shared_pool
 
         request_shared_pool(*request, s.app_name)
 
@@ -77,9 +77,9 @@ def build_engine_loop(s: ServeSettings) -> tuple[EngineLoop, dict[str, Any]]:
     tokenizer = Tokenizer(ckpt.dir) if (ckpt.dir / "tokenizer.model").exists() else None
     factory, pool, request, replacing = None, None, pool_request(s, ckpt), False
     if request is not None:
-        from actors.pool import named_pools
-        from actors.pool_host import shared_pool
-        from actors.remote_experts import remote_experts_factory
+        from raymoe.actors.pool import named_pools
+        from raymoe.actors.pool_host import shared_pool
+        from raymoe.actors.remote_experts import remote_experts_factory
 
         pool = shared_pool(*request, s.app_name)
         factory = remote_experts_factory(pool)

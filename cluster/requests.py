@@ -12,10 +12,10 @@ import dataclasses
 import math
 from typing import Sequence
 
-from model.config import ModelConfig
-from model.errors import InvalidRequest
-from model.sampling import GREEDY_BELOW, MAX_TEMPERATURE, SamplingParams
-from model.tokenizer import Tokenizer
+from raymoe.model.config import ModelConfig
+from raymoe.model.errors import InvalidRequest
+from raymoe.model.sampling import GREEDY_BELOW, MAX_TEMPERATURE, SamplingParams
+from raymoe.model.tokenizer import Tokenizer
 
 DEFAULT_MAX_TOKENS = 16  # a request that sets no max_tokens (as OpenAI's completions API)
 

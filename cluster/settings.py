@@ -14,8 +14,8 @@ from typing import Any
 APP_NAME = "raymoe"  # the default application name (each server in one Ray cluster needs its own)
 DEPLOYMENT_NAME = "Generator"
 SERVICER_FUNCTIONS = [
-    "protos.generator_pb2_grpc.add_GeneratorServicer_to_server",
-    "protos.generator_pb2_grpc.add_ExpertsServicer_to_server",
+    "raymoe.protos.generator_pb2_grpc.add_GeneratorServicer_to_server",
+    "raymoe.protos.generator_pb2_grpc.add_ExpertsServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 
@@ -105,7 +105,7 @@ class ServeSettings:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16 (got {self.dtype!r})")
         if self.expert_device not in ("auto", "cpu", "gpu"):
             raise ValueError(f"expert_device must be auto, cpu or gpu (got {self.expert_device!r})")
-        from actors import TRANSPORTS
+        from raymoe.actors import TRANSPORTS
 
         if self.expert_transport not in TRANSPORTS:
             raise ValueError(f"expert_transport must be one of {', '.join(TRANSPORTS)} (got {self.expert_transport!r})")
@@ -165,7 +165,7 @@ class ServeSettings:
         each front replica)."""
         if not self.expert_actors:
             return None
-        from actors.pool import PoolConfig
+        from raymoe.actors.pool import PoolConfig
 
         return PoolConfig(num_actors=self.expert_actors, replicas=self.expert_replicas, num_cpus=self.expert_num_cpus,
                           resources=dict(self.expert_resources), dtype=dtype,
@@ -209,7 +209,7 @@ class ServeSettings:
             "applications": [{
                 "name": self.app_name,
                 "route_prefix": self.http_route_prefix(),
-                "import_path": "cluster.app:build_app",
+                "import_path": "raymoe.cluster.app:build_app",
                 "args": self.to_dict(),
                 "deployments": [{"name": DEPLOYMENT_NAME, **self.deployment_options()}],
             }],

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import generator_pb2 as protos_dot_generator__pb2
+from raymoe.protos import generator_pb2 as raymoe_dot_protos_dot_generator__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/generator_pb2_grpc.py depends on'
+        + ' but the generated code in raymoe/protos/generator_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,23 +36,23 @@ class GeneratorStub:
         """
         self.Generate = channel.unary_unary(
                 '/raymoe.v1.Generator/Generate',
-                request_serializer=protos_dot_generator__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=protos_dot_generator__pb2.GenerateResponse.FromString,
+                request_serializer=raymoe_dot_protos_dot_generator__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=raymoe_dot_protos_dot_generator__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GenerateStream = channel.unary_stream(
                 '/raymoe.v1.Generator/GenerateStream',
-                request_serializer=protos_dot_generator__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=protos_dot_generator__pb2.GenerateResponse.FromString,
+                request_serializer=raymoe_dot_protos_dot_generator__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=raymoe_dot_protos_dot_generator__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/raymoe.v1.Generator/Tokenize',
-                request_serializer=protos_dot_generator__pb2.TokenizeRequest.SerializeToString,
-                response_deserializer=protos_dot_generator__pb2.TokenizeResponse.FromString,
+                request_serializer=raymoe_dot_protos_dot_generator__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=raymoe_dot_protos_dot_generator__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
         self.ModelInfo = channel.unary_unary(
                 '/raymoe.v1.Generator/ModelInfo',
-                request_serializer=protos_dot_generator__pb2.ModelInfoRequest.SerializeToString,
-                response_deserializer=protos_dot_generator__pb2.ModelInfoResponse.FromString,
+                request_serializer=raymoe_dot_protos_dot_generator__pb2.ModelInfoRequest.SerializeToString,
+                response_deserializer=raymoe_dot_protos_dot_generator__pb2.ModelInfoResponse.FromString,
                 _registered_method=True)
 
 
@@ -93,23 +93,23 @@ def add_GeneratorServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=protos_dot_generator__pb2.GenerateRequest.FromString,
-                    response_serializer=protos_dot_generator__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=raymoe_dot_protos_dot_generator__pb2.GenerateRequest.FromString,
+                    response_serializer=raymoe_dot_protos_dot_generator__pb2.GenerateResponse.SerializeToString,
             ),
             'GenerateStream': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateStream,
-                    request_deserializer=protos_dot_generator__pb2.GenerateRequest.FromString,
-                    response_serializer=protos_dot_generator__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=raymoe_dot_protos_dot_generator__pb2.GenerateRequest.FromString,
+                    response_serializer=raymoe_dot_protos_dot_generator__pb2.GenerateResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
-                    request_deserializer=protos_dot_generator__pb2.TokenizeRequest.FromString,
-                    response_serializer=protos_dot_generator__pb2.TokenizeResponse.SerializeToString,
+                    request_deserializer=raymoe_dot_protos_dot_generator__pb2.TokenizeRequest.FromString,
+                    response_serializer=raymoe_dot_protos_dot_generator__pb2.TokenizeResponse.SerializeToString,
             ),
             'ModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfo,
-                    request_deserializer=protos_dot_generator__pb2.ModelInfoRequest.FromString,
-                    response_serializer=protos_dot_generator__pb2.ModelInfoResponse.SerializeToString,
+                    request_deserializer=raymoe_dot_protos_dot_generator__pb2.ModelInfoRequest.FromString,
+                    response_serializer=raymoe_dot_protos_dot_generator__pb2.ModelInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,8 +137,8 @@ class Generator:
             request,
             target,
             '/raymoe.v1.Generator/Generate',
-            protos_dot_generator__pb2.GenerateRequest.SerializeToString,
-            protos_dot_generator__pb2.GenerateResponse.FromString,
+            raymoe_dot_protos_dot_generator__pb2.GenerateRequest.SerializeToString,
+            raymoe_dot_protos_dot_generator__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -164,8 +164,8 @@ class Generator:
             request,
             target,
             '/raymoe.v1.Generator/GenerateStream',
-            protos_dot_generator__pb2.GenerateRequest.SerializeToString,
-            protos_dot_generator__pb2.GenerateResponse.FromString,
+            raymoe_dot_protos_dot_generator__pb2.GenerateRequest.SerializeToString,
+            raymoe_dot_protos_dot_generator__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -191,8 +191,8 @@ class Generator:
             request,
             target,
             '/raymoe.v1.Generator/Tokenize',
-            protos_dot_generator__pb2.TokenizeRequest.SerializeToString,
-            protos_dot_generator__pb2.TokenizeResponse.FromString,
+            raymoe_dot_protos_dot_generator__pb2.TokenizeRequest.SerializeToString,
+            raymoe_dot_protos_dot_generator__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -218,8 +218,8 @@ class Generator:
             request,
             target,
             '/raymoe.v1.Generator/ModelInfo',
-            protos_dot_generator__pb2.ModelInfoRequest.SerializeToString,
-            protos_dot_generator__pb2.ModelInfoResponse.FromString,
+            raymoe_dot_protos_dot_generator__pb2.ModelInfoRequest.SerializeToString,
+            raymoe_dot_protos_dot_generator__pb2.ModelInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -245,18 +245,18 @@ class ExpertsStub:
         """
         self.GetPlacement = channel.unary_unary(
                 '/raymoe.v1.Experts/GetPlacement',
-                request_serializer=protos_dot_generator__pb2.PlacementRequest.SerializeToString,
-                response_deserializer=protos_dot_generator__pb2.PlacementResponse.FromString,
+                request_serializer=raymoe_dot_protos_dot_generator__pb2.PlacementRequest.SerializeToString,
+                response_deserializer=raymoe_dot_protos_dot_generator__pb2.PlacementResponse.FromString,
                 _registered_method=True)
         self.ScaleExperts = channel.unary_unary(
                 '/raymoe.v1.Experts/ScaleExperts',
-                request_serializer=protos_dot_generator__pb2.ScaleExpertsRequest.SerializeToString,
-                response_deserializer=protos_dot_generator__pb2.PlacementChange.FromString,
+                request_serializer=raymoe_dot_protos_dot_generator__pb2.ScaleExpertsRequest.SerializeToString,
+                response_deserializer=raymoe_dot_protos_dot_generator__pb2.PlacementChange.FromString,
                 _registered_method=True)
         self.RebalanceExperts = channel.unary_unary(
                 '/raymoe.v1.Experts/RebalanceExperts',
-                request_serializer=protos_dot_generator__pb2.RebalanceRequest.SerializeToString,
-                response_deserializer=protos_dot_generator__pb2.PlacementChange.FromString,
+                request_serializer=raymoe_dot_protos_dot_generator__pb2.RebalanceRequest.SerializeToString,
+                response_deserializer=raymoe_dot_protos_dot_generator__pb2.PlacementChange.FromString,
                 _registered_method=True)
 
 
@@ -292,18 +292,18 @@ def add_ExpertsServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetPlacement': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPlacement,
-                    request_deserializer=protos_dot_generator__pb2.PlacementRequest.FromString,
-                    response_serializer=protos_dot_generator__pb2.PlacementResponse.SerializeToString,
+                    request_deserializer=raymoe_dot_protos_dot_generator__pb2.PlacementRequest.FromString,
+                    response_serializer=raymoe_dot_protos_dot_generator__pb2.PlacementResponse.SerializeToString,
             ),
             'ScaleExperts': grpc.unary_unary_rpc_method_handler(
                     servicer.ScaleExperts,
-                    request_deserializer=protos_dot_generator__pb2.ScaleExpertsRequest.FromString,
-                    response_serializer=protos_dot_generator__pb2.PlacementChange.SerializeToString,
+                    request_deserializer=raymoe_dot_protos_dot_generator__pb2.ScaleExpertsRequest.FromString,
+                    response_serializer=raymoe_dot_protos_dot_generator__pb2.PlacementChange.SerializeToString,
             ),
             'RebalanceExperts': grpc.unary_unary_rpc_method_handler(
                     servicer.RebalanceExperts,
-                    request_deserializer=protos_dot_generator__pb2.RebalanceRequest.FromString,
-                    response_serializer=protos_dot_generator__pb2.PlacementChange.SerializeToString,
+                    request_deserializer=raymoe_dot_protos_dot_generator__pb2.RebalanceRequest.FromString,
+                    response_serializer=raymoe_dot_protos_dot_generator__pb2.PlacementChange.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -334,8 +334,8 @@ class Experts:
             request,
             target,
             '/raymoe.v1.Experts/GetPlacement',
-            protos_dot_generator__pb2.PlacementRequest.SerializeToString,
-            protos_dot_generator__pb2.PlacementResponse.FromString,
+            raymoe_dot_protos_dot_generator__pb2.PlacementRequest.SerializeToString,
+            raymoe_dot_protos_dot_generator__pb2.PlacementResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -361,8 +361,8 @@ class Experts:
             request,
             target,
             '/raymoe.v1.Experts/ScaleExperts',
-            protos_dot_generator__pb2.ScaleExpertsRequest.SerializeToString,
-            protos_dot_generator__pb2.PlacementChange.FromString,
+            raymoe_dot_protos_dot_generator__pb2.ScaleExpertsRequest.SerializeToString,
+            raymoe_dot_protos_dot_generator__pb2.PlacementChange.FromString,
             options,
             channel_credentials,
             insecure,
@@ -388,8 +388,8 @@ class Experts:
             request,
             target,
             '/raymoe.v1.Experts/RebalanceExperts',
-            protos_dot_generator__pb2.RebalanceRequest.SerializeToString,
-            protos_dot_generator__pb2.PlacementChange.FromString,
+            raymoe_dot_protos_dot_generator__pb2.RebalanceRequest.SerializeToString,
+            raymoe_dot_protos_dot_generator__pb2.PlacementChange.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,7 +9,7 @@ the cpu overlay's (k8s/render.py) with `--autoscale 1:2 --expert-autoscale 2:3` 
 A timeline is printed every --every seconds (front replicas, expert actors and placement version,
 nodes per type, tokens/s, failed requests), then how long each step took.
 
-    python scripts/autoscale_demo.py [--clients 12] [--load-s 90] [--idle-s 120]
+    python -m scripts.autoscale_demo [--clients 12] [--load-s 90] [--idle-s 120]
 
 The cluster it starts is stopped at the end by the ids of the processes it started (processes
 whose command line names its GCS address), never by name.
@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 ENV = {  # fast loops for a demonstration (defaults: 5 s autoscaler, 10 s Serve metrics, 30 s draining)
     "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTH_MODE": "disabled",
@@ -149,8 +148,8 @@ class Load:
             t.start()
 
     def _run(self, i: int) -> None:
-        from cluster.client import Client
-        from protos import generator_pb2 as pb
+        from raymoe.cluster.client import Client
+        from raymoe.protos import generator_pb2 as pb
 
         with Client(self.target) as client:
             n = 0
@@ -178,7 +177,7 @@ def snapshot(client) -> dict:
     import ray
     from ray import serve
 
-    from cluster.settings import APP_NAME, DEPLOYMENT_NAME
+    from raymoe.cluster.settings import APP_NAME, DEPLOYMENT_NAME
 
     nodes = {"front": 0, "expert": 0}
     for n in ray.nodes():
@@ -210,8 +209,8 @@ def run(clients: int = 12, load_s: float = 90.0, idle_s: float = 120.0, every_s:
     from ray import serve
 
     from bench.machine import free_port
-    from cluster.client import Client
-    from cluster.deploy import deploy, release_pool
+    from raymoe.cluster.client import Client
+    from raymoe.cluster.deploy import deploy, release_pool
     from k8s.render import OVERLAYS
 
     settings = dataclasses.replace(

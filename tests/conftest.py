@@ -12,11 +12,11 @@ import os
 import pytest
 import torch
 
-from model.presets import PRESETS, init_checkpoint, random_model
-from model.step import build_layout
-from model.tokenizer import Tokenizer
-from model.transformer import Mixtral
-from model.weights import load_model
+from raymoe.model.presets import PRESETS, init_checkpoint, random_model
+from raymoe.model.step import build_layout
+from raymoe.model.tokenizer import Tokenizer
+from raymoe.model.transformer import Mixtral
+from raymoe.model.weights import load_model
 
 torch.set_num_threads(1)  # tiny shapes gain nothing from threads; spinning ones slow a shared machine
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the tests' private Ray instances: no token auth

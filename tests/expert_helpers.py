@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from model.engine import Engine
-from model.export import save_checkpoint
-from model.presets import PRESETS, random_model
-from model.sampling import SamplingParams
-from model.weights import load_model
+from raymoe.model.engine import Engine
+from raymoe.model.export import save_checkpoint
+from raymoe.model.presets import PRESETS, random_model
+from raymoe.model.sampling import SamplingParams
+from raymoe.model.weights import load_model
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local test clusters: no token auth
 

@@ -7,8 +7,8 @@ import os
 import socket
 from typing import Iterator
 
-from cluster.client import Client
-from cluster.settings import ServeSettings
+from raymoe.cluster.client import Client
+from raymoe.cluster.settings import ServeSettings
 
 
 def free_port() -> int:
@@ -25,7 +25,7 @@ def running_server(namespace: str, ready_timeout: float = 120, ray_options: dict
     import ray
     from ray import serve
 
-    from cluster.deploy import deploy, release_pool
+    from raymoe.cluster.deploy import deploy, release_pool
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, namespace=namespace, log_to_driver=False, **(ray_options or {}))
     config = ServeSettings(grpc_port=free_port(), http_port=free_port(), **settings)
@@ -33,7 +33,7 @@ def running_server(namespace: str, ready_timeout: float = 120, ray_options: dict
         deploy(config)
         with Client(f"127.0.0.1:{config.grpc_port}") as client:
             client.http_port = config.http_port  # the OpenAI-compatible API, for tests that use it
-            from model.default import default_checkpoint
+            from raymoe.model.default import default_checkpoint
 
             client.checkpoint = config.checkpoint or str(default_checkpoint())
             client.wait_ready(ready_timeout)

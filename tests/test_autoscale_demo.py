@@ -5,15 +5,12 @@ request fails. About 2 min."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("ray")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.autoscale_demo import run  # noqa: E402
+from scripts.autoscale_demo import run
 
 
 def test_load_scales_replicas_actors_and_nodes_up_and_idle_scales_them_down():

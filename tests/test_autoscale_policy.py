@@ -2,7 +2,7 @@
 
 import pytest
 
-from actors.autoscale import ExpertAutoscaler, actor_demand
+from raymoe.actors.autoscale import ExpertAutoscaler, actor_demand
 
 
 def test_wanted_follows_the_total_busy_time():

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from model.chat import ChatError, ChatTemplate
-from model.tokenizer import Tokenizer
+from raymoe.model.chat import ChatError, ChatTemplate
+from raymoe.model.tokenizer import Tokenizer
 
 # Mixtral-8x7B-Instruct-v0.1's template, as its tokenizer_config.json ships it.
 MIXTRAL_INSTRUCT = (

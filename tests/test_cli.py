@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli.main import main
-from model.engine import Engine
-from model.sampling import SamplingParams
-from model.weights import load_model
+from raymoe.cli.main import main
+from raymoe.model.engine import Engine
+from raymoe.model.sampling import SamplingParams
+from raymoe.model.weights import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"prompt_ids", "token_ids", "logprobs", "text", "finish_reason"}
@@ -80,7 +80,7 @@ def test_run_streams_text(capsys, tiny_dir):
 
 
 def test_run_without_checkpoint_uses_default(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr("model.default.PACKAGED", tmp_path / "no-demo")
+    monkeypatch.setattr("raymoe.model.default.PACKAGED", tmp_path / "no-demo")
     monkeypatch.setenv("RAYMOE_CACHE", str(tmp_path / "cache"))
     result = run_json(capsys, "--prompt-ids", "1,2", "--max-tokens", "2", "--ignore-eos")
     assert len(result["token_ids"]) == 2
@@ -131,7 +131,7 @@ def test_prompt_text_needs_tokenizer(capsys, tmp_path, tiny_dir):
 
 def test_subprocess(tiny_dir, capsys):
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, capture_output=True,
+        return subprocess.run([sys.executable, "-m", "raymoe.cli.main", *args], cwd=ROOT, capture_output=True,
                               text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
     ok = cli("run", "--checkpoint", str(tiny_dir), "--prompt-ids", "1,2,3", "--max-tokens", "8", "--json")
@@ -145,7 +145,7 @@ def test_subprocess(tiny_dir, capsys):
 
 def test_expert_device_gpu_without_gpus_is_a_clear_error(tiny_dir):
     """Never a silent fallback to CPU: on a machine without GPUs, --expert-device gpu says so at once."""
-    bad = subprocess.run([sys.executable, "-m", "cli.main", "run", "--checkpoint", str(tiny_dir), "--prompt-ids",
+    bad = subprocess.run([sys.executable, "-m", "raymoe.cli.main", "run", "--checkpoint", str(tiny_dir), "--prompt-ids",
                           "1,2", "--expert-actors", "1", "--expert-device", "gpu"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"})
     if torch.cuda.is_available():
@@ -159,7 +159,7 @@ def test_expert_device_gpu_without_gpus_is_a_clear_error(tiny_dir):
                                       ({"torch_dtype": "torch.bfloat16"}, "bfloat16"), ({}, "float32"),
                                       ({"torch_dtype": "auto"}, "float32"), ({"torch_dtype": "int8"}, "float32")])
 def test_dtype_auto_is_the_checkpoints_own(tiny_dir, tmp_path, raw, want):
-    from model.config import ModelConfig, resolve_dtype
+    from raymoe.model.config import ModelConfig, resolve_dtype
 
     cfg = json.loads((tiny_dir / "config.json").read_text())
     for key in ("torch_dtype", "dtype"):
@@ -188,7 +188,7 @@ def test_beside_a_running_ray_cluster():
         while socket.socket().connect_ex(("127.0.0.1", port)) != 0:  # the other cluster's GCS is up
             assert time.monotonic() < deadline and head.poll() is None, "ray start --head did not come up"
             time.sleep(0.5)
-        out = subprocess.run([sys.executable, "-m", "cli.main", "run", "--expert-actors", "1", "--actor-cpus", "0.5",
+        out = subprocess.run([sys.executable, "-m", "raymoe.cli.main", "run", "--expert-actors", "1", "--actor-cpus", "0.5",
                               "--prompt", "123+456=", "--max-tokens", "8"], cwd=ROOT, capture_output=True, text=True,
                              timeout=180, env=env)
         assert out.returncode == 0, out.stderr
@@ -206,9 +206,9 @@ def test_serve_settings_from_a_config_file_and_flags(tmp_path, capsys):
     field has a flag."""
     import dataclasses
 
-    from cli.main import build_parser
-    from cli.serve_flags import FLAGS, settings_from_args
-    from cluster.settings import ServeSettings
+    from raymoe.cli.main import build_parser
+    from raymoe.cli.serve_flags import FLAGS, settings_from_args
+    from raymoe.cluster.settings import ServeSettings
 
     config = tmp_path / "serve.yaml"
     config.write_text("expert_actors: 3\nreplicas: 2\nmax_queue: 9\nstream_interval_ms: 0\n")
@@ -231,8 +231,8 @@ def test_serve_settings_from_a_config_file_and_flags(tmp_path, capsys):
 
 def test_app_names_and_route_prefixes(capsys):
     """A second server's name gives its HTTP prefix and its Serve config entry; bad ones are one line."""
-    from cli.main import build_parser
-    from cli.serve_flags import settings_from_args
+    from raymoe.cli.main import build_parser
+    from raymoe.cli.serve_flags import settings_from_args
 
     s = settings_from_args(build_parser().parse_args(["serve", "--app-name", "mixtral-b"]))
     assert s.http_route_prefix() == "/mixtral-b"
@@ -270,7 +270,7 @@ def test_ctrl_c_while_the_server_starts_stops_it_at_once():
             s.bind(("127.0.0.1", 0))
             ports.append(s.getsockname()[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--no-dashboard", "--grpc-port", str(ports[0]),
+    proc = subprocess.Popen([sys.executable, "-m", "raymoe.cli.main", "serve", "--no-dashboard", "--grpc-port", str(ports[0]),
                              "--http-port", str(ports[1])], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:

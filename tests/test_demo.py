@@ -11,10 +11,10 @@ import itertools
 
 import pytest
 
-from cli.main import main
-from model import demo
-from model.default import PACKAGED, default_checkpoint
-from model.weights import load_model
+from raymoe.cli.main import main
+from raymoe.model import demo
+from raymoe.model.default import PACKAGED, default_checkpoint
+from raymoe.model.weights import load_model
 
 TINY = demo.Shape(hidden=32, intermediate=32, layers=2, heads=2, kv_heads=1)
 

@@ -6,9 +6,9 @@ import argparse
 
 import pytest
 
-from cli.demo_eval import remote_experts_generate, server_generate
-from model.default import PACKAGED, default_checkpoint
-from model.demo import evaluate, local_generate
+from raymoe.cli.demo_eval import remote_experts_generate, server_generate
+from raymoe.model.default import PACKAGED, default_checkpoint
+from raymoe.model.demo import evaluate, local_generate
 from serving_helpers import running_server
 
 N = 60  # held-out problems per path (the full 500 run in-process in test_demo.py)

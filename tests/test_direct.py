@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from actors.direct import DirectChannel, DirectServer
+from raymoe.actors.direct import DirectChannel, DirectServer
 
 
 def slow_double(layer: int, payload: np.ndarray):

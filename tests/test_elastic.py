@@ -12,8 +12,8 @@ import time
 import grpc
 import pytest
 
-from cluster.client import completion_json
-from protos import generator_pb2 as pb
+from raymoe.cluster.client import completion_json
+from raymoe.protos import generator_pb2 as pb
 from serving_helpers import running_server
 
 STREAMS = [dict(prompt_token_ids=[1, 40 + i, 9, 77], max_tokens=250, ignore_eos=True) for i in range(16)]
@@ -76,7 +76,7 @@ def test_scale_and_rebalance_under_streaming_load_lose_nothing(server):
 
 
 def test_cli_shows_the_placement_and_refuses_bad_requests(server, capsys):
-    from cli.main import main
+    from raymoe.cli.main import main
 
     target = f"127.0.0.1:{server.target.rsplit(':', 1)[1]}"
     assert main(["experts", "--target", target, "--json"]) == 0

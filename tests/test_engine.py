@@ -12,8 +12,8 @@ import dataclasses
 import pytest
 import torch
 
-from model.engine import Engine
-from model.sampling import SamplingParams
+from raymoe.model.engine import Engine
+from raymoe.model.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=20, ignore_eos=True)
 PROMPTS = [[1, 17, 300, 45, 9], [1] + list(range(40, 61)), [7], [1, 400, 401, 402, 403, 404, 405, 406, 407, 408]]

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from cluster.engine_loop import EngineLoop
-from model.engine import Engine
-from model.sampling import SamplingParams
+from raymoe.cluster.engine_loop import EngineLoop
+from raymoe.model.engine import Engine
+from raymoe.model.sampling import SamplingParams
 
 
 @pytest.fixture
@@ -128,7 +128,7 @@ def test_requests_wait_while_loading_then_run(model):
 def test_a_failed_load_fails_queued_and_later_requests(model):
     import threading
 
-    from model.errors import BackendUnavailable
+    from raymoe.model.errors import BackendUnavailable
 
     release, error = threading.Event(), BackendUnavailable("experts [0, 1] unavailable: disk on fire")
 

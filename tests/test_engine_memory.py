@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.engine import Engine
-from model.moe import LocalExperts
-from model.sampling import SamplingParams
+from raymoe.model.engine import Engine
+from raymoe.model.moe import LocalExperts
+from raymoe.model.sampling import SamplingParams
 
 PROMPTS = [[1, 17, 300, 45, 9], [1] + list(range(40, 61)), [7, 8], [1, 400, 401, 402, 403, 404, 405]]
 MIXED = [SamplingParams(max_tokens=40, ignore_eos=True),

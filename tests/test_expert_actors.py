@@ -12,12 +12,12 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from actors.expert_actor import ExpertActor, from_wire, pack, unpack  # noqa: E402
-from actors.pool import ExpertPool, ExpertsUnavailable, PoolConfig  # noqa: E402
-from actors.remote_experts import RemoteExperts, remote_experts_factory  # noqa: E402
+from raymoe.actors.expert_actor import ExpertActor, from_wire, pack, unpack  # noqa: E402
+from raymoe.actors.pool import ExpertPool, ExpertsUnavailable, PoolConfig  # noqa: E402
+from raymoe.actors.remote_experts import RemoteExperts, remote_experts_factory  # noqa: E402
 from expert_helpers import assert_same_generation, generate, reference, write_checkpoint  # noqa: E402
-from model.moe import LocalExperts, route  # noqa: E402
-from model.weights import Checkpoint, load_model  # noqa: E402
+from raymoe.model.moe import LocalExperts, route  # noqa: E402
+from raymoe.model.weights import Checkpoint, load_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_bfloat16_travels_as_bit_patterns(cluster, ckpt):
 
 
 def test_cli_run_with_expert_actors_prints_the_same_json(cluster, ckpt, capsys):
-    from cli.main import main
+    from raymoe.cli.main import main
 
     argv = ["run", "--checkpoint", str(ckpt), "--prompt-ids", "1,17,42,99", "--max-tokens", "6",
             "--ignore-eos", "--json"]

@@ -13,8 +13,8 @@ import time
 import grpc
 import pytest
 
-from cluster.client import completion_json
-from protos import generator_pb2 as pb
+from raymoe.cluster.client import completion_json
+from raymoe.protos import generator_pb2 as pb
 from serving_helpers import running_server
 
 NORMAL = [dict(prompt_token_ids=[1, 20 + i, 7, 99], max_tokens=40, ignore_eos=True,
@@ -106,9 +106,9 @@ def test_only_the_requests_own_faults_are_invalid_argument():
     INTERNAL, and its text (remote traceback, host, address) stays in the replica's log."""
     from ray.exceptions import RayTaskError
 
-    from actors.pool import ExpertsUnavailable
-    from cluster.ingress import _status_for
-    from model.errors import InvalidRequest
+    from raymoe.actors.pool import ExpertsUnavailable
+    from raymoe.cluster.ingress import _status_for
+    from raymoe.model.errors import InvalidRequest
 
     assert _status_for(InvalidRequest("max_tokens is 9", "max_tokens")) == (grpc.StatusCode.INVALID_ARGUMENT,
                                                                            "max_tokens is 9")

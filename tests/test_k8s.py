@@ -27,7 +27,7 @@ import ray
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from cluster.settings import DEPLOYMENT_NAME, ServeSettings
+from raymoe.cluster.settings import DEPLOYMENT_NAME, ServeSettings
 
 try:
     import tomllib

@@ -12,10 +12,10 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from actors import live  # noqa: E402
-from actors.plan import diff  # noqa: E402
-from actors.pool import ExpertPool, PoolConfig  # noqa: E402
-from actors.remote_experts import RemoteExperts  # noqa: E402
+from raymoe.actors import live  # noqa: E402
+from raymoe.actors.plan import diff  # noqa: E402
+from raymoe.actors.pool import ExpertPool, PoolConfig  # noqa: E402
+from raymoe.actors.remote_experts import RemoteExperts  # noqa: E402
 from expert_helpers import write_checkpoint  # noqa: E402
 from test_expert_actors import local_layer, routed  # noqa: E402
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from model.progress import LoadProgress, progress_line
-from model.safetensors_file import SafetensorsError, SafetensorsFile
-from model.weights import Checkpoint, CheckpointError, load_model
+from raymoe.model.progress import LoadProgress, progress_line
+from raymoe.model.safetensors_file import SafetensorsError, SafetensorsFile
+from raymoe.model.weights import Checkpoint, CheckpointError, load_model
 
 
 def test_reader_equals_the_safetensors_library(tiny_dir):
@@ -68,7 +68,7 @@ def test_progress_line_names_what_is_still_loading():
 
 def test_actors_load_in_the_background_and_a_failed_load_is_named(tiny_dir, tmp_path):
     ray = pytest.importorskip("ray")
-    from actors.pool import ExpertPool, ExpertsUnavailable, PoolConfig
+    from raymoe.actors.pool import ExpertPool, ExpertsUnavailable, PoolConfig
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -90,8 +90,8 @@ def test_actors_load_in_the_background_and_a_failed_load_is_named(tiny_dir, tmp_
 
 def test_status_shows_actors_loading():
     """`raymoe status` on a server whose expert actors are still loading (ModelInfo state LOADING)."""
-    from cli.status import render
-    from protos import generator_pb2 as pb
+    from raymoe.cli.status import render
+    from raymoe.protos import generator_pb2 as pb
 
     info = pb.ModelInfoResponse(model="/m", state="LOADING", config=pb.ModelConfig(num_hidden_layers=2),
                                 expert_actors=[
@@ -118,9 +118,9 @@ def test_a_server_whose_experts_cannot_load_says_why(tiny_dir, tmp_path):
     from safetensors.torch import load_file, save_file
     from ray import serve
 
-    from cluster.deploy import deploy, release_pool
-    from cluster.settings import ServeSettings
-    from model.errors import BackendUnavailable
+    from raymoe.cluster.deploy import deploy, release_pool
+    from raymoe.cluster.settings import ServeSettings
+    from raymoe.model.errors import BackendUnavailable
     from serving_helpers import free_port
 
     tensors = load_file(str(tiny_dir / "model.safetensors"))

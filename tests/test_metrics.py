@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cli.status import imbalance, render
-from protos import generator_pb2 as pb
+from raymoe.cli.status import imbalance, render
+from raymoe.protos import generator_pb2 as pb
 from serving_helpers import free_port, running_server
 
 WORKLOAD = [([1, 5, 9, 14], 6), ([1, 2, 3, 4, 5, 6, 7, 8, 9], 3), ([1, 77], 10)]  # (prompt ids, max_tokens)

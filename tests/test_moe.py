@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.moe import LocalExperts, route, sort_by_expert, swiglu_grouped
+from raymoe.model.moe import LocalExperts, route, sort_by_expert, swiglu_grouped
 
 
 def per_token_reference(experts: LocalExperts, x, weights, idx):

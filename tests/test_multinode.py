@@ -21,10 +21,10 @@ ray = pytest.importorskip("ray")
 
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from actors.pool import ExpertPool, ExpertsUnavailable, PoolConfig  # noqa: E402
-from actors.remote_experts import RemoteExperts, remote_experts_factory  # noqa: E402
+from raymoe.actors.pool import ExpertPool, ExpertsUnavailable, PoolConfig  # noqa: E402
+from raymoe.actors.remote_experts import RemoteExperts, remote_experts_factory  # noqa: E402
 from expert_helpers import PROMPTS, assert_same_generation, generate, reference, write_checkpoint  # noqa: E402
-from model.weights import load_model  # noqa: E402
+from raymoe.model.weights import load_model  # noqa: E402
 
 FAST_FAILURE_DETECTION = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
                           "health_check_failure_threshold": 3}
@@ -132,7 +132,7 @@ def test_cli_joins_the_cluster_with_address(cluster, ckpt, capsys):
     prints the in-process JSON, disconnects, and leaves the cluster running."""
     import json
 
-    from cli.main import main
+    from raymoe.cli.main import main
 
     c, _, _ = cluster
     argv = ["run", "--checkpoint", str(ckpt), "--prompt-ids", "1,17,42,99", "--max-tokens", "5", "--json"]

@@ -15,8 +15,8 @@ import urllib.request
 import grpc
 import pytest
 
-from cluster.client import Client, completion_json
-from protos import generator_pb2 as pb
+from raymoe.cluster.client import Client, completion_json
+from raymoe.protos import generator_pb2 as pb
 from serving_helpers import running_server
 
 openai = pytest.importorskip("openai")
@@ -27,7 +27,7 @@ TEMPLATE = "{{ bos_token }}{% for message in messages %}{{ message['content'] }}
 
 @pytest.fixture(scope="module")
 def demo_with_template(tmp_path_factory):
-    from model.default import default_checkpoint
+    from raymoe.model.default import default_checkpoint
 
     out = tmp_path_factory.mktemp("demo-chat") / "demo-chat"
     shutil.copytree(default_checkpoint(), out)
@@ -148,7 +148,7 @@ def test_a_client_gone_mid_stream_ends_every_choice(base_url, server):
 
 
 def test_http_and_grpc_give_the_same_tokens(api, server):
-    from model.tokenizer import Tokenizer
+    from raymoe.model.tokenizer import Tokenizer
 
     http = api.completions.create(model=model_id(api), prompt="12+34=", max_tokens=6, logprobs=2)
     grpc_json = completion_json([server.generate(pb.GenerateRequest(prompt="12+34=", max_tokens=6, logprobs=2))])

@@ -8,9 +8,9 @@ import types
 import pytest
 import torch
 
-from actors.pool import layer_route
-from actors.remote_experts import RemoteExperts, split_by_load
-from actors.placement import assign_nodes, plan_placement, ranges
+from raymoe.actors.pool import layer_route
+from raymoe.actors.remote_experts import RemoteExperts, split_by_load
+from raymoe.actors.placement import assign_nodes, plan_placement, ranges
 
 
 def copies(p, layer=0):

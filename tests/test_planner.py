@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-from actors.placement import plan_placement
-from actors.plan import ActorSlots, Plan, diff, from_placement, imbalance, layer_loads
-from actors.planner import copy_counts, rebalance, replace, scale
+from raymoe.actors.placement import plan_placement
+from raymoe.actors.plan import ActorSlots, Plan, diff, from_placement, imbalance, layer_loads
+from raymoe.actors.planner import copy_counts, rebalance, replace, scale
 
 
 def static(num_experts=8, num_layers=2, actors=4, slots=None, nodes=None):

@@ -11,11 +11,11 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from actors.pool import PoolConfig, named_pools  # noqa: E402
-from actors.pool_host import NAMESPACE, host_name, pool_host, release_shared_pool, shared_pool  # noqa: E402
-from actors.remote_experts import remote_experts_factory  # noqa: E402
+from raymoe.actors.pool import PoolConfig, named_pools  # noqa: E402
+from raymoe.actors.pool_host import NAMESPACE, host_name, pool_host, release_shared_pool, shared_pool  # noqa: E402
+from raymoe.actors.remote_experts import remote_experts_factory  # noqa: E402
 from expert_helpers import assert_same_generation, generate, reference, write_checkpoint  # noqa: E402
-from model.weights import load_model  # noqa: E402
+from raymoe.model.weights import load_model  # noqa: E402
 
 APP = "pooltest"
 

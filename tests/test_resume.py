@@ -17,8 +17,8 @@ import time
 import grpc
 import pytest
 
-from cluster.client import Client, completion_json
-from protos import generator_pb2 as pb
+from raymoe.cluster.client import Client, completion_json
+from raymoe.protos import generator_pb2 as pb
 from serving_helpers import running_server
 
 STREAMS = [dict(prompt_token_ids=[1, 30 + i, 7, 99], max_tokens=900, ignore_eos=True,
@@ -111,8 +111,8 @@ def test_redeploy_costs_no_stream(server, reference, tiny_dir):
     cut and resumed on the new ones."""
     from ray import serve
 
-    from cluster.app import build_app
-    from cluster.settings import APP_NAME, ServeSettings
+    from raymoe.cluster.app import build_app
+    from raymoe.cluster.settings import APP_NAME, ServeSettings
 
     wait_for_replicas(2)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.sampling import SamplingParams, sample
+from raymoe.model.sampling import SamplingParams, sample
 
 LOGITS = torch.tensor([2.0, 1.2, 0.9, 0.0, -1.0, -3.0])
 N = 4000
@@ -107,7 +107,7 @@ def test_each_row_depends_only_on_its_own_seed_and_position(batch_logits):
 
 
 def test_uniform_depends_only_on_seed_and_position():
-    from model.sampling import uniform
+    from raymoe.model.sampling import uniform
 
     assert uniform(7, 3) == uniform(7, 3)
     values = [uniform(7, p) for p in range(2000)] + [uniform(s, 0) for s in range(10_000, 12_000)]

@@ -9,13 +9,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cluster.client import Client, completion_json
-from model.completion import complete
-from model.engine import Engine
-from model.sampling import SamplingParams
-from model.tokenizer import Tokenizer
-from model.weights import load_model
-from protos import generator_pb2 as pb
+from raymoe.cluster.client import Client, completion_json
+from raymoe.model.completion import complete
+from raymoe.model.engine import Engine
+from raymoe.model.sampling import SamplingParams
+from raymoe.model.tokenizer import Tokenizer
+from raymoe.model.weights import load_model
+from raymoe.protos import generator_pb2 as pb
 from serving_helpers import running_server
 
 MAX_RUNNING, MAX_QUEUE = 16, 8

@@ -7,13 +7,13 @@ import time
 import grpc
 import pytest
 
-from cluster.client import completion_json
-from model.completion import complete
-from model.engine import Engine
-from model.sampling import SamplingParams
-from model.tokenizer import Tokenizer
-from model.weights import load_model
-from protos import generator_pb2 as pb
+from raymoe.cluster.client import completion_json
+from raymoe.model.completion import complete
+from raymoe.model.engine import Engine
+from raymoe.model.sampling import SamplingParams
+from raymoe.model.tokenizer import Tokenizer
+from raymoe.model.weights import load_model
+from raymoe.protos import generator_pb2 as pb
 from serving_helpers import running_server
 
 
@@ -58,7 +58,7 @@ def test_concurrent_requests_equal_in_process(remote_server, tiny_dir):
 
 def test_model_info_reports_placement(remote_server):
     client, ray = remote_server
-    from actors.pool_host import pool_host
+    from raymoe.actors.pool_host import pool_host
 
     # deploy() started the pool before Serve (prestart_pool); the replicas attached to that one
     assert len(ray.get(pool_host("raymoe").ping.remote())) == 1
@@ -74,7 +74,7 @@ def test_model_info_reports_placement(remote_server):
     assert calls.transport in ("direct", "ray")
     if calls.layer_calls:
         assert 0 < calls.slowest_compute_seconds < calls.wall_seconds
-    from cli.status import render
+    from raymoe.cli.status import render
 
     assert "layer calls" in render(info) or not calls.layer_calls
 

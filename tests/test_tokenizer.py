@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from model.completion import complete
-from model.engine import Engine
-from model.sampling import SamplingParams
-from model.synthetic import corpus
-from model.tokenizer import IncrementalDecoder, TextStream, Tokenizer, TokenizerError, train_tokenizer
+from raymoe.model.completion import complete
+from raymoe.model.engine import Engine
+from raymoe.model.sampling import SamplingParams
+from raymoe.model.synthetic import corpus
+from raymoe.model.tokenizer import IncrementalDecoder, TextStream, Tokenizer, TokenizerError, train_tokenizer
 
 MULTI = "naïve café 東京 Zürich 🙂"
 # 語 and 🚀 are absent from the training text: they are spelled with byte-fallback pieces.

@@ -10,9 +10,9 @@ import urllib.request
 import grpc
 import pytest
 
-from cluster.client import Client, completion_json
-from cluster.settings import APP_NAME, ServeSettings
-from protos import generator_pb2 as pb
+from raymoe.cluster.client import Client, completion_json
+from raymoe.cluster.settings import APP_NAME, ServeSettings
+from raymoe.protos import generator_pb2 as pb
 from serving_helpers import running_server
 
 
@@ -24,8 +24,8 @@ def http_json(url: str) -> dict:
 def test_two_models_share_a_cluster_under_their_own_names(tiny_dir):
     from ray import serve
 
-    from actors.pool_host import pool_progress
-    from cluster.deploy import deploy, release_pool
+    from raymoe.actors.pool_host import pool_progress
+    from raymoe.cluster.deploy import deploy, release_pool
 
     with running_server("raymoe-test-two-apps", expert_actors=1, expert_num_cpus=0.25, replica_num_cpus=0.5) as first:
         second = ServeSettings(app_name="second", checkpoint=str(tiny_dir), expert_actors=1, expert_num_cpus=0.25,
@@ -64,7 +64,7 @@ def test_a_server_that_cannot_deploy_says_why_and_the_others_keep_serving(tmp_pa
 
     from ray import serve
 
-    from cluster.deploy import DeployFailed, deploy
+    from raymoe.cluster.deploy import DeployFailed, deploy
 
     with running_server("raymoe-test-bad-app") as first:
         bad = ServeSettings(app_name="bad", checkpoint=str(tmp_path / "missing"), grpc_port=int(first.target.rsplit(":", 1)[1]),
@@ -96,8 +96,8 @@ def test_a_failed_replacement_leaves_the_running_server_serving(tmp_path):
     cannot read: the command fails in one line, and takes down neither that server nor its pool."""
     import threading
 
-    from cli.commands import UserError
-    from cli.serve import _serve_until_stopped
+    from raymoe.cli.commands import UserError
+    from raymoe.cli.serve import _serve_until_stopped
 
     with running_server("raymoe-test-replace") as first:
         bad = ServeSettings(checkpoint=str(tmp_path / "missing"), grpc_port=int(first.target.rsplit(":", 1)[1]),

@@ -17,10 +17,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import GenerationConfig, MixtralConfig, MixtralForCausalLM  # noqa: E402
 
-from model.engine import Engine  # noqa: E402
-from model.presets import PRESETS, init_checkpoint, random_model  # noqa: E402
-from model.sampling import SamplingParams  # noqa: E402
-from model.weights import load_model  # noqa: E402
+from raymoe.model.engine import Engine  # noqa: E402
+from raymoe.model.presets import PRESETS, init_checkpoint, random_model  # noqa: E402
+from raymoe.model.sampling import SamplingParams  # noqa: E402
+from raymoe.model.weights import load_model  # noqa: E402
 
 VOCAB, PROMPT_LEN, NEW_TOKENS, ATOL = 128, 20, 32, 1e-4
 

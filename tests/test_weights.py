@@ -10,10 +10,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model.config import ConfigError
-from model.export import hf_state_dict, save_checkpoint
-from model.tokenizer import Tokenizer, TokenizerError
-from model.weights import Checkpoint, CheckpointError, load_model
+from raymoe.model.config import ConfigError
+from raymoe.model.export import hf_state_dict, save_checkpoint
+from raymoe.model.tokenizer import Tokenizer, TokenizerError
+from raymoe.model.weights import Checkpoint, CheckpointError, load_model
 
 LAYERS, EXPERTS = 2, 8  # the tiny preset
 
@@ -230,7 +230,7 @@ def test_export_round_trip(tmp_path, model):
 def test_load_progress_counts_what_is_read(tmp_path, model):
     """A file may hold tensors nobody reads (a tied model's lm_head, old rotary buffers): the total
     the progress line shows is what the load reads, so a finished load shows 100%."""
-    from model.progress import LoadProgress
+    from raymoe.model.progress import LoadProgress
 
     save_checkpoint(model, tmp_path)
     state = file_tensors(tmp_path)
