@@ -9,6 +9,7 @@ who can reach the ports may generate: see the README's "What is exposed".
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 
@@ -29,6 +30,15 @@ class ApiKey:
             return True
         scheme, _, token = (authorization or "").strip().partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.key.encode())
+
+    def identity(self, authorization: str | None) -> str:
+        """Who the caller is, as far as keeping prefix caches apart goes: a digest of the key it
+        presented (never the key itself), "" on an open server. Callers with different identities
+        never reuse each other's cached prompts, so none can time another's."""
+        if not self.key:
+            return ""
+        _, _, token = (authorization or "").strip().partition(" ")
+        return "key:" + hashlib.sha256(token.strip().encode()).hexdigest()[:32]
 
     def allows_grpc(self, context) -> bool:
         if not self.key:

@@ -221,7 +221,9 @@ def completion_json(responses: list[pb.GenerateResponse]) -> dict:
            "token_ids": [t for r in responses for t in r.token_ids],
            "logprobs": [lp for r in responses for lp in r.logprobs],
            "text": "".join(r.text for r in responses),
-           "finish_reason": responses[-1].finish_reason if responses else None}
+           "finish_reason": responses[-1].finish_reason if responses else None,
+           # prompt tokens the server found in its prefix cache (every chunk carries the count)
+           "cached_prompt_tokens": max((r.usage.cached_prompt_tokens for r in responses), default=0)}
     top = [row for r in responses for row in r.top_logprobs]
     if top:
         out["top_logprobs"] = [[{"token_id": a.token_id, "logprob": a.logprob} for a in row.alternatives]

@@ -40,12 +40,13 @@ class Chunk:
     top: list[list[tuple[int, float]]]
     finish_reason: str | None
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens the prefix cache held when the sequence started
 
 
 def merge(a: Chunk, b: Chunk) -> Chunk:
     """Two consecutive chunks of one sequence as one."""
     return Chunk(a.text + b.text, a.token_ids + b.token_ids, a.logprobs + b.logprobs, a.top + b.top,
-                 b.finish_reason, b.completion_tokens)
+                 b.finish_reason, b.completion_tokens, b.cached_tokens)
 
 
 def _send_all(items: list[tuple["_Request", "Chunk | BaseException"]]) -> None:
@@ -64,9 +65,9 @@ def _put_all(batch: list) -> None:
 
 class _Request:
     def __init__(self, loop: asyncio.AbstractEventLoop, prompt_ids: list[int], params: SamplingParams,
-                 tracker: CompletionTracker, resume_ids: list[int]) -> None:
+                 tracker: CompletionTracker, resume_ids: list[int], cache_salt: bytes) -> None:
         self.loop, self.prompt_ids, self.params, self.tracker = loop, prompt_ids, params, tracker
-        self.resume_ids = resume_ids
+        self.resume_ids, self.cache_salt = resume_ids, cache_salt
         self.out: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
         self.ended = asyncio.Event()  # its last chunk or its error has arrived
         self.t_last = time.perf_counter()  # arrival, then each token's time (TTFT / ITL)
@@ -119,11 +120,13 @@ class EngineLoop:
         self._thread.start()
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, stop: list[str],
-                       resume_ids: list[int] = (), resume_text_bytes: int = 0) -> AsyncIterator[Chunk]:
+                       resume_ids: list[int] = (), resume_text_bytes: int = 0,
+                       cache_salt: bytes = b"") -> AsyncIterator[Chunk]:
         """Yield chunks of new tokens; the last carries finish_reason. resume_ids continues a
         generation whose first tokens (and resume_text_bytes of their text) were delivered already:
         only what follows is yielded. Raises InvalidRequest for a bad request, QueueFull when too
-        many are waiting, or the error that ended the sequence."""
+        many are waiting, or the error that ended the sequence. cache_salt: only sequences with the
+        same salt share cached prompt blocks (see Generator.cache_salt)."""
         if self.load_error is not None:
             raise self.load_error
         if not self.alive:
@@ -142,7 +145,7 @@ class EngineLoop:
         if self.num_waiting + self._inbox.qsize() >= self.max_queue + max(0, free_slots):
             raise QueueFull(f"server busy: {self.max_queue} requests already waiting; retry later")
         seq_id = next(self._ids)
-        req = _Request(asyncio.get_running_loop(), prompt_ids, params, tracker, list(resume_ids))
+        req = _Request(asyncio.get_running_loop(), prompt_ids, params, tracker, list(resume_ids), cache_salt)
         self._post(("add", seq_id, req))
         if self.load_error is not None:  # loading failed while this request was being posted
             raise self.load_error
@@ -255,7 +258,7 @@ class EngineLoop:
                 (self.metrics.ttft if req.first else self.metrics.itl).observe(now - req.t_last)
             req.first, req.t_last = False, now
             out.append((req, Chunk(text, [ev.token_id], [ev.logprob], [ev.top], c.finish_reason if done else None,
-                                   len(c.token_ids))))
+                                   len(c.token_ids), ev.cached_tokens)))
         _send_all(out)
         self._update_counts()
 
@@ -271,7 +274,7 @@ class EngineLoop:
         for kind, seq_id, req in self._take_inbox():
             if kind == "add":
                 try:
-                    self.engine.add(seq_id, req.prompt_ids, req.params, req.resume_ids)
+                    self.engine.add(seq_id, req.prompt_ids, req.params, req.resume_ids, cache_salt=req.cache_salt)
                     self._requests[seq_id] = req
                 except Exception as e:  # noqa: BLE001 — InvalidRequest (checked again here), or a bug
                     req.send(e)
@@ -295,6 +298,8 @@ class EngineLoop:
             self.metrics.observe_step(*batch, step_seconds, len(self.engine.waiting),
                                       len(self.engine.running), cache.used_blocks * cache.block_size,
                                       cache.capacity_tokens, self.engine.preemptions)
+            pool = cache.pool
+            self.metrics.observe_prefix_cache(pool.queries_tokens, pool.hits_tokens, pool.evictions, pool.num_cached)
 
     def _update_counts(self) -> None:
         self.num_waiting, self.num_running = len(self.engine.waiting), len(self.engine.running)

@@ -16,7 +16,9 @@ request gives the same choices). Usage counts each prompt once and every choice'
 Where raymoe differs from OpenAI, on purpose: `temperature` defaults to 0 (greedy), as in raymoe's
 gRPC API; `best_of`, `echo`, `suffix`, penalties, `logit_bias`, tools and response formats other
 than their neutral values are refused with a 400 naming the field rather than ignored. Extra
-fields raymoe understands: `top_k`, `ignore_eos`, `stop_token_ids`.
+fields raymoe understands: `top_k`, `ignore_eos`, `stop_token_ids`, and vLLM's `cache_salt` (only
+requests with the same salt and API key share cached prompt blocks). Usage reports
+`prompt_tokens_details.cached_tokens`: prompt tokens found in the prefix cache.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ app = FastAPI(title="raymoe", description="OpenAI-compatible API of a raymoe ser
               openapi_url=None)
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "n", "user",
-          "presence_penalty", "frequency_penalty", "logit_bias", "top_k", "ignore_eos", "stop_token_ids"}
+          "presence_penalty", "frequency_penalty", "logit_bias", "top_k", "ignore_eos", "stop_token_ids",
+          "cache_salt"}
 COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 CHAT_FIELDS = COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_tokens", "response_format",
                         "tools", "tool_choice", "parallel_tool_calls"}
@@ -138,6 +141,7 @@ def _common(body: dict, allowed: set[str]) -> dict[str, Any]:
                 top_k=_typed(body, "top_k", (int,), "an integer"),
                 seed=_typed(body, "seed", (int,), "an integer"),
                 stop=stop or [], stop_token_ids=stop_ids,
+                cache_salt=_typed(body, "cache_salt", (str,), "a string"),
                 ignore_eos=bool(_typed(body, "ignore_eos", (bool,), "a boolean")))
 
 
@@ -243,7 +247,8 @@ async def chat_completions(request: Request):
 
 class OpenAIRoutes:
     """Mixed into the front deployment (cluster.ingress.Generator), which provides `loop`, `cfg`,
-    `limits`, `tokenizer`, `chat`, `model_id`, `api_key`, `pool_health` and `serving`."""
+    `limits`, `tokenizer`, `chat`, `model_id`, `api_key`, `pool_health`, `serving`, `cache_salt` and
+    `generate`."""
 
     async def http_health(self) -> JSONResponse:
         ok = self.serving
@@ -268,7 +273,8 @@ class OpenAIRoutes:
             reqs = await asyncio.to_thread(lambda: [self._build({**kw, **p}) for p in prompts])  # off the event loop
         except Exception as e:  # noqa: BLE001
             return http_error_for(e).response()
-        view = _CompletionView(self, reqs, n, "text_completion", "cmpl", logprobs=wants_logprobs(body))
+        view = _CompletionView(self, reqs, n, "text_completion", "cmpl", logprobs=wants_logprobs(body),
+                               authorization=request.headers.get("authorization"))
         return await view.respond(stream, usage)
 
     async def http_chat_completions(self, request: Request):
@@ -291,7 +297,8 @@ class OpenAIRoutes:
             req = await asyncio.to_thread(self._build, kw)
         except Exception as e:  # noqa: BLE001
             return http_error_for(e).response()
-        view = _CompletionView(self, [req], n, "chat.completion", "chatcmpl", chat=True, logprobs=want_logprobs)
+        view = _CompletionView(self, [req], n, "chat.completion", "chatcmpl", chat=True, logprobs=want_logprobs,
+                               authorization=request.headers.get("authorization"))
         return await view.respond(stream, usage)
 
     # --- helpers ---
@@ -335,8 +342,9 @@ class _CompletionView:
     (prompt, k < n), each its own sequence of the engine."""
 
     def __init__(self, owner: OpenAIRoutes, reqs: list, n: int, obj: str, prefix: str, chat: bool = False,
-                 logprobs: bool = False) -> None:
+                 logprobs: bool = False, authorization: str | None = None) -> None:
         self.owner, self.reqs, self.n, self.obj, self.chat, self.logprobs = owner, reqs, n, obj, chat, logprobs
+        self.authorization = authorization
         self.id, self.created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
         self.choices = [(r, k) for r in reqs for k in range(n)]  # index p·n + k
         self.text_offset = [0] * len(self.choices)  # characters of each completion so far (text_offset)
@@ -346,11 +354,14 @@ class _CompletionView:
         params = r.params
         if k and params.seed is not None:  # choice k samples with its own seed (without one: random each)
             params = dataclasses.replace(params, seed=(params.seed + k) % 2**64)
-        return self.owner.loop.generate(r.prompt_ids, params, r.stop)
+        return self.owner.generate(r.prompt_ids, params, r.stop,
+                                   cache_salt=self.owner.cache_salt(self.authorization, r.cache_salt))
 
-    def _usage(self, completion_tokens: int) -> dict:
+    def _usage(self, completion_tokens: int, cached: list[int]) -> dict:
+        """cached: each choice's cached prompt tokens; a prompt counts once, as its first choice found it."""
         n = sum(len(r.prompt_ids) for r in self.reqs)
-        return {"prompt_tokens": n, "completion_tokens": completion_tokens, "total_tokens": n + completion_tokens}
+        return {"prompt_tokens": n, "completion_tokens": completion_tokens, "total_tokens": n + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": sum(cached[::self.n])}}
 
     def _token(self, token_id: int) -> tuple[str, list[int]]:
         """A token's text and UTF-8 bytes as it stands in the output (a byte piece is its byte)."""
@@ -431,23 +442,24 @@ class _CompletionView:
             return http_error_for(e).response()
         self.owner._count("ok")
         choices, done = [], 0
+        cached = [chunks[-1].cached_tokens if chunks else 0 for chunks in got]
         for i, chunks in enumerate(got):
             text = "".join(c.text for c in chunks)
             finish = chunks[-1].finish_reason if chunks else "length"
             done += chunks[-1].completion_tokens if chunks else 0
             choices.append(self._choice(i, text, chunks, finish, delta=False))
-        return JSONResponse(self._envelope(choices, self._usage(done), False))
+        return JSONResponse(self._envelope(choices, self._usage(done, cached), False))
 
     async def _events(self, firsts: list, gens: list, usage_in_stream: bool) -> AsyncIterator[str]:
-        done = [0] * len(gens)
+        done, cached = [0] * len(gens), [0] * len(gens)
         try:
             async with contextlib.aclosing(_merge(firsts, gens)) as merged:  # a client gone mid-stream aborts now
                 async for i, c, is_first in merged:
-                    done[i] = c.completion_tokens
+                    done[i], cached[i] = c.completion_tokens, c.cached_tokens
                     choice = self._choice(i, c.text, [c], c.finish_reason, delta=True, first=is_first)
                     yield f"data: {json.dumps(self._envelope([choice], None, True, usage_field=usage_in_stream))}\n\n"
             if usage_in_stream:
-                yield f"data: {json.dumps(self._envelope([], self._usage(sum(done)), True))}\n\n"
+                yield f"data: {json.dumps(self._envelope([], self._usage(sum(done), cached), True))}\n\n"
             self.owner._count("ok")
         except Exception as e:  # noqa: BLE001 — the status line is sent; the error is an event
             err = http_error_for(e)

@@ -18,6 +18,7 @@ from raymoe.model.sampling import GREEDY_BELOW, MAX_TEMPERATURE, SamplingParams
 from raymoe.model.tokenizer import Tokenizer
 
 DEFAULT_MAX_TOKENS = 16  # a request that sets no max_tokens (as OpenAI's completions API)
+MAX_CACHE_SALT_CHARS = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Request:
     stop: list[str]
     resume_ids: list[int] = dataclasses.field(default_factory=list)  # tokens already delivered
     resume_text_bytes: int = 0  # UTF-8 bytes of text already delivered for them
+    cache_salt: str = ""  # the request's own part of the prefix cache's salt
 
 
 def build_request(cfg: ModelConfig, limits: RequestLimits, tokenizer: Tokenizer | None, *,
@@ -51,7 +53,8 @@ def build_request(cfg: ModelConfig, limits: RequestLimits, tokenizer: Tokenizer 
                   max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
                   top_k: int | None = None, seed: int | None = None, logprobs: int | None = None,
                   stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
-                  add_bos: bool = True, resume_ids: Sequence[int] = (), resume_text_bytes: int = 0) -> Request:
+                  add_bos: bool = True, resume_ids: Sequence[int] = (), resume_text_bytes: int = 0,
+                  cache_salt: str | None = None) -> Request:
     """Check every field against the model and the limits; None means "not set" (the default)."""
     if (prompt is not None and prompt != "") == bool(prompt_ids):
         raise InvalidRequest("give exactly one of prompt and prompt_token_ids" if prompt
@@ -133,8 +136,11 @@ def build_request(cfg: ModelConfig, limits: RequestLimits, tokenizer: Tokenizer 
         raise InvalidRequest("resume_text_bytes needs resume_token_ids", "resume_text_bytes")
     if resumed and t > 0 and seed is None:
         raise InvalidRequest("resuming a sampled generation needs its seed (the first response's `seed`)", "seed")
+    salt = cache_salt or ""
+    if not isinstance(salt, str) or len(salt) > MAX_CACHE_SALT_CHARS:
+        raise InvalidRequest(f"cache_salt must be a string of at most {MAX_CACHE_SALT_CHARS} characters", "cache_salt")
     params = SamplingParams(max_tokens=n, temperature=t, top_p=p, top_k=k, seed=None if seed is None else int(seed),
                             logprobs=lp, stop_token_ids=stops, ignore_eos=bool(ignore_eos))
     # The seed is fixed here, so the first response can tell the client which one to resume with.
     params = dataclasses.replace(params, seed=params.effective_seed())
-    return Request(ids, params, stop, resumed, int(resume_text_bytes))
+    return Request(ids, params, stop, resumed, int(resume_text_bytes), salt)
