@@ -163,7 +163,11 @@ def test_keys_on_both_doors(api, base_url, server):
     with pytest.raises(openai.AuthenticationError) as err:
         bad.completions.create(model=model_id(api), prompt="1+1=", max_tokens=3)
     assert err.value.status_code == 401 and err.value.body["code"] == "invalid_api_key"
-    assert post(f"{base_url}/completions", {"prompt": "1+1="}, key=None)[0] == 401
+    status, body = post(f"{base_url}/completions", {"prompt": "1+1="}, key=None)
+    assert status == 401 and "send the header 'Authorization: Bearer KEY'" in body["error"]["message"]
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{base_url}/models", timeout=10)
+    assert refused.value.code == 401 and json.loads(refused.value.read())["error"]["code"] == "invalid_api_key"
     with urllib.request.urlopen(base_url.removesuffix("/v1") + "/health", timeout=10) as r:  # probes stay open
         assert r.status == 200
     with Client(server.target, api_key="") as anonymous:
@@ -173,6 +177,10 @@ def test_keys_on_both_doors(api, base_url, server):
         with pytest.raises(grpc.RpcError) as err:
             anonymous.model_info(timeout=10)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as err:  # the Experts service answers the same status
+            anonymous.placement(timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "send the metadata 'authorization: Bearer KEY'" in err.value.details()
         from grpc_health.v1 import health_pb2
 
         assert anonymous.health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
