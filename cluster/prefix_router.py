@@ -201,5 +201,7 @@ if RequestRouter is not None:
 
 
 def _routed(pending_request) -> RoutedRequest | None:
+    """The request's RoutedRequest, if it is one. By attribute, not by type: Serve may load the router
+    class apart from the module the handle's arguments were built with."""
     args = getattr(pending_request, "args", None) or ()
-    return next((a for a in args if isinstance(a, RoutedRequest)), None)
+    return next((a for a in args if isinstance(getattr(a, "route_hashes", None), list)), None)

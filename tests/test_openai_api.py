@@ -232,7 +232,7 @@ def test_bad_bodies_are_400_naming_the_field_while_streams_run(base_url, server)
 def test_cached_prompt_tokens_and_salts_on_both_doors(base_url, server):
     """A prompt seen before reports its cached blocks in usage (HTTP, streamed usage, gRPC, the
     CLI's JSON) and gives the same tokens; cache_salt keeps requests apart, through either door."""
-    prompt = [1] + [(37 * i) % 900 + 20 for i in range(39)]  # 40 tokens: 2 full blocks may be reused
+    prompt = [1] + [(37 * i) % 200 + 20 for i in range(39)]  # 40 tokens: 2 full blocks may be reused
     body = {"prompt": prompt, "max_tokens": 4, "logprobs": 1}
     status, cold = post(f"{base_url}/completions", body)
     assert status == 200 and cold["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
