@@ -189,7 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stream-interval-ms", type=float, default=None,
                     help="the server's stream interval (default: raymoe serve's)")
     ap.add_argument("--micro-batches", type=int, default=0, help="front micro-batches with actors (0: the default)")
-    ap.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs (and torch threads) of the front replica")
+    ap.add_argument("--replica-cpus", type=float, default=None,
+                    help="CPUs (and torch threads) of the front replica (default: the machine's cores with local "
+                         "experts, as the in-process engine has; 1 with expert actors)")
     ap.add_argument("--actor-cpus", type=float, default=0.5, help="CPU share of each expert actor")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="cuda: transformers, the engine and the front replica on GPU 0, expert actors on GPUs")
@@ -257,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         base = ServeSettings(checkpoint=ckpt, expert_actors=args.expert_actors, max_running=max(levels),
                              expert_device="gpu" if gpu else "cpu", expert_num_gpus=args.expert_gpus,
                              replica_num_gpus=args.replica_gpus if gpu else 0.0,
-                             micro_batches=args.micro_batches, replica_num_cpus=args.replica_cpus,
+                             micro_batches=args.micro_batches, replica_num_cpus=args.replica_cpus or 1.0,
                              expert_num_cpus=args.actor_cpus,
                              **({} if args.stream_interval_ms is None else {"stream_interval_ms": args.stream_interval_ms}))
         with ray_connection(None, base.local_ray_cpus()):
@@ -272,7 +274,10 @@ def main(argv: list[str] | None = None) -> None:
             for name in [p for p in paths if p.startswith("served")]:
                 settings = dataclasses.replace(
                     base, grpc_port=free_port(), http_port=free_port(), expert_actors=0 if name == "served-local" else args.expert_actors,
-                    expert_transport="ray" if name == "served-ray" else "direct")
+                    expert_transport="ray" if name == "served-ray" else "direct",
+                    # with local experts the replica is the whole model: it gets the cores the engine has
+                    replica_num_cpus=args.replica_cpus or float(os.cpu_count() or 1) if name == "served-local"
+                    else args.replica_cpus or 1.0)
                 serve_one(name, settings, measure)
     report(results, levels, args)
     tmp.cleanup()
