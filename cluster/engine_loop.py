@@ -6,12 +6,6 @@ per-token chunks through asyncio queues. A cancelled coroutine (client gone, dea
 aborts its sequence, which frees its KV cache at the next step. A sequence the engine fails (its
 own numbers went bad, or the experts it needed are unreachable) ends with that error; the others
 and the loop itself keep going.
-
-A step's tokens are finished (detokenized, checked for stop strings, turned into chunks and handed
-to the event loops) on a second thread, the finisher, so the engine thread starts the next step at
-once: the finisher runs while the engine thread waits for expert actors or runs torch kernels
-(both release the GIL). A stop string found there aborts its sequence through the inbox, so the
-engine may compute one more token for it, which the finisher drops: outputs are unchanged.
 """
 
 from __future__ import annotations
@@ -75,7 +69,6 @@ class _Request:
         self.resume_ids = resume_ids
         self.out: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
         self.ended = asyncio.Event()  # its last chunk or its error has arrived
-        self.stopped = False  # a stop string ended it (finisher thread): later tokens are dropped
         self.t_last = time.perf_counter()  # arrival, then each token's time (TTFT / ITL)
         self.first = True
 
@@ -122,9 +115,6 @@ class EngineLoop:
         self._wait_ready = wait_ready
         self._settled = threading.Event()  # wait_ready returned or raised (at once without one)
         self.load_error: BaseException | None = None  # what wait_ready raised
-        self._finished: queue.SimpleQueue = queue.SimpleQueue()  # (items, now) for the finisher, or None
-        self._finisher = threading.Thread(target=self._finish_run, name="raymoe-finisher", daemon=True)
-        self._finisher.start()
         self._thread = threading.Thread(target=self._run, name="raymoe-engine", daemon=True)
         self._thread.start()
 
@@ -204,8 +194,6 @@ class EngineLoop:
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=10)
-        self._finished.put(None)
-        self._finisher.join(timeout=10)
 
     def _post(self, msg: tuple) -> None:
         self._inbox.put(msg)
@@ -248,52 +236,28 @@ class EngineLoop:
         events = self.engine.step()  # fails sequences, not the step; a raise here is a bug (see _run)
         now = time.perf_counter()
         self._observe(now - t0, self.engine.last_batch)
-        items = []
+        out: list[tuple[_Request, Chunk | BaseException]] = []
         for ev in events:
             req = self._requests.get(ev.seq_id)
             if req is None:
                 continue
-            if ev.error is not None or ev.finish_reason is not None:  # the engine is done with it
+            if ev.error is not None:
                 self._requests.pop(ev.seq_id)
-            items.append((ev.seq_id, req, ev.error if ev.error is not None else ev))
-        if items:
-            self._finished.put((items, now))
-        self._update_counts()
-
-    # --- the finisher thread ----------------------------------------------------------------
-
-    def _finish_run(self) -> None:
-        while (job := self._finished.get()) is not None:
-            try:
-                self._finish(*job)
-            except Exception as e:  # noqa: BLE001 — a bug in finishing: fail those requests, go on
-                import logging
-
-                logging.getLogger("ray.serve").error("engine loop error (finishing a step)", exc_info=e)
-                for seq_id, req, _ in job[0]:
-                    self._post(("abort", seq_id, None))
-                    _send_all([(req, e)])
-
-    def _finish(self, items: list, now: float) -> None:
-        """A step's events → text and chunks for their streams (in order per stream)."""
-        out: list[tuple[_Request, Chunk | BaseException]] = []
-        for seq_id, req, ev in items:
-            if req.stopped:  # a stop string ended it; the engine had not seen the abort yet
-                continue
-            if isinstance(ev, BaseException):
-                out.append((req, ev))
+                out.append((req, ev.error))
                 continue
             text, done = req.tracker.on_token(ev)
             c = req.tracker.completion
-            if done and ev.finish_reason is None:  # a stop string ended it: the engine stops at its next step
-                req.stopped = True
-                self._post(("abort", seq_id, None))
+            if done and ev.finish_reason is None:  # a stop string ended it
+                self.engine.abort(ev.seq_id, "stop")
+            if done:
+                self._requests.pop(ev.seq_id)
             if self.metrics is not None:
                 (self.metrics.ttft if req.first else self.metrics.itl).observe(now - req.t_last)
             req.first, req.t_last = False, now
             out.append((req, Chunk(text, [ev.token_id], [ev.logprob], [ev.top], c.finish_reason if done else None,
                                    len(c.token_ids))))
         _send_all(out)
+        self._update_counts()
 
     def _take_inbox(self):
         """The messages posted so far (new requests and aborts), in order."""
@@ -317,16 +281,12 @@ class EngineLoop:
         self._update_counts()
 
     def _fail_all(self, error: Exception) -> None:
-        """Every sequence in the engine (running or waiting) ends with `error`; memory is freed. The
-        errors go through the finisher, behind the tokens it still has for those streams."""
-        items = []
+        """Every sequence in the engine (running or waiting) ends with `error`; memory is freed."""
         for seq_id in [*self.engine.running, *(s.seq_id for s in self.engine.waiting)]:
             self.engine.abort(seq_id, "error")
             req = self._requests.pop(seq_id, None)
             if req is not None:
-                items.append((seq_id, req, error))
-        if items:
-            self._finished.put((items, time.perf_counter()))
+                req.send(error)
         self._update_counts()
 
     def _observe(self, step_seconds: float, batch: tuple[int, int]) -> None:
