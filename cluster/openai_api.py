@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from raymoe.model.chat import ChatError
 
 from .failures import HTTP_KEY_HINT, Unauthenticated
-from .openai_request import HttpError, http_error_for, parse_chat, parse_completion, wants_logprobs
+from .openai_request import CHAT_NAMES, HttpError, http_error_for, parse_chat, parse_completion, wants_logprobs
 from .openai_response import CompletionView
 from .requests import build_request
 
@@ -115,7 +115,7 @@ class OpenAIRoutes:
             n = kw.pop("n")
             req = await asyncio.to_thread(self._build, kw)
         except Exception as e:  # noqa: BLE001
-            return http_error_for(e).response()
+            return http_error_for(e, CHAT_NAMES).response()
         view = CompletionView(self, [req], n, "chat.completion", "chatcmpl", chat=True, logprobs=want_logprobs)
         return await view.respond(stream, usage)
 

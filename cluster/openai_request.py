@@ -43,14 +43,21 @@ class HttpError(Exception):
                                        "code": self.code}}, status_code=self.status)
 
 
-def http_error_for(error: BaseException) -> HttpError:
-    """An HttpError raised while parsing as it is; anything else as cluster/failures.py classifies it."""
+# build_request's field names (the gRPC API's) that an OpenAI endpoint spells otherwise, or lacks (None).
+COMPLETION_NAMES: dict[str | None, str | None] = {"prompt_token_ids": "prompt", "resume_token_ids": None}
+CHAT_NAMES = {**COMPLETION_NAMES, "logprobs": "top_logprobs"}  # chat's count of alternatives
+
+
+def http_error_for(error: BaseException, names: dict[str | None, str | None] = COMPLETION_NAMES) -> HttpError:
+    """An HttpError raised while parsing as it is; anything else as cluster/failures.py classifies it,
+    its field (and the message that starts with it) in the endpoint's own `names`."""
     if isinstance(error, HttpError):
         return error
     failure = classify(error)
-    # The gRPC field names that OpenAI's API spells otherwise (or lacks).
-    param = {"prompt_token_ids": "prompt", "resume_token_ids": None}.get(failure.field, failure.field)
-    return HttpError(failure.http_status, failure.message, failure.http_type, param=param, code=failure.http_code)
+    param, message = names.get(failure.field, failure.field), failure.message
+    if failure.field and param and param != failure.field and message.startswith(failure.field + " "):
+        message = param + message[len(failure.field):]
+    return HttpError(failure.http_status, message, failure.http_type, param=param, code=failure.http_code)
 
 
 # --- parsing -----------------------------------------------------------------------------------
@@ -154,8 +161,6 @@ def parse_chat(body: dict) -> tuple[dict, list[dict], bool, bool, bool]:
     top = _typed(body, "top_logprobs", (int,), "an integer")
     if top and not want_logprobs:
         raise HttpError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    if top is not None and not 0 <= top <= 20:
-        raise HttpError(400, f"top_logprobs must be between 0 and 20 (got {top})", param="top_logprobs")
     kw["logprobs"] = (top or 0) if want_logprobs else 0
     stream, usage = _stream_flags(body)
     return kw, plain, stream, usage, bool(want_logprobs)

@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .openai_request import http_error_for
+from .openai_request import CHAT_NAMES, COMPLETION_NAMES, http_error_for
 
 
 class CompletionView:
@@ -28,6 +28,7 @@ class CompletionView:
     def __init__(self, owner, reqs: list, n: int, obj: str, prefix: str, chat: bool = False,
                  logprobs: bool = False) -> None:
         self.owner, self.reqs, self.n, self.obj, self.chat, self.logprobs = owner, reqs, n, obj, chat, logprobs
+        self.names = CHAT_NAMES if chat else COMPLETION_NAMES  # the endpoint's spelling of the fields in errors
         self.id, self.created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
         self.choices = [(r, k) for r in reqs for k in range(n)]  # index p·n + k
         self.text_offset = [0] * len(self.choices)  # characters of each completion so far (text_offset)
@@ -48,11 +49,7 @@ class CompletionView:
         tok = self.owner.tokenizer
         if tok is None:
             return str(token_id), []
-        piece = tok.piece(token_id)
-        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # sentencepiece byte fallback
-            raw = bytes([int(piece[3:5], 16)])
-        else:
-            raw = piece.replace("\u2581", " ").encode()
+        raw = tok.token_bytes(token_id)
         return raw.decode(errors="replace"), list(raw)
 
     def _logprobs(self, index: int, chunks: list) -> dict | None:
@@ -108,8 +105,8 @@ class CompletionView:
         failed = next((t.exception() for t in firsts if t.done() and not t.cancelled() and t.exception()), None)
         if failed is not None:
             await _stop(firsts, gens)
-            self.owner._count(str(http_error_for(failed).status))
-            return http_error_for(failed).response()
+            self.owner._count(str(http_error_for(failed, self.names).status))
+            return http_error_for(failed, self.names).response()
         if stream:
             return StreamingResponse(self._events(firsts, gens, usage_in_stream), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -118,8 +115,8 @@ class CompletionView:
             got = await asyncio.gather(*tasks)
         except Exception as e:  # noqa: BLE001 — one choice failed: the others stop too (their sequences end)
             await _stop(tasks, gens)
-            self.owner._count(str(http_error_for(e).status))
-            return http_error_for(e).response()
+            self.owner._count(str(http_error_for(e, self.names).status))
+            return http_error_for(e, self.names).response()
         self.owner._count("ok")
         choices, done = [], 0
         for i, chunks in enumerate(got):
@@ -141,7 +138,7 @@ class CompletionView:
                 yield f"data: {json.dumps(self._envelope([], self._usage(sum(done)), True))}\n\n"
             self.owner._count("ok")
         except Exception as e:  # noqa: BLE001 — the status line is sent; the error is an event
-            err = http_error_for(e)
+            err = http_error_for(e, self.names)
             self.owner._count(str(err.status))
             yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type, 'param': err.param, 'code': err.code}})}\n\n"
         yield "data: [DONE]\n\n"
