@@ -142,6 +142,7 @@ class ModelConfig:
 
 
 SERVED_DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_CHOICES = ("auto", *SERVED_DTYPES)  # what --dtype and ServeSettings.dtype take (auto: resolve_dtype)
 
 
 def _dtype_name(value: Any) -> str:

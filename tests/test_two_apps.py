@@ -96,7 +96,7 @@ def test_a_failed_replacement_leaves_the_running_server_serving(tmp_path):
     cannot read: the command fails in one line, and takes down neither that server nor its pool."""
     import threading
 
-    from raymoe.cli.commands import UserError
+    from raymoe.cli.errors import UserError
     from raymoe.cli.serve import _serve_until_stopped
 
     with running_server("raymoe-test-replace") as first:
