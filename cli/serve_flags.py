@@ -22,6 +22,9 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--route-prefix", "route_prefix", str, "where the HTTP API lives (default: / for the default app name, "
                                             "/APP_NAME for any other)"),
     ("--dtype", "dtype", ("auto", "float32", "bfloat16", "float16"), "weights and activations; auto: the checkpoint's own"),
+    ("--quantization", "quantization", ("experts_int8",), "experts_int8: the experts' w1/w3/w2 as int8 per output "
+                                                          "channel, quantized as each actor loads (implied by a "
+                                                          "`raymoe quantize` checkpoint)"),
     ("--expert-actors", "expert_actors", int, "host the experts on N Ray actors (0: inside each front replica)"),
     ("--expert-replicas", "expert_replicas", int, "copies of each expert, on different actors"),
     ("--expert-device", "expert_device", ("auto", "cpu", "gpu"), "where expert actors compute; gpu without GPUs is an error"),
