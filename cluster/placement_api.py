@@ -15,6 +15,8 @@ import grpc
 
 from raymoe.protos import generator_pb2 as pb
 
+from .failures import GRPC_KEY_HINT, Unauthenticated
+
 log = logging.getLogger("ray.serve")
 
 CHANGE_TIMEOUT_S = 600.0  # a change of a 90 GB model's placement reads gigabytes
@@ -48,9 +50,7 @@ class ExpertsRoutes:
         from raymoe.actors.pool_host import pool_host
 
         if not self.api_key.allows_grpc(grpc_context):
-            from .ingress import Unauthenticated
-
-            return self._fail(grpc_context, Unauthenticated(), None)  # the status every door answers
+            return self._fail(grpc_context, Unauthenticated(GRPC_KEY_HINT), None)  # the status every door answers
         host = pool_host(self.settings.app_name) if self.info["pool"] is not None else None
         if host is None:
             return self._refuse(grpc_context, grpc.StatusCode.FAILED_PRECONDITION,

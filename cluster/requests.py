@@ -22,14 +22,15 @@ DEFAULT_MAX_TOKENS = 16  # a request that sets no max_tokens (as OpenAI's comple
 
 @dataclasses.dataclass(frozen=True)
 class RequestLimits:
-    """Server-side caps on what one request may ask for (0 = derived from the model)."""
+    """Server-side caps on what one request may ask for (0 = derived from the model); the values
+    and their defaults come from ServeSettings (`request_limits()`)."""
 
-    max_prompt_tokens: int = 0  # 0 → the context minus one (room for one new token)
-    max_tokens: int = 0  # 0 → whatever the context leaves after the prompt
-    max_stop_strings: int = 16
-    max_stop_chars: int = 256  # per stop string
-    max_stop_token_ids: int = 64
-    max_logprobs: int = 20
+    max_prompt_tokens: int  # 0 → the context minus one (room for one new token)
+    max_tokens: int  # 0 → whatever the context leaves after the prompt
+    max_stop_strings: int
+    max_stop_chars: int  # per stop string
+    max_stop_token_ids: int
+    max_logprobs: int
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -67,9 +67,9 @@ class ServeSettings:
     max_prompt_tokens: int = 0  # 0 → the context minus one
     max_tokens_limit: int = 0  # cap on max_tokens; 0 → what the context leaves after the prompt
     max_stop_strings: int = 16
-    max_stop_chars: int = 256
+    max_stop_chars: int = 256  # per stop string
     max_stop_token_ids: int = 64
-    max_logprobs: int = 20
+    max_logprobs: int = 20  # top alternatives per token (gRPC logprobs, OpenAI logprobs / top_logprobs)
     replica_num_cpus: float = 1.0
     replica_num_gpus: float = 0.0  # > 0: the front replica (attention, KV cache, dense layers) runs on a GPU
     replica_resources: dict[str, float] = dataclasses.field(default_factory=dict)  # custom Ray resources per replica

@@ -55,8 +55,8 @@ class SamplingParams:
             raise InvalidRequest(f"top_p must be in (0, 1] (got {self.top_p})", "top_p")
         if self.top_k < 0:
             raise InvalidRequest(f"top_k must be >= 0 (got {self.top_k})", "top_k")
-        if not 0 <= self.logprobs <= 20:
-            raise InvalidRequest(f"logprobs must be between 0 and 20 (got {self.logprobs})", "logprobs")
+        if self.logprobs < 0:  # the upper bound: the server's max_logprobs, and the vocabulary (Engine.check)
+            raise InvalidRequest(f"logprobs must be >= 0 (got {self.logprobs})", "logprobs")
         if self.seed is not None and not 0 <= self.seed <= MASK64:
             raise InvalidRequest(f"seed must be in [0, 2^64) (got {self.seed})", "seed")
 
