@@ -144,3 +144,23 @@ def test_expert_actors_hold_int8_and_copies_load_int8(cluster, ckpt, int8_want):
         actors = report(pool)["actors"]
         assert len(actors) == 3 and {a["quantization"] for a in actors} == {"experts_int8"}
         assert sum(a["weight_bytes"] for a in actors) == per_expert * ckpt_config.num_local_experts * 2
+
+
+def test_cli_quantize_then_run_implies_the_quantization(ckpt, tmp_path, capsys):
+    """`raymoe quantize` → `raymoe run` on the result (nothing to say) answers as `raymoe run
+    --quantization experts_int8` on the original; a config file may name the quantization."""
+    from raymoe.cli.main import build_parser, main
+    from raymoe.cli.serve_flags import settings_from_args
+
+    assert main(["quantize", "--checkpoint", str(ckpt), "--out", str(tmp_path / "q")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    ask = ["--prompt-ids", "1,17,42,99", "--max-tokens", "6", "--ignore-eos", "--json"]
+    assert main(["run", "--checkpoint", str(ckpt), "--quantization", "experts_int8", *ask]) == 0
+    at_load = json.loads(capsys.readouterr().out)
+    assert main(["run", "--checkpoint", str(tmp_path / "q"), *ask]) == 0
+    assert json.loads(capsys.readouterr().out) == at_load
+    (tmp_path / "serve.yaml").write_text("quantization: experts_int8\nexpert_actors: 2\n")
+    s = settings_from_args(build_parser().parse_args(["serve", "--config", str(tmp_path / "serve.yaml")]))
+    assert s.quantization == "experts_int8" and s.pool_config("float32").quantization == "experts_int8"
+    assert main(["quantize", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    assert "checkpoint directory not found" in capsys.readouterr().err
