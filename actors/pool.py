@@ -32,6 +32,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from raymoe.model.config import ModelConfig
 from raymoe.model.errors import BackendUnavailable
 
+from . import EXPERT_DEVICES
 from .expert_actor import ExpertActor
 from .placement import Placement, assign_nodes, plan_placement
 from .plan import Plan, from_placement, widen
@@ -374,7 +375,7 @@ class ExpertPool:
 
     def _bundle(self, num_actors: int) -> dict[str, float]:
         c, total = self.config, ray.cluster_resources()
-        if c.device not in ("auto", "cpu", "gpu"):
+        if c.device not in EXPERT_DEVICES:
             raise ValueError(f"expert device must be auto, cpu or gpu (got {c.device!r})")
         use_gpu = c.device == "gpu" or (c.device == "auto" and total.get("GPU", 0) >= 1)
         extra = {k: float(v) for k, v in c.resources.items()}

@@ -6,8 +6,7 @@ import argparse
 import json
 import sys
 
-class UserError(Exception):
-    """Ends the command with `raymoe: <message>` and exit status 2."""
+from .errors import UserError
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -34,10 +33,13 @@ def run_command(args: argparse.Namespace) -> int:
         return 130
 
 
-def sampling_from_args(args: argparse.Namespace):
-    from raymoe.model.sampling import SamplingParams
+def sampling_from_args(args: argparse.Namespace, room: int):
+    """The sampling flags; without --max-tokens, the default of a request that sets none (`room`:
+    the tokens the context leaves after the prompt)."""
+    from raymoe.model.sampling import SamplingParams, default_max_tokens
 
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+    max_tokens = default_max_tokens(room) if args.max_tokens is None else args.max_tokens
+    params = SamplingParams(max_tokens=max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, logprobs=args.logprobs, ignore_eos=args.ignore_eos)
     params.validate()
     return params
@@ -77,9 +79,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     ckpt = Checkpoint(args.checkpoint or default_checkpoint())
     args.dtype = resolve_dtype(args.dtype, ckpt.config)  # the expert actors load in the same dtype
-    params = sampling_from_args(args)
     tokenizer = load_tokenizer(ckpt.dir, required=args.prompt is not None)
     prompt = prompt_from_args(args, tokenizer)
+    params = sampling_from_args(args, room=ckpt.config.max_position_embeddings - len(prompt))
     from .ray_session import experts_factory_from_args
 
     from raymoe.model.progress import LoadProgress, progress_line

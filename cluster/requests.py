@@ -14,10 +14,8 @@ from typing import Sequence
 
 from raymoe.model.config import ModelConfig
 from raymoe.model.errors import InvalidRequest
-from raymoe.model.sampling import GREEDY_BELOW, MAX_TEMPERATURE, SamplingParams
+from raymoe.model.sampling import GREEDY_BELOW, MAX_TEMPERATURE, SamplingParams, default_max_tokens
 from raymoe.model.tokenizer import Tokenizer
-
-DEFAULT_MAX_TOKENS = 16  # a request that sets no max_tokens (as OpenAI's completions API)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +75,7 @@ def build_request(cfg: ModelConfig, limits: RequestLimits, tokenizer: Tokenizer 
 
     room = ctx - len(ids)
     cap = min(limits.max_tokens or room, room)
-    n = DEFAULT_MAX_TOKENS if max_tokens is None or max_tokens == 0 else int(max_tokens)
-    if max_tokens is None or max_tokens == 0:
-        n = min(n, cap)  # the default never makes a short-context request fail
+    n = default_max_tokens(cap) if max_tokens is None or max_tokens == 0 else int(max_tokens)
     if n < 1:
         raise InvalidRequest(f"max_tokens must be at least 1 (got {n})", "max_tokens")
     if n > cap:

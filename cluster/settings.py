@@ -9,7 +9,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from typing import Any
+
+from raymoe.actors import EXPERT_DEVICES, TRANSPORTS
+from raymoe.model.config import DTYPE_CHOICES
+from raymoe.model.quant import check_quantization
 
 APP_NAME = "raymoe"  # the default application name (each server in one Ray cluster needs its own)
 DEPLOYMENT_NAME = "Generator"
@@ -88,8 +93,6 @@ class ServeSettings:
     ready_when_loaded: bool = False
 
     def __post_init__(self) -> None:
-        import re
-
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", self.app_name):
             raise ValueError(f"app_name must be 1-63 letters, digits, '_', '.' or '-', starting with a letter or "
                              f"digit (got {self.app_name!r})")
@@ -104,15 +107,11 @@ class ServeSettings:
                 raise ValueError(f"{name} must be positive (got {getattr(self, name)})")
         if self.replicas < 1:
             raise ValueError(f"replicas must be at least 1 (got {self.replicas})")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16 (got {self.dtype!r})")
-        if self.expert_device not in ("auto", "cpu", "gpu"):
-            raise ValueError(f"expert_device must be auto, cpu or gpu (got {self.expert_device!r})")
-        from raymoe.model.quant import check_quantization
-
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)} (got {self.dtype!r})")
+        if self.expert_device not in EXPERT_DEVICES:
+            raise ValueError(f"expert_device must be one of {', '.join(EXPERT_DEVICES)} (got {self.expert_device!r})")
         object.__setattr__(self, "quantization", check_quantization(self.quantization))  # "none" / "" → None
-        from raymoe.actors import TRANSPORTS
-
         if self.expert_transport not in TRANSPORTS:
             raise ValueError(f"expert_transport must be one of {', '.join(TRANSPORTS)} (got {self.expert_transport!r})")
         if self.expert_autoscale_max:

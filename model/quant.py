@@ -18,7 +18,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-QUANTIZATIONS = ("experts_int8",)
+from .config import QUANTIZATIONS
+
 QUANT_CHUNK_ROWS = 1024  # rows quantized at once: bounds the float32 temporary to 1024 × D
 
 
