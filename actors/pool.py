@@ -77,6 +77,7 @@ class PoolConfig:
     strategy: str = "SPREAD"  # placement group strategy: SPREAD | STRICT_SPREAD | PACK | STRICT_PACK
     pin_nodes: bool = False  # pin bundles to the nodes assign_nodes picks
     dtype: str = "float32"
+    quantization: str | None = None  # "experts_int8": the actors hold their experts as int8 (model/quant.py)
     transport: str = "direct"  # how layer calls travel: "direct" (sockets) or "ray" (object store); see transport.py
     call_timeout_s: float = 60.0  # longest wait for one layer's experts (covers an actor restart)
     rebalance_every_s: float = 0.0  # >0: the pool host applies the planner's placement this often
@@ -299,7 +300,8 @@ class ExpertPool:
         layers = sorted(assignment)
         handle = remote_class.options(**options).remote(
             self.checkpoint, [], layers, dtype=config.dtype, device=self.device, num_threads=threads,
-            name=actor_name.split("#")[0], assignment={int(k): list(v) for k, v in assignment.items()})
+            name=actor_name.split("#")[0], assignment={int(k): list(v) for k, v in assignment.items()},
+            quantization=config.quantization)
         self.names[actor_id] = actor_name
         self.bundles[actor_id] = bundle
         return handle

@@ -19,7 +19,7 @@ def run_command(args: argparse.Namespace) -> int:
     from .status import cmd_status
 
     handlers = {"run": cmd_run, "init-model": cmd_init_model, "serve": cmd_serve, "generate": cmd_generate,
-                "train-demo": cmd_train_demo, "eval-demo": cmd_eval_demo, "status": cmd_status,
+                "train-demo": cmd_train_demo, "quantize": cmd_quantize, "eval-demo": cmd_eval_demo, "status": cmd_status,
                 "experts": cmd_experts}
     try:
         return handlers[args.command](args)
@@ -92,7 +92,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         loading = LoadProgress(0, what="dense part" if factory else "weights")
         with Ticker(lambda: None if loading.state == "READY" or not loading.total_bytes else
                     f"raymoe: loading {loading.what}: {progress_line([loading.snapshot()])}"):
-            model = load_model(ckpt, dtype=getattr(torch, args.dtype), experts_factory=factory, progress=loading)
+            model = load_model(ckpt, dtype=getattr(torch, args.dtype), experts_factory=factory, progress=loading,
+                               quantization=args.quantization)
         if factory is not None:
             factory.wait_loaded()  # the expert actors loaded meanwhile
         # Sized for this one request, but never past the context: an oversized request is then
@@ -148,6 +149,20 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from raymoe.model.progress import progress_line
+    from raymoe.model.quantize_checkpoint import quantize_checkpoint
+
+    from .progress import Ticker
+
+    seen: list = []
+    with Ticker(lambda: f"raymoe: quantizing: {progress_line([seen[-1].snapshot()])}" if seen else None):
+        out = quantize_checkpoint(args.checkpoint, args.out, on_progress=seen.append)
+    print(f"wrote {out}: experts int8 per output channel (compressed-tensors pack-quantized); "
+          f"serve it as it is (--quantization experts_int8 is implied)")
+    return 0
+
+
 def cmd_eval_demo(args: argparse.Namespace) -> int:
     from raymoe.model.default import default_checkpoint
     from raymoe.model.demo import EVAL_SEED, evaluate
@@ -167,7 +182,7 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
         with remote_experts_generate(checkpoint, args, batch_size=args.batch_size) as generate:
             print_eval(evaluate(checkpoint, n=args.n, seed=seed, generate=generate))
     else:
-        print_eval(evaluate(checkpoint, n=args.n, seed=seed, batch_size=args.batch_size))
+        print_eval(evaluate(checkpoint, n=args.n, seed=seed, batch_size=args.batch_size, quantization=args.quantization))
     return 0
 
 

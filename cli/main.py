@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from raymoe.actors import EXPERT_DEVICES, TRANSPORTS
-from raymoe.model.config import DTYPE_CHOICES, SERVED_DTYPES
+from raymoe.model.config import DTYPE_CHOICES, QUANTIZATIONS, SERVED_DTYPES
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -32,6 +32,12 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 def _add_dtype(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="weights and activations (default auto: the checkpoint's own, config.json torch_dtype)")
+
+
+def _add_quantization(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
+                   help="experts_int8: the experts' weights as int8 per output channel, quantized as they load "
+                        "(half the memory; implied by a checkpoint written by `raymoe quantize`)")
 
 
 def _add_expert_device(p) -> None:
@@ -56,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="generate in this process (or with experts on Ray actors)")
     run.add_argument("--checkpoint", help="Hugging Face Mixtral directory (default: the demo model)")
     _add_dtype(run)
+    _add_quantization(run)
     _add_sampling(run)
     remote = run.add_argument_group("remote experts (Ray actors)")
     remote.add_argument("--expert-actors", type=int, default=None, metavar="N",
@@ -115,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="scale the router rows of experts 0 and 1 by S, so that every layer prefers them "
                            "(a skewed expert load, e.g. for bench/bench_rebalance.py); 1 = as drawn")
 
+    qz = sub.add_parser("quantize", help="write a checkpoint with int8 experts (loads without re-quantizing)")
+    qz.add_argument("--checkpoint", required=True, help="Hugging Face Mixtral directory to read")
+    qz.add_argument("--out", required=True, help="new directory: compressed-tensors int8 (pack-quantized) experts")
+
     train = sub.add_parser("train-demo", help="train the demo model (a tiny Mixtral that adds numbers)")
     train.add_argument("--out", required=True, help="checkpoint directory to write")
     train.add_argument("--seed", type=int, default=0)
@@ -131,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n", type=int, default=500, help="number of held-out problems")
     ev.add_argument("--seed", type=int, default=None, help="seed of the held-out problem stream")
     ev.add_argument("--batch-size", type=int, default=64, help="prompts generated together")
+    _add_quantization(ev)
     where = ev.add_mutually_exclusive_group()
     where.add_argument("--target", help="score a running server at HOST:PORT instead (gRPC)")
     _add_api_key(ev)

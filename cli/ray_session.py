@@ -86,7 +86,8 @@ def experts_factory_from_args(args: argparse.Namespace, checkpoint: str | Path) 
                             num_cpus=getattr(args, "actor_cpus", None), dtype=getattr(args, "dtype", "float32"),
                             device=getattr(args, "expert_device", "auto"),
                             transport=getattr(args, "expert_transport", "direct"),
-                            call_timeout_s=getattr(args, "expert_timeout", None) or 60.0)
+                            call_timeout_s=getattr(args, "expert_timeout", None) or 60.0,
+                            quantization=getattr(args, "quantization", None))
         from .progress import PoolProgress, Ticker
 
         progress = PoolProgress(num_actors)

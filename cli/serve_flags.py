@@ -14,7 +14,7 @@ from typing import Any
 
 from raymoe.actors import EXPERT_DEVICES, TRANSPORTS
 from raymoe.cluster.settings import ServeSettings
-from raymoe.model.config import DTYPE_CHOICES
+from raymoe.model.config import DTYPE_CHOICES, QUANTIZATIONS
 
 # flag, ServeSettings field, type, help (the default is appended)
 FLAGS: list[tuple[str, str, Any, str]] = [
@@ -24,6 +24,9 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--route-prefix", "route_prefix", str, "where the HTTP API lives (default: / for the default app name, "
                                             "/APP_NAME for any other)"),
     ("--dtype", "dtype", DTYPE_CHOICES, "weights and activations; auto: the checkpoint's own"),
+    ("--quantization", "quantization", QUANTIZATIONS, "experts_int8: the experts' w1/w3/w2 as int8 per output "
+                                                          "channel, quantized as each actor loads (implied by a "
+                                                          "`raymoe quantize` checkpoint)"),
     ("--expert-actors", "expert_actors", int, "host the experts on N Ray actors (0: inside each front replica)"),
     ("--expert-replicas", "expert_replicas", int, "copies of each expert, on different actors"),
     ("--expert-device", "expert_device", EXPERT_DEVICES, "where expert actors compute; gpu without GPUs is an error"),

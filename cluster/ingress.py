@@ -124,7 +124,8 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
                          kv_cache_used_tokens=engine.cache.used_blocks * engine.cache.block_size),
             routing=[pb.LayerRouting(layer=i, tokens_per_expert=row) for i, row in enumerate(self._routing())],
             expert_calls=self._expert_calls(), state=self._state(),
-            load_error="" if self.loop.load_error is None else str(self.loop.load_error))
+            load_error="" if self.loop.load_error is None else str(self.loop.load_error),
+            quantization=self.info.get("quantization", ""))
 
     def _state(self) -> str:
         return "FAILED" if self.loop.load_error is not None else "LOADING" if self.loop.loading else "READY"

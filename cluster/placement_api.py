@@ -98,7 +98,8 @@ def placement_message(report: dict[str, Any]) -> pb.PlacementResponse:
     actors = [pb.ExpertActorPlacement(
         id=a["id"], name=a["name"], node_id=a["node_id"], device=a["device"], state=a["state"], slots=a["slots"],
         layers=[pb.LayerExperts(layer=int(layer), experts=ex) for layer, ex in a["experts"].items()],
-        pairs=a.get("pairs", 0), load=a["load"], weight_bytes=a.get("weight_bytes", 0)) for a in report["actors"]]
+        pairs=a.get("pairs", 0), load=a["load"], weight_bytes=a.get("weight_bytes", 0),
+        quantization=a.get("quantization", "")) for a in report["actors"]]
     return pb.PlacementResponse(
         version=report["version"], actors=actors, imbalance=report["imbalance"],
         copies=[pb.ExpertCopies(layer=i, copies=row) for i, row in enumerate(report["copies"])],

@@ -137,6 +137,8 @@ class ModelConfig:
 
 
 SERVED_DTYPES = ("float32", "bfloat16", "float16")
+# how experts may be stored (model/quant.py): int8 weight-only per output channel, vLLM's name
+QUANTIZATIONS = ("experts_int8",)
 DTYPE_CHOICES = ("auto", *SERVED_DTYPES)  # what --dtype and ServeSettings.dtype take (auto: resolve_dtype)
 
 
