@@ -63,7 +63,7 @@ class ExpertsRoutes:
                                 f"the placement change did not finish within {timeout_s:g} s", None)
         except ray.exceptions.RayTaskError as e:
             from raymoe.actors.live import PlacementFailed
-            from raymoe.actors.pool import remote_cause
+            from raymoe.actors.errors import remote_cause
 
             cause = remote_cause(e)
 

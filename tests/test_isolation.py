@@ -106,7 +106,7 @@ def test_only_the_requests_own_faults_are_invalid_argument():
     INTERNAL, and its text (remote traceback, host, address) stays in the replica's log."""
     from ray.exceptions import RayTaskError
 
-    from raymoe.actors.pool import ExpertsUnavailable
+    from raymoe.actors.errors import ExpertsUnavailable
     from raymoe.cluster.ingress import _status_for
     from raymoe.model.errors import InvalidRequest
 
