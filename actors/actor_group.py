@@ -24,6 +24,7 @@ from ray.util import get_placement_group
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
+from . import EXPERT_DEVICES
 from .errors import ExpertsUnavailable, brief
 from .expert_actor import ExpertActor, forget_assignment
 from .placement import assign_nodes
@@ -34,7 +35,7 @@ def actor_resources(device: str, num_gpus: float, num_cpus: float | None, resour
                     num_actors: int) -> dict[str, float]:
     """One actor's bundle: on GPU (device gpu, or auto on a cluster with GPUs) num_gpus and a CPU,
     else num_cpus (None: the cluster's free CPUs minus one for the driver, shared by the actors)."""
-    if device not in ("auto", "cpu", "gpu"):
+    if device not in EXPERT_DEVICES:
         raise ValueError(f"expert device must be auto, cpu or gpu (got {device!r})")
     total = ray.cluster_resources()
     use_gpu = device == "gpu" or (device == "auto" and total.get("GPU", 0) >= 1)
@@ -51,8 +52,9 @@ class ActorGroup:
     names and bundles, and the placement group."""
 
     def __init__(self, checkpoint: str, bundle: dict[str, float], dtype: str, num_threads: int | None,
-                 pool_name: str | None = None) -> None:
+                 pool_name: str | None = None, quantization: str | None = None) -> None:
         self.checkpoint, self.bundle, self.dtype, self.pool_name = checkpoint, bundle, dtype, pool_name
+        self.quantization = quantization  # "experts_int8": the actors hold their experts as int8 (model/quant.py)
         self.num_threads = num_threads or max(1, int(bundle.get("CPU", 1)))  # torch threads per actor
         self.device = "cuda" if bundle.get("GPU") else "cpu"
         self.namespace = ray.get_runtime_context().namespace
@@ -122,7 +124,8 @@ class ActorGroup:
         layers = sorted(assignment)
         handle = remote_class.options(**options).remote(
             self.checkpoint, [], layers, dtype=self.dtype, device=self.device, num_threads=self.num_threads,
-            name=actor_name.split("#")[0], assignment={int(k): list(v) for k, v in assignment.items()})
+            name=actor_name.split("#")[0], assignment={int(k): list(v) for k, v in assignment.items()},
+            quantization=self.quantization)
         self.names[actor_id] = actor_name
         self.bundles[actor_id] = bundle
         return handle

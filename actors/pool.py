@@ -56,6 +56,7 @@ class PoolConfig:
     strategy: str = "SPREAD"  # placement group strategy: SPREAD | STRICT_SPREAD | PACK | STRICT_PACK
     pin_nodes: bool = False  # pin bundles to the nodes assign_nodes picks
     dtype: str = "float32"
+    quantization: str | None = None  # "experts_int8": the actors hold their experts as int8 (model/quant.py)
     transport: str = "direct"  # how layer calls travel: "direct" (sockets) or "ray" (object store); see transport.py
     call_timeout_s: float = 60.0  # longest wait for one layer's experts (covers an actor restart)
     rebalance_every_s: float = 0.0  # >0: the pool host applies the planner's placement this often
@@ -148,7 +149,8 @@ class ExpertPool:
         self.metrics = DispatchMetrics()
         bundle = actor_resources(config.device, config.num_gpus, config.num_cpus, config.resources,
                                  len(startup.actors))
-        self.group = ActorGroup(self.checkpoint, bundle, config.dtype, config.num_threads, name)
+        self.group = ActorGroup(self.checkpoint, bundle, config.dtype, config.num_threads, name,
+                                config.quantization)
         self.live = LivePlan(startup if config.expert_slots is None else widen(startup, config.expert_slots))
         self.failover = Failover(self.group, self.metrics)
         self._creator = True  # copies (unpickled) follow the creator's plan instead
