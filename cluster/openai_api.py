@@ -16,7 +16,8 @@ request gives the same choices). Usage counts each prompt once and every choice'
 Where raymoe differs from OpenAI, on purpose: `temperature` defaults to 0 (greedy), as in raymoe's
 gRPC API; `best_of`, `echo`, `suffix`, penalties, `logit_bias`, tools and response formats other
 than their neutral values are refused with a 400 naming the field rather than ignored. Extra
-fields raymoe understands: `top_k`, `ignore_eos`, `stop_token_ids`.
+fields raymoe understands: `top_k`, `ignore_eos`, `stop_token_ids`. Structured output
+(`response_format`, `tools`): cluster/openai_guided.py.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raymoe.model.errors import BackendUnavailable, InvalidRequest
 
+from .openai_guided import ToolCallStream, chat_message, parse_chat_tools, parse_response_format, plain_messages
+from .tools import chat_messages
+
 app = FastAPI(title="raymoe", description="OpenAI-compatible API of a raymoe server", docs_url=None, redoc_url=None,
               openapi_url=None)
 
@@ -46,8 +50,7 @@ CHAT_FIELDS = COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_
 MAX_CHOICES = 64  # prompts × n in one request (each is a sequence of the engine)
 NEUTRAL = {"best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
            "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
-           "tools": (None, []), "tool_choice": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
-           "response_format": (None, {"type": "text"})}
+           }
 
 
 class HttpError(Exception):
@@ -175,22 +178,9 @@ def parse_chat(body: dict) -> tuple[dict, list[dict], bool, bool, bool]:
     kw = _common(body, CHAT_FIELDS)
     if body.get("max_completion_tokens") is not None:
         kw["max_tokens"] = _typed(body, "max_completion_tokens", (int,), "an integer")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise HttpError(400, "messages must be a non-empty list", param="messages")
-    plain = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise HttpError(400, f"messages[{i}] must be an object with a string role", param="messages")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: text only
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise HttpError(400, f"messages[{i}].content: only text parts are supported", param="messages")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise HttpError(400, f"messages[{i}].content must be a string", param="messages")
-        plain.append({**{k: v for k, v in m.items() if k != "content"}, "content": content})
+    plain = plain_messages(body.get("messages"))
+    kw["guided"] = parse_response_format(body)
+    kw["tools"] = parse_chat_tools(body)
     want_logprobs = _typed(body, "logprobs", (bool,), "a boolean")
     top = _typed(body, "top_logprobs", (int,), "an integer")
     if top and not want_logprobs:
@@ -283,15 +273,17 @@ class OpenAIRoutes:
                                 code="no_chat_template")
             from raymoe.model.chat import ChatError
 
+            messages, offered = chat_messages(messages, kw["tools"], self.chat.uses_tools)
             try:
-                kw["prompt_ids"] = await asyncio.to_thread(self.chat.prompt_ids, self.tokenizer, messages)
+                kw["prompt_ids"] = await asyncio.to_thread(self.chat.prompt_ids, self.tokenizer, messages, offered)
             except ChatError as e:
                 raise HttpError(400, str(e), param="messages") from None
             n = kw.pop("n")
             req = await asyncio.to_thread(self._build, kw)
         except Exception as e:  # noqa: BLE001
             return http_error_for(e).response()
-        view = _CompletionView(self, [req], n, "chat.completion", "chatcmpl", chat=True, logprobs=want_logprobs)
+        view = _CompletionView(self, [req], n, "chat.completion", "chatcmpl", chat=True, logprobs=want_logprobs,
+                               tools=req.tools)
         return await view.respond(stream, usage)
 
     # --- helpers ---
@@ -324,7 +316,7 @@ class OpenAIRoutes:
     def _build(self, kw: dict):
         from .requests import build_request
 
-        return build_request(self.cfg, self.limits, self.tokenizer, **kw)
+        return build_request(self.cfg, self.limits, self.tokenizer, grammars=self.grammars, **kw)
 
 
 MAX_BODY_BYTES = 8 << 20
@@ -335,8 +327,9 @@ class _CompletionView:
     (prompt, k < n), each its own sequence of the engine."""
 
     def __init__(self, owner: OpenAIRoutes, reqs: list, n: int, obj: str, prefix: str, chat: bool = False,
-                 logprobs: bool = False) -> None:
+                 logprobs: bool = False, tools=None) -> None:
         self.owner, self.reqs, self.n, self.obj, self.chat, self.logprobs = owner, reqs, n, obj, chat, logprobs
+        self.tools = tools if tools is not None and tools.active else None  # the answers may be tool calls
         self.id, self.created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
         self.choices = [(r, k) for r in reqs for k in range(n)]  # index p·n + k
         self.text_offset = [0] * len(self.choices)  # characters of each completion so far (text_offset)
@@ -393,6 +386,9 @@ class _CompletionView:
         if delta:
             d = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
             return {"index": index, "delta": d, "logprobs": lp, "finish_reason": finish}
+        if self.tools is not None:
+            message, finish = chat_message(text, self.tools, finish)
+            return {"index": index, "message": message, "logprobs": lp, "finish_reason": finish}
         return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": lp,
                 "finish_reason": finish}
 
@@ -440,11 +436,17 @@ class _CompletionView:
 
     async def _events(self, firsts: list, gens: list, usage_in_stream: bool) -> AsyncIterator[str]:
         done = [0] * len(gens)
+        calls = [ToolCallStream() for _ in gens] if self.tools is not None else None
         try:
             async with contextlib.aclosing(_merge(firsts, gens)) as merged:  # a client gone mid-stream aborts now
                 async for i, c, is_first in merged:
                     done[i] = c.completion_tokens
                     choice = self._choice(i, c.text, [c], c.finish_reason, delta=True, first=is_first)
+                    if calls is not None:  # text, or tool calls held to their end
+                        delta, _, was_call = calls[i].push(c.text, c.finish_reason is not None)
+                        choice["delta"] = {**({"role": "assistant"} if is_first else {}), **(delta or {})}
+                        if was_call and c.finish_reason == "stop":
+                            choice["finish_reason"] = "tool_calls"
                     yield f"data: {json.dumps(self._envelope([choice], None, True, usage_field=usage_in_stream))}\n\n"
             if usage_in_stream:
                 yield f"data: {json.dumps(self._envelope([], self._usage(sum(done)), True))}\n\n"
