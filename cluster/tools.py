@@ -110,7 +110,7 @@ def read_calls(text: str) -> list[dict] | None:
     if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls):
         return None
     return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-             "function": {"name": c["name"], "arguments": json.dumps(c.get("arguments", {}))}} for c in calls]
+             "function": {"name": c["name"], "arguments": json.dumps(c.get("arguments", {}), ensure_ascii=False)}} for c in calls]
 
 
 def chat_messages(messages: list[dict], tools: ToolRequest, template_has_tools: bool) -> tuple[list[dict], list | None]:
@@ -121,9 +121,9 @@ def chat_messages(messages: list[dict], tools: ToolRequest, template_has_tools: 
         return [_template_message(m) for m in messages], offered
     out = []
     if offered:
-        listing = "\n".join(json.dumps(t["function"]) for t in offered)
-        out.append({"role": "system", "content": "You can call these functions. To call them, answer only with a "
-                    "JSON array of {\"name\": ..., \"arguments\": {...}} objects.\n" + listing})
+        listing = "\n".join(json.dumps(t["function"], separators=(",", ":")) for t in offered)
+        out.append({"role": "system", "content": 'To call functions, answer [{"name": ..., "arguments": {...}}]. '
+                    "Functions:\n" + listing})
     for m in messages:
         if m["role"] == "tool":
             out.append({"role": "user", "content": f"Result of call {m.get('tool_call_id', '')}: {m['content']}"})
