@@ -201,6 +201,7 @@ BAD_BODIES = [
 
 
 def test_bad_bodies_are_400_naming_the_field_while_streams_run(base_url, server):
+    """Also bad guided-decoding specs (response_format, tools; gRPC guided_decoding): refused at once."""
     streams = [dict(prompt_token_ids=[1, 260 + i, 266], max_tokens=200, ignore_eos=True) for i in range(6)]
     alone = [completion_json(list(server.stream(pb.GenerateRequest(**kw)))) for kw in streams]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -216,6 +217,17 @@ def test_bad_bodies_are_400_naming_the_field_while_streams_run(base_url, server)
         assert status == 404 and answer["error"]["code"] == "model_not_found"
         status, answer = post(f"{base_url}/chat/completions", {"messages": [{"role": "user"}]})
         assert status == 400 and answer["error"]["param"] == "messages"
+        for extra, field in BAD_GUIDED_BODIES:
+            body = {"messages": [{"role": "user", "content": "1+1="}], "max_tokens": 4, **extra}
+            status, answer = post(f"{base_url}/chat/completions", body)
+            assert status == 400 and answer["error"]["param"] == field, (extra, answer)
+        for guided, field in [(pb.GuidedDecoding(regex="([a-"), "guided_decoding.regex"),
+                              (pb.GuidedDecoding(grammar='root ::= "a" |'), "guided_decoding.grammar"),
+                              (pb.GuidedDecoding(json_schema="{nope"), "guided_decoding.json_schema"),
+                              (pb.GuidedDecoding(choice=pb.Choices()), "guided_decoding.choice")]:
+            with pytest.raises(grpc.RpcError) as err:
+                server.generate(pb.GenerateRequest(prompt="1+1=", guided_decoding=guided), retries=0)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details()
         for future, want in zip(running, alone):
             got = future.result()
             assert got["token_ids"] == want["token_ids"]
@@ -333,24 +345,3 @@ BAD_GUIDED_BODIES = [
     ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
 ]
-
-
-def test_bad_guided_specs_are_refused_at_once_while_streams_run(base_url, server):
-    streams = [dict(prompt_token_ids=[1, 260 + i, 266], max_tokens=200, ignore_eos=True) for i in range(4)]
-    alone = [completion_json(list(server.stream(pb.GenerateRequest(**kw)))) for kw in streams]
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        running = [pool.submit(lambda kw: completion_json(list(server.stream(pb.GenerateRequest(**kw)))), kw)
-                   for kw in streams]
-        for extra, field in BAD_GUIDED_BODIES:
-            body = {"messages": [{"role": "user", "content": "1+1="}], "max_tokens": 4, **extra}
-            status, answer = post(f"{base_url}/chat/completions", body)
-            assert status == 400 and answer["error"]["param"] == field, (extra, answer)
-        for guided, field in [(pb.GuidedDecoding(regex="([a-"), "guided_decoding.regex"),
-                              (pb.GuidedDecoding(grammar='root ::= "a" |'), "guided_decoding.grammar"),
-                              (pb.GuidedDecoding(json_schema="{nope"), "guided_decoding.json_schema"),
-                              (pb.GuidedDecoding(choice=pb.Choices()), "guided_decoding.choice")]:
-            with pytest.raises(grpc.RpcError) as err:
-                server.generate(pb.GenerateRequest(prompt="1+1=", guided_decoding=guided), retries=0)
-            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details()
-        for future, want in zip(running, alone):
-            assert future.result()["token_ids"] == want["token_ids"]
