@@ -9,23 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
+import time
+from pathlib import Path
 from typing import AsyncIterator
 
-import grpc
+from grpc_health.v1 import health_pb2
 
+from raymoe.model.chat import ChatTemplate
+from raymoe.model.errors import InvalidRequest
+from raymoe.model.guided import GrammarCache
 from raymoe.protos import generator_pb2 as pb
 
 from . import protocol
-from raymoe.model.errors import InvalidRequest
-
-from .engine_loop import QueueFull
+from .auth import ApiKey
+from .failures import GRPC_KEY_HINT, Unauthenticated, classify
 from .openai_api import OpenAIRoutes
 from .placement_api import ExpertsRoutes
-from .replica import PoolHealth, actor_infos
+from .replica import PoolHealth, actor_infos, build_engine_loop
 from .settings import ServeSettings
-
-log = logging.getLogger("ray.serve")
 
 
 def _calls(req, text: str) -> list[dict] | None:
@@ -39,43 +40,11 @@ class StreamFailed(Exception):
     """Ends a stream whose status code has been set on the gRPC context."""
 
 
-class Unauthenticated(Exception):
-    pass
-
-
-def _status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status and message a client gets. Only the request's own faults are INVALID_ARGUMENT; a
-    remote error (RayTaskError, which subclasses the remote exception's type) is always ours."""
-    from ray.exceptions import RayError
-
-    from raymoe.model.errors import BackendUnavailable, InvalidRequest
-
-    if isinstance(error, InvalidRequest) and not isinstance(error, RayError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
-    if isinstance(error, QueueFull):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
-    if isinstance(error, Unauthenticated):
-        return grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key: send the metadata 'authorization: Bearer KEY'"
-    if isinstance(error, BackendUnavailable) and not isinstance(error, RayError):
-        return grpc.StatusCode.UNAVAILABLE, str(error)  # names layers, experts and actors; no addresses
-    log.error("request failed", exc_info=error)  # the details stay in the replica's log
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the replica's log"
-
-
 class Generator(OpenAIRoutes, ExpertsRoutes):
     """The front deployment: these gRPC methods, the Experts service's and the OpenAI-compatible
     HTTP routes it inherits."""
 
     def __init__(self, settings: dict) -> None:
-        import time
-        from pathlib import Path
-
-        from raymoe.model.chat import ChatTemplate
-        from raymoe.model.guided import GrammarCache
-
-        from .auth import ApiKey
-        from .replica import build_engine_loop
-
         self.settings = ServeSettings.from_dict(settings)
         self.limits = self.settings.request_limits()
         self.api_key = ApiKey()
@@ -100,7 +69,7 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
 
     def _authorize(self, grpc_context) -> None:
         if not self.api_key.allows_grpc(grpc_context):
-            raise Unauthenticated()
+            raise Unauthenticated(GRPC_KEY_HINT)
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
         chunks = []
@@ -146,7 +115,7 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
 
     async def Tokenize(self, request: pb.TokenizeRequest, grpc_context=None) -> pb.TokenizeResponse:
         if not self.api_key.allows_grpc(grpc_context):
-            return self._fail(grpc_context, Unauthenticated(), pb.TokenizeResponse())
+            return self._fail(grpc_context, Unauthenticated(GRPC_KEY_HINT), pb.TokenizeResponse())
         if self.tokenizer is None:
             return self._fail(grpc_context, InvalidRequest("this model has no tokenizer", "text"),
                               pb.TokenizeResponse())
@@ -158,7 +127,7 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context=None) -> pb.ModelInfoResponse:
         if not self.api_key.allows_grpc(grpc_context):
-            return self._fail(grpc_context, Unauthenticated(), pb.ModelInfoResponse())
+            return self._fail(grpc_context, Unauthenticated(GRPC_KEY_HINT), pb.ModelInfoResponse())
         engine = self.loop.engine
         actors = await actor_infos(self.info["pool"])
         return pb.ModelInfoResponse(
@@ -170,7 +139,8 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
                          kv_cache_used_tokens=engine.cache.used_blocks * engine.cache.block_size),
             routing=[pb.LayerRouting(layer=i, tokens_per_expert=row) for i, row in enumerate(self._routing())],
             expert_calls=self._expert_calls(), state=self._state(),
-            load_error="" if self.loop.load_error is None else str(self.loop.load_error))
+            load_error="" if self.loop.load_error is None else str(self.loop.load_error),
+            quantization=self.info.get("quantization", ""))
 
     def _state(self) -> str:
         return "FAILED" if self.loop.load_error is not None else "LOADING" if self.loop.loading else "READY"
@@ -213,8 +183,6 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
         return self.loop.alive and not self.loop.loading and self.pool_health.ok
 
     async def Check(self, request, grpc_context=None):
-        from grpc_health.v1 import health_pb2
-
         serving = self.serving  # NOT_SERVING while loading, or while its experts do not answer
         return health_pb2.HealthCheckResponse(
             status=health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -228,9 +196,9 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
             health.stop()
 
     def _fail(self, grpc_context, error: BaseException, response):
-        code, message = _status_for(error)
-        self._count(code.name.lower())
+        failure = classify(error)
+        self._count(failure.grpc_code.name.lower())
         if grpc_context is not None:
-            grpc_context.set_code(code)
-            grpc_context.set_details(message)
+            grpc_context.set_code(failure.grpc_code)
+            grpc_context.set_details(failure.message)
         return response

@@ -15,6 +15,8 @@ import grpc
 
 from raymoe.protos import generator_pb2 as pb
 
+from .failures import GRPC_KEY_HINT, Unauthenticated
+
 log = logging.getLogger("ray.serve")
 
 CHANGE_TIMEOUT_S = 600.0  # a change of a 90 GB model's placement reads gigabytes
@@ -48,9 +50,7 @@ class ExpertsRoutes:
         from raymoe.actors.pool_host import pool_host
 
         if not self.api_key.allows_grpc(grpc_context):
-            from .ingress import Unauthenticated
-
-            return self._fail(grpc_context, Unauthenticated(), None)  # the status every door answers
+            return self._fail(grpc_context, Unauthenticated(GRPC_KEY_HINT), None)  # the status every door answers
         host = pool_host(self.settings.app_name) if self.info["pool"] is not None else None
         if host is None:
             return self._refuse(grpc_context, grpc.StatusCode.FAILED_PRECONDITION,
@@ -98,7 +98,8 @@ def placement_message(report: dict[str, Any]) -> pb.PlacementResponse:
     actors = [pb.ExpertActorPlacement(
         id=a["id"], name=a["name"], node_id=a["node_id"], device=a["device"], state=a["state"], slots=a["slots"],
         layers=[pb.LayerExperts(layer=int(layer), experts=ex) for layer, ex in a["experts"].items()],
-        pairs=a.get("pairs", 0), load=a["load"], weight_bytes=a.get("weight_bytes", 0)) for a in report["actors"]]
+        pairs=a.get("pairs", 0), load=a["load"], weight_bytes=a.get("weight_bytes", 0),
+        quantization=a.get("quantization", "")) for a in report["actors"]]
     return pb.PlacementResponse(
         version=report["version"], actors=actors, imbalance=report["imbalance"],
         copies=[pb.ExpertCopies(layer=i, copies=row) for i, row in enumerate(report["copies"])],
