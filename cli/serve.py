@@ -138,8 +138,6 @@ def _check_checkpoint(path: str | None, joining: bool) -> None:
 def _guided_args(request, args: argparse.Namespace) -> None:
     """--json-schema FILE, --regex, --choice → GenerateRequest.guided_decoding (the server checks them)."""
     if args.json_schema:
-        from .commands import UserError
-
         try:
             request.guided_decoding.json_schema = Path(args.json_schema).read_text()
         except (OSError, UnicodeDecodeError) as e:

@@ -308,7 +308,7 @@ def test_chat_completions_parse_with_a_pydantic_model_and_streamed_json(api):
 
     msgs = [{"role": "user", "content": "123+456="}]
     for temperature in (0.0, 1.0):
-        done = api.chat.completions.parse(model=model_id(api), messages=msgs, response_format=Sum, max_tokens=80,
+        done = api.chat.completions.parse(model=model_id(api), messages=msgs, response_format=Sum, max_tokens=150,
                                           temperature=temperature, seed=5)
         assert isinstance(done.choices[0].message.parsed, Sum) and done.choices[0].finish_reason == "stop"
     schema = {"type": "object", "properties": {"digits": {"type": "array", "items": {"type": "integer", "minimum": 0,
