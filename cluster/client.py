@@ -19,6 +19,7 @@ UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ...) and a passed deadline are ra
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import AsyncIterator, Iterator
 
@@ -94,8 +95,6 @@ class Resumer:
 
 def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     """The metadata carrying the server's API key (the argument, else $RAYMOE_API_KEY; none: empty)."""
-    import os
-
     key = api_key if api_key is not None else os.environ.get("RAYMOE_API_KEY", "")
     return (("authorization", f"Bearer {key}"),) if key else ()
 

@@ -13,8 +13,7 @@ import re
 from typing import Any
 
 from raymoe.actors import EXPERT_DEVICES, TRANSPORTS
-from raymoe.model.config import DTYPE_CHOICES
-from raymoe.model.quant import check_quantization
+from raymoe.model.config import DTYPE_CHOICES, check_quantization
 
 APP_NAME = "raymoe"  # the default application name (each server in one Ray cluster needs its own)
 DEPLOYMENT_NAME = "Generator"
@@ -166,7 +165,7 @@ class ServeSettings:
                             compile_timeout_s=self.guided_compile_timeout_s, cache_size=self.guided_cache_size)
 
     def request_limits(self):
-        from .requests import RequestLimits
+        from .requests import RequestLimits  # here: it imports torch, and settings load at CLI start-up
 
         return RequestLimits(max_prompt_tokens=self.max_prompt_tokens, max_tokens=self.max_tokens_limit,
                              max_stop_strings=self.max_stop_strings, max_stop_chars=self.max_stop_chars,
@@ -184,7 +183,7 @@ class ServeSettings:
         each front replica), quantized as asked here or by the checkpoint (`quantization`)."""
         if not self.expert_actors:
             return None
-        from raymoe.actors.pool import PoolConfig
+        from raymoe.actors.pool import PoolConfig  # here: it imports Ray (settings load at CLI start-up)
 
         return PoolConfig(num_actors=self.expert_actors, replicas=self.expert_replicas, num_cpus=self.expert_num_cpus,
                           resources=dict(self.expert_resources), dtype=dtype,

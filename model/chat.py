@@ -19,6 +19,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from .tokenizer import Tokenizer
 
 
@@ -34,10 +38,6 @@ def _token_text(value: Any) -> str | None:
 
 class ChatTemplate:
     def __init__(self, template: str, special_tokens: dict[str, str], added: dict[str, int]) -> None:
-        import jinja2
-        import jinja2.ext
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
         def raise_exception(message: str):
             raise jinja2.exceptions.TemplateError(message)
 
