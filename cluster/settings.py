@@ -133,7 +133,8 @@ class ServeSettings:
         if not 0 <= self.stream_interval_ms <= 10_000:
             raise ValueError(f"stream_interval_ms must be between 0 and 10000 (got {self.stream_interval_ms})")
         self.request_limits()  # validates the limits
-        self.guided_limits()
+        if self.guided_max_spec_bytes < 1 or self.guided_compile_timeout_s <= 0 or self.guided_cache_size < 1:
+            raise ValueError("guided_max_spec_bytes, guided_compile_timeout_s and guided_cache_size must be positive")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "ServeSettings":
@@ -157,10 +158,8 @@ class ServeSettings:
         return max(os.cpu_count() or 1, math.ceil(needed) + 1)
 
     def guided_limits(self):
-        from raymoe.model.guided import GuidedLimits
+        from raymoe.model.guided import GuidedLimits  # here: model.guided imports torch
 
-        if self.guided_max_spec_bytes < 1 or self.guided_compile_timeout_s <= 0 or self.guided_cache_size < 1:
-            raise ValueError("guided_max_spec_bytes, guided_compile_timeout_s and guided_cache_size must be positive")
         return GuidedLimits(max_spec_bytes=self.guided_max_spec_bytes,
                             compile_timeout_s=self.guided_compile_timeout_s, cache_size=self.guided_cache_size)
 

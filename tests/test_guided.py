@@ -45,7 +45,8 @@ def _spec(schema: dict) -> GuidedSpec:
     return GuidedSpec("json_schema", json.dumps(schema))
 
 
-@pytest.mark.parametrize("which", ["demo", "small"])
+# `small` (95M parameters, drawn at random once per session) takes most of a minute on 2 cores: slow.
+@pytest.mark.parametrize("which", ["demo", pytest.param("small", marks=pytest.mark.slow)])
 def test_every_answer_of_the_corpus_validates(which, request):
     model, tok, grammars = request.getfixturevalue(which)
     schemas = corpus()
