@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="resume a stream broken by the server's side (replica lost, connection dropped) up to "
                           "N times, within --timeout; 0 = never")
     _add_sampling(gen)
+    guided = gen.add_mutually_exclusive_group()
+    guided.add_argument("--json-schema", metavar="FILE", help="the output is JSON valid against this JSON schema file")
+    guided.add_argument("--regex", help="the output matches this regular expression")
+    guided.add_argument("--choice", action="append", help="the output is exactly one of these strings (repeatable)")
 
     st = sub.add_parser("status", help="expert actors, their health and load, and routing balance of a server")
     st.add_argument("--target", default="127.0.0.1:9000", help="HOST:PORT of the server")

@@ -121,6 +121,19 @@ def _check_checkpoint(path: str | None, joining: bool) -> None:
     Checkpoint(path).close()
 
 
+def _guided_args(request, args: argparse.Namespace) -> None:
+    """--json-schema FILE, --regex, --choice → GenerateRequest.guided_decoding (the server checks them)."""
+    if args.json_schema:
+        try:
+            request.guided_decoding.json_schema = Path(args.json_schema).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--json-schema: cannot read {args.json_schema} ({e})") from None
+    elif args.regex is not None:
+        request.guided_decoding.regex = args.regex
+    elif args.choice:
+        request.guided_decoding.choice.choice.extend(args.choice)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import grpc
 
@@ -140,6 +153,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise UserError(f"--prompt-ids must be comma-separated integers (got {args.prompt_ids!r})") from None
     else:
         request.prompt = args.prompt
+    _guided_args(request, args)
     with Client(args.target, api_key=args.api_key, app=args.app_name) as client:
         try:
             if args.wait_ready:

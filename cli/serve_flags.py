@@ -66,6 +66,10 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--max-stop-chars", "max_stop_chars", int, "limit on characters per stop string"),
     ("--max-stop-token-ids", "max_stop_token_ids", int, "limit on stop_token_ids per request"),
     ("--max-logprobs", "max_logprobs", int, "limit on top alternatives per token"),
+    ("--guided-max-spec-bytes", "guided_max_spec_bytes", int, "limit on a JSON schema, regex, grammar or choice list"),
+    ("--guided-compile-timeout-s", "guided_compile_timeout_s", float, "refuse a guided-decoding spec that takes "
+                                                                      "longer to compile"),
+    ("--guided-cache-size", "guided_cache_size", int, "compiled grammars kept per replica"),
     ("--ready-when-loaded", "ready_when_loaded", bool, "a replica is up for Serve only once the expert actors are "
                                                        "loaded (default: once its dense part is; it then answers "
                                                        "ModelInfo LOADING and requests wait)"),

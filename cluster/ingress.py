@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2
 
 from raymoe.model.chat import ChatTemplate
 from raymoe.model.errors import InvalidRequest
+from raymoe.model.guided import GrammarCache
 from raymoe.protos import generator_pb2 as pb
 
 from . import protocol
@@ -26,6 +27,13 @@ from .openai_api import OpenAIRoutes
 from .placement_api import ExpertsRoutes
 from .replica import PoolHealth, actor_infos, build_engine_loop
 from .settings import ServeSettings
+
+
+def _calls(req, text: str) -> list[dict] | None:
+    """The tool calls an answer makes, when the request offered tools."""
+    from .tools import read_calls
+
+    return read_calls(text) if req.tools.active else None
 
 
 class StreamFailed(Exception):
@@ -48,13 +56,16 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
         self.tokenizer = self.loop.tokenizer
         self.cfg = self.loop.engine.cfg
         self.chat = ChatTemplate.from_dir(self.info["checkpoint"]) if self.tokenizer is not None else None
+        self.grammars = None if self.tokenizer is None else GrammarCache(
+            self.tokenizer, self.cfg.vocab_size, self.cfg.eos_token_ids, self.settings.guided_limits())
         self.model_id = Path(self.info["checkpoint"]).name  # what /v1/models lists and requests name
         self.created = int(time.time())
 
     async def _parse(self, request: pb.GenerateRequest, grpc_context):
         self._authorize(grpc_context)
         # Tokenizing a long prompt takes a while: never on the event loop other streams share.
-        return await asyncio.to_thread(protocol.parse_request, request, self.cfg, self.limits, self.tokenizer)
+        return await asyncio.to_thread(protocol.parse_request, request, self.cfg, self.limits, self.tokenizer,
+                                       self.grammars)
 
     def _authorize(self, grpc_context) -> None:
         if not self.api_key.allows_grpc(grpc_context):
@@ -74,8 +85,9 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
         except Exception as e:  # noqa: BLE001 — every failure becomes a status
             return self._fail(grpc_context, e, pb.GenerateResponse())
         self._count("ok")
-        return protocol.chunk_response(protocol.merge_chunks(chunks), req.prompt_ids, req.params.logprobs > 0,
-                                       req.params.seed)
+        whole = protocol.merge_chunks(chunks)
+        return protocol.chunk_response(whole, req.prompt_ids, req.params.logprobs > 0, req.params.seed,
+                                       _calls(req, whole.text))
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator[pb.GenerateResponse]:
         try:
@@ -84,9 +96,12 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
             # aclosing: a client gone mid-stream aborts the sequence now, not when the GC gets to it
             async with contextlib.aclosing(self.loop.generate(req.prompt_ids, req.params, req.stop, req.resume_ids,
                                                               req.resume_text_bytes)) as stream:
+                text = []
                 async for chunk in stream:
+                    text.append(chunk.text)
+                    calls = _calls(req, "".join(text)) if chunk.finish_reason else None
                     yield protocol.chunk_response(chunk, req.prompt_ids if first else None, req.params.logprobs > 0,
-                                                  req.params.seed if first else None)
+                                                  req.params.seed if first else None, calls)
                     first = False
         except (asyncio.CancelledError, GeneratorExit):
             self._count("cancelled")

@@ -74,6 +74,11 @@ class ServeSettings:
     max_stop_chars: int = 256  # per stop string
     max_stop_token_ids: int = 64
     max_logprobs: int = 20  # top alternatives per token (gRPC logprobs, OpenAI logprobs / top_logprobs)
+    # Guided decoding (response_format, tools, GenerateRequest.guided_decoding): a larger spec, or one
+    # slower to compile, is refused with INVALID_ARGUMENT / 400; compiled grammars kept per replica.
+    guided_max_spec_bytes: int = 65536
+    guided_compile_timeout_s: float = 10.0
+    guided_cache_size: int = 256
     replica_num_cpus: float = 1.0
     replica_num_gpus: float = 0.0  # > 0: the front replica (attention, KV cache, dense layers) runs on a GPU
     replica_resources: dict[str, float] = dataclasses.field(default_factory=dict)  # custom Ray resources per replica
@@ -128,6 +133,8 @@ class ServeSettings:
         if not 0 <= self.stream_interval_ms <= 10_000:
             raise ValueError(f"stream_interval_ms must be between 0 and 10000 (got {self.stream_interval_ms})")
         self.request_limits()  # validates the limits
+        if self.guided_max_spec_bytes < 1 or self.guided_compile_timeout_s <= 0 or self.guided_cache_size < 1:
+            raise ValueError("guided_max_spec_bytes, guided_compile_timeout_s and guided_cache_size must be positive")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "ServeSettings":
@@ -149,6 +156,12 @@ class ServeSettings:
         and expert actor plus one for the driver (logical shares; threads are set per process)."""
         needed = self.replicas * self.replica_num_cpus + self.expert_actors * self.expert_num_cpus
         return max(os.cpu_count() or 1, math.ceil(needed) + 1)
+
+    def guided_limits(self):
+        from raymoe.model.guided import GuidedLimits  # here: model.guided imports torch
+
+        return GuidedLimits(max_spec_bytes=self.guided_max_spec_bytes,
+                            compile_timeout_s=self.guided_compile_timeout_s, cache_size=self.guided_cache_size)
 
     def request_limits(self):
         from .requests import RequestLimits  # here: it imports torch, and settings load at CLI start-up
