@@ -12,6 +12,7 @@ Legend: n = distinct tokens sent to this actor, P = (token, expert) pairs routed
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -23,12 +24,18 @@ from typing import Any, Sequence
 import numpy as np
 import ray
 import torch
+from ray.experimental.internal_kv import (_internal_kv_del, _internal_kv_get, _internal_kv_initialized,
+                                         _internal_kv_put)
+from ray.util.metrics import Counter, Gauge, Histogram
 
 from raymoe.model.config import ModelConfig
 from raymoe.model.moe import swiglu_grouped
 from raymoe.model.progress import LoadProgress
+from raymoe.model.quant import check_quantization, stack_experts, weight_nbytes
+from raymoe.model.weights import Checkpoint
 
 from .direct import DirectServer, ExpertsNotLoaded
+from .metrics import LATENCY_BUCKETS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -81,12 +88,14 @@ class ExpertActor:
 
     def __init__(self, checkpoint: str, experts: Sequence[int], layers: Sequence[int], *, dtype: str = "float32",
                  device: str = "cpu", num_threads: int = 1, name: str = "",
-                 assignment: dict[int, Sequence[int]] | None = None) -> None:
+                 assignment: dict[int, Sequence[int]] | None = None, quantization: str | None = None) -> None:
         torch.set_num_threads(max(1, num_threads))  # one process per core share: no oversubscription
         self.name = name
         self.checkpoint = checkpoint
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
+        # "experts_int8": every copy this actor reads (at start, on hold) is quantized as it is read
+        self.quantization = check_quantization(quantization)
         config = ModelConfig.from_file(Path(checkpoint) / "config.json")
         self.num_experts = config.num_local_experts
         # A restarted actor serves what it held last (hold() records it), not what it started with.
@@ -107,10 +116,6 @@ class ExpertActor:
         self.busy_s = 0.0  # time spent inside forward (the rest of a call's latency is transport)
         # [L, E] pairs computed per (layer, expert) since this process started: the planner's load
         self.pairs = torch.zeros(config.num_hidden_layers, self.num_experts, dtype=torch.long)
-        from ray.util.metrics import Counter, Gauge, Histogram
-
-        from .metrics import LATENCY_BUCKETS
-
         tags = {"actor": name}
         self.compute_hist = Histogram("raymoe_expert_compute_seconds", "Time an expert actor spends in one "
                                       "layer call", boundaries=LATENCY_BUCKETS, tag_keys=("actor",))
@@ -137,16 +142,16 @@ class ExpertActor:
 
     def _load_weights(self) -> None:
         """Read this actor's experts (only theirs), straight into the serving dtype, then the device."""
-        from raymoe.model.weights import Checkpoint
-
         ckpt = None
         try:
             ckpt = Checkpoint(self.checkpoint)
             self.load.total_bytes = sum(ckpt.expert_nbytes([layer], ex) for layer, ex in self.assignment.items())
             self._load_total.set(self.load.total_bytes)
+            self.quantization = self.quantization or ckpt.quantization  # implied by a pre-quantized checkpoint
             ckpt.progress = self.load
             for layer, experts in self.assignment.items():
-                self.state[layer] = self._stack(layer, experts, *ckpt.experts(layer, experts, self.dtype))
+                self.state[layer] = self._stack(layer, experts, *ckpt.experts(layer, experts, self.dtype,
+                                                                               self.quantization))
             self.load.done()
         except BaseException as e:  # noqa: BLE001 — reported by progress() and every call
             self.load.done(e)
@@ -155,7 +160,7 @@ class ExpertActor:
                 ckpt.close()
             self._loaded.set()
 
-    def _stack(self, layer: int, experts: Sequence[int], w13: torch.Tensor, w2: torch.Tensor):
+    def _stack(self, layer: int, experts: Sequence[int], w13, w2):  # tensors or Int8Stacks
         slot = torch.full((self.num_experts,), -1, dtype=torch.long)
         slot[list(experts)] = torch.arange(len(experts))
         return slot, w13.to(self.device), w2.to(self.device)
@@ -165,8 +170,6 @@ class ExpertActor:
         """Hold exactly `assignment` {layer: experts} from now on: read the copies not held yet (only
         those), keep the others without a copy, drop the rest; each layer switches at once, between
         two of its calls. Layer calls keep being answered meanwhile. Returns bytes read and seconds."""
-        from raymoe.model.weights import Checkpoint
-
         self._loaded.wait()
         if self.load.state == "FAILED":
             raise ExpertsNotLoaded(f"{self.name}: loading the experts failed: {self.load.error}")
@@ -182,7 +185,7 @@ class ExpertActor:
                         continue
                     new = [e for e in experts if e not in have]
                     read += ckpt.expert_nbytes([layer], new)
-                    w13_new, w2_new = ckpt.experts(layer, new, self.dtype) if new else (None, None)
+                    w13_new, w2_new = ckpt.experts(layer, new, self.dtype, self.quantization) if new else (None, None)
                     parts13, parts2 = [], []
                     for e in experts:
                         if e in have:
@@ -192,7 +195,7 @@ class ExpertActor:
                         else:
                             parts13.append(w13_new[new.index(e)].to(self.device))
                             parts2.append(w2_new[new.index(e)].to(self.device))
-                    self.state[layer] = self._stack(layer, experts, torch.stack(parts13), torch.stack(parts2))
+                    self.state[layer] = self._stack(layer, experts, stack_experts(parts13), stack_experts(parts2))
                     self.assignment[layer] = experts
                 for layer in [x for x in self.assignment if x not in target]:
                     del self.state[layer], self.assignment[layer]
@@ -261,10 +264,10 @@ class ExpertActor:
         with warnings.catch_warnings():  # Ray's own property warns about an API it calls internally
             warnings.simplefilter("ignore")
             reconstructed = bool(ctx.was_current_actor_reconstructed)
-        weight_bytes = sum(t.numel() * t.element_size() for _, *pair in list(self.state.values()) for t in pair)
+        weight_bytes = sum(weight_nbytes(w) for _, *pair in list(self.state.values()) for w in pair)
         return {"name": self.name, "experts": list(self.experts), "layers": list(self.layers),
                 "assignment": {str(layer): list(ex) for layer, ex in self.assignment.items()},
-                "weight_bytes": weight_bytes, "tokens": self.tokens, "calls": self.calls, "busy_s": self.busy_s,
+                "weight_bytes": weight_bytes, "quantization": self.quantization or "", "tokens": self.tokens, "calls": self.calls, "busy_s": self.busy_s,
                 "queued_s": self.direct.queued_s,
                 "device": str(self.device), "threads": torch.get_num_threads(), "node_id": ctx.get_node_id(),
                 "host": socket.gethostname(), "pid": os.getpid(), "load_s": round(self.load.seconds, 3),
@@ -287,27 +290,17 @@ def _assignment_key(actor_id: str | None = None) -> bytes:
 
 def forget_assignment(handle) -> None:
     """Drop what an actor recorded of its experts (when it is killed for good)."""
-    from ray.experimental.internal_kv import _internal_kv_del
-
     _internal_kv_del(_assignment_key(handle._actor_id.hex()))
 
 
 def _record_assignment(assignment: dict[int, tuple[int, ...]]) -> None:
     """Remember what this actor holds beyond its process (Ray's KV store, keyed by the actor id,
     which survives restarts), so that a restarted process reloads the same experts."""
-    import json
-
-    from ray.experimental.internal_kv import _internal_kv_put
-
     _internal_kv_put(_assignment_key(), json.dumps({str(k): list(v) for k, v in assignment.items()}).encode(),
                      overwrite=True)
 
 
 def _recorded_assignment() -> dict[int, tuple[int, ...]] | None:
-    import json
-
-    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
-
     if not _internal_kv_initialized():
         return None
     raw = _internal_kv_get(_assignment_key())

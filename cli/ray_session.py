@@ -6,6 +6,9 @@ Used by `raymoe run --expert-actors N [--expert-replicas R] [--actor-cpus C] [--
 on the machine; `--address auto` joins that one instead) (token auth off unless RAY_AUTH_MODE is
 set, no dashboard, actor logs kept out of our stdout so --json output stays one object) and shut
 down at the end; with --address the command joins that cluster and leaves it running.
+
+Ray and the expert pool are imported where they are used: `raymoe run` without --expert-actors
+passes through here and needs neither (start-up time).
 """
 
 from __future__ import annotations
@@ -14,10 +17,15 @@ import argparse
 import contextlib
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
 from raymoe.model.transformer import ExpertsFactory
+
+from .errors import UserError
+from .prefetch import prefetch
+from .progress import PoolProgress, Ticker
 
 
 @contextlib.contextmanager
@@ -35,14 +43,8 @@ def ray_connection(address: str | None, num_cpus: int | None = None,
         try:
             ray.init(address=address, log_to_driver=False)
         except (ConnectionError, RuntimeError) as e:
-            from .commands import UserError
-
             raise UserError(f"cannot join the Ray cluster at {address}: {e}") from None
     else:
-        import time
-
-        from .progress import Ticker
-
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private instance for this command
         t0 = time.monotonic()
         with Ticker(lambda: f"raymoe: starting a private Ray instance ({time.monotonic() - t0:.0f} s)"):
@@ -63,8 +65,6 @@ def check_expert_device(device: str, started: bool) -> None:
     import ray
 
     if device == "gpu" and started and not ray.cluster_resources().get("GPU"):
-        from .commands import UserError
-
         raise UserError("--expert-device gpu, but this machine has no GPUs visible to Ray; "
                         "use --expert-device cpu (or auto)")
 
@@ -72,15 +72,14 @@ def check_expert_device(device: str, started: bool) -> None:
 @contextlib.contextmanager
 def experts_factory_from_args(args: argparse.Namespace, checkpoint: str | Path) -> Iterator[ExpertsFactory | None]:
     """None (every expert in this process) unless --expert-actors is given; else remote experts."""
-    from .commands import UserError
-
     num_actors = getattr(args, "expert_actors", None)
     if num_actors is None:
         if getattr(args, "address", None):
             raise UserError("--address joins a Ray cluster for remote experts; also give --expert-actors N")
         yield None
         return
-    from raymoe.actors.pool import ExpertPool, ExpertsUnavailable, PoolConfig
+    from raymoe.actors.errors import ExpertsUnavailable
+    from raymoe.actors.pool import ExpertPool, PoolConfig
     from raymoe.actors.remote_experts import remote_experts_factory
 
     if num_actors < 1:
@@ -90,13 +89,10 @@ def experts_factory_from_args(args: argparse.Namespace, checkpoint: str | Path) 
                             num_cpus=getattr(args, "actor_cpus", None), dtype=getattr(args, "dtype", "float32"),
                             device=getattr(args, "expert_device", "auto"),
                             transport=getattr(args, "expert_transport", "direct"),
-                            call_timeout_s=getattr(args, "expert_timeout", None) or 60.0)
-        from .progress import PoolProgress, Ticker
-
+                            call_timeout_s=getattr(args, "expert_timeout", None) or 60.0,
+                            quantization=getattr(args, "quantization", None))
         progress = PoolProgress(num_actors)
         if not getattr(args, "address", None):  # the actors run on this machine: read ahead meanwhile
-            from .prefetch import prefetch
-
             prefetch(checkpoint)
         with ray_connection(getattr(args, "address", None)) as started:
             check_expert_device(config.device, started)
@@ -119,7 +115,5 @@ class LoadingExperts:
         return self.factory(layer)
 
     def wait_loaded(self) -> None:
-        from .progress import Ticker
-
         with Ticker(self.progress.line):
             self.pool.wait_loaded(self.progress)

@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
+import time
+from pathlib import Path
 
+from raymoe.cluster.auth import ENV
 from raymoe.cluster.deploy import DeployFailed, deploy, release_pool
 from raymoe.cluster.settings import APP_NAME
+from raymoe.model.default import default_checkpoint
+from raymoe.model.errors import BackendUnavailable
+
+from .errors import UserError
+from .prefetch import prefetch
+from .progress import Ticker, serve_progress_line
+from .serve_flags import settings_from_args
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
-    from raymoe.cluster.auth import ENV
     from .ray_session import check_expert_device, ray_connection
-    from .serve_flags import settings_from_args
 
     settings = settings_from_args(args)
     _check_checkpoint(settings.checkpoint, joining=bool(args.address))
@@ -37,10 +44,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     dashboard = None if args.address or args.no_dashboard else args.dashboard_port
     try:
         if not args.address:  # a private Ray on this machine: read the checkpoint ahead while it starts
-            from raymoe.model.default import default_checkpoint
-
-            from .prefetch import prefetch
-
             prefetch(settings.checkpoint or default_checkpoint())
         with ray_connection(args.address, settings.local_ray_cpus(), dashboard_port=dashboard) as started:
             if settings.expert_actors:
@@ -59,16 +62,7 @@ def _serve_until_stopped(settings, address: str | None, dashboard: int | None, s
     """Deploy, print where it serves, wait for a signal, take down what this command owns: on a
     private Ray all of Serve; on a shared cluster its application and expert pool, unless it was
     replacing a running one and that failed (deploy rolled it back to its settings)."""
-    import os
-    import time
-
     from ray import serve
-
-    from raymoe.cluster.auth import ENV
-    from raymoe.model.errors import BackendUnavailable
-
-    from .commands import UserError
-    from .progress import Ticker, serve_progress_line
 
     replacing = bool(address) and settings.app_name in serve.status().applications
     owned = not replacing
@@ -100,10 +94,6 @@ def _serve_until_stopped(settings, address: str | None, dashboard: int | None, s
 
 
 def _banner(settings, ports, dashboard: int | None) -> str:
-    import os
-
-    from raymoe.cluster.auth import ENV
-
     grpc_at = f"127.0.0.1:{ports.grpc_port}"
     http_at = f"http://{settings.http_host}:{ports.http_port}{settings.http_route_prefix().rstrip('/')}"
     key = " (API key required)" if os.environ.get(ENV) else ""
@@ -124,13 +114,24 @@ def _check_checkpoint(path: str | None, joining: bool) -> None:
     the one-line message); joining a cluster, a path only its nodes have is left to them."""
     if path is None:
         return
-    from pathlib import Path
-
     if joining and not Path(path).exists():
         return
     from raymoe.model.weights import Checkpoint
 
     Checkpoint(path).close()
+
+
+def _guided_args(request, args: argparse.Namespace) -> None:
+    """--json-schema FILE, --regex, --choice → GenerateRequest.guided_decoding (the server checks them)."""
+    if args.json_schema:
+        try:
+            request.guided_decoding.json_schema = Path(args.json_schema).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--json-schema: cannot read {args.json_schema} ({e})") from None
+    elif args.regex is not None:
+        request.guided_decoding.regex = args.regex
+    elif args.choice:
+        request.guided_decoding.choice.choice.extend(args.choice)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -140,20 +141,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from raymoe.cluster.client import Client, completion_json
 
-    request = pb.GenerateRequest(max_tokens=args.max_tokens, top_k=args.top_k, logprobs=args.logprobs,
+    request = pb.GenerateRequest(max_tokens=args.max_tokens or 0, top_k=args.top_k, logprobs=args.logprobs,
                                  stop=args.stop, ignore_eos=args.ignore_eos, temperature=args.temperature,
                                  top_p=args.top_p)
     if args.seed is not None:
         request.seed = args.seed
     if args.prompt_ids is not None:
-        from .commands import UserError
-
         try:
             request.prompt_token_ids.extend(int(t) for t in args.prompt_ids.replace(" ", "").split(",") if t)
         except ValueError:
             raise UserError(f"--prompt-ids must be comma-separated integers (got {args.prompt_ids!r})") from None
     else:
         request.prompt = args.prompt
+    _guided_args(request, args)
     with Client(args.target, api_key=args.api_key, app=args.app_name) as client:
         try:
             if args.wait_ready:

@@ -11,6 +11,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from .auth import ENV
 from .ingress import Generator
 from .openai_api import app as openai_app
 from .settings import DEPLOYMENT_NAME, ServeSettings
@@ -21,8 +22,6 @@ def build_app(args: dict[str, Any], api_key: str | None = None) -> Application:
     settings = ServeSettings.from_dict(dict(args))
     options = settings.deployment_options()
     if api_key:
-        from .auth import ENV
-
         options["ray_actor_options"] = {**options["ray_actor_options"], "runtime_env": {"env_vars": {ENV: api_key}}}
     # One deployment, two doors: the gRPC methods (named as the RPCs) and the OpenAI HTTP routes.
     front = serve.ingress(openai_app)(Generator)

@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2
 
 from raymoe.model.chat import ChatTemplate
 from raymoe.model.errors import InvalidRequest
+from raymoe.model.guided import GrammarCache
 from raymoe.protos import generator_pb2 as pb
 
 from . import protocol
@@ -27,6 +28,13 @@ from .openai_api import OpenAIRoutes
 from .placement_api import ExpertsRoutes
 from .replica import PoolHealth, actor_infos, build_engine_loop
 from .settings import DEPLOYMENT_NAME, ServeSettings
+
+
+def _calls(req, text: str) -> list[dict] | None:
+    """The tool calls an answer makes, when the request offered tools."""
+    from .tools import read_calls
+
+    return read_calls(text) if req.tools.active else None
 
 
 class StreamFailed(Exception):
@@ -49,6 +57,8 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
         self.tokenizer = self.loop.tokenizer
         self.cfg = self.loop.engine.cfg
         self.chat = ChatTemplate.from_dir(self.info["checkpoint"]) if self.tokenizer is not None else None
+        self.grammars = None if self.tokenizer is None else GrammarCache(
+            self.tokenizer, self.cfg.vocab_size, self.cfg.eos_token_ids, self.settings.guided_limits())
         self.model_id = Path(self.info["checkpoint"]).name  # what /v1/models lists and requests name
         self.created = int(time.time())
         self._self_handle = None  # to this deployment, through the prefix-aware router (made on first use)
@@ -59,7 +69,8 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
     async def _parse(self, request: pb.GenerateRequest, grpc_context):
         self._authorize(grpc_context)
         # Tokenizing a long prompt takes a while: never on the event loop other streams share.
-        return await asyncio.to_thread(protocol.parse_request, request, self.cfg, self.limits, self.tokenizer)
+        return await asyncio.to_thread(protocol.parse_request, request, self.cfg, self.limits, self.tokenizer,
+                                       self.grammars)
 
     def generate(self, prompt_ids: list[int], params, stop: list[str], resume_ids: list[int] = (),
                  resume_text_bytes: int = 0, cache_salt: bytes = b"") -> AsyncIterator:
@@ -142,8 +153,9 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
         except Exception as e:  # noqa: BLE001 — every failure becomes a status
             return self._fail(grpc_context, e, pb.GenerateResponse())
         self._count("ok")
-        return protocol.chunk_response(protocol.merge_chunks(chunks), req.prompt_ids, req.params.logprobs > 0,
-                                       req.params.seed)
+        whole = protocol.merge_chunks(chunks)
+        return protocol.chunk_response(whole, req.prompt_ids, req.params.logprobs > 0, req.params.seed,
+                                       _calls(req, whole.text))
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator[pb.GenerateResponse]:
         try:
@@ -153,9 +165,12 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
             async with contextlib.aclosing(self.generate(req.prompt_ids, req.params, req.stop, req.resume_ids,
                                                          req.resume_text_bytes,
                                                          self._grpc_salt(grpc_context, req.cache_salt))) as stream:
+                text = []
                 async for chunk in stream:
+                    text.append(chunk.text)
+                    calls = _calls(req, "".join(text)) if chunk.finish_reason else None
                     yield protocol.chunk_response(chunk, req.prompt_ids if first else None, req.params.logprobs > 0,
-                                                  req.params.seed if first else None)
+                                                  req.params.seed if first else None, calls)
                     first = False
         except (asyncio.CancelledError, GeneratorExit):
             self._count("cancelled")
@@ -195,7 +210,8 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
             routing=[pb.LayerRouting(layer=i, tokens_per_expert=row) for i, row in enumerate(self._routing())],
             expert_calls=self._expert_calls(), state=self._state(),
             load_error="" if self.loop.load_error is None else str(self.loop.load_error),
-            prefix_cache=prefix_cache, replica_prefix_caches=replicas)
+            quantization=self.info.get("quantization", ""), prefix_cache=prefix_cache,
+            replica_prefix_caches=replicas)
 
     async def _prefix_cache_stats(self):
         """(this replica's prefix cache counters, every replica's as last published)."""

@@ -11,6 +11,8 @@ gRPC API; `best_of`, `echo`, `suffix`, penalties, `logit_bias`, tools and respon
 than their neutral values are refused with a 400 naming the field rather than ignored. Extra
 fields raymoe understands: `top_k`, `ignore_eos`, `stop_token_ids`, and vLLM's `cache_salt`.
 Usage reports `prompt_tokens_details.cached_tokens`: prompt tokens found in the prefix cache.
+Structured output (`response_format`, `tools`, `tool_choice`, `parallel_tool_calls`):
+cluster/openai_guided.py.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from .failures import classify
+from .openai_guided import parse_chat_tools, parse_response_format, plain_messages
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "n", "user",
           "presence_penalty", "frequency_penalty", "logit_bias", "top_k", "ignore_eos", "stop_token_ids",
@@ -29,9 +32,7 @@ CHAT_FIELDS = COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_
                         "tools", "tool_choice", "parallel_tool_calls"}
 MAX_CHOICES = 64  # prompts × n in one request (each is a sequence of the engine)
 NEUTRAL = {"best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
-           "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
-           "tools": (None, []), "tool_choice": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
-           "response_format": (None, {"type": "text"})}
+           "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {})}
 
 
 class HttpError(Exception):
@@ -45,14 +46,21 @@ class HttpError(Exception):
                                        "code": self.code}}, status_code=self.status)
 
 
-def http_error_for(error: BaseException) -> HttpError:
-    """An HttpError raised while parsing as it is; anything else as cluster/failures.py classifies it."""
+# build_request's field names (the gRPC API's) that an OpenAI endpoint spells otherwise, or lacks (None).
+COMPLETION_NAMES: dict[str | None, str | None] = {"prompt_token_ids": "prompt", "resume_token_ids": None}
+CHAT_NAMES = {**COMPLETION_NAMES, "logprobs": "top_logprobs"}  # chat's count of alternatives
+
+
+def http_error_for(error: BaseException, names: dict[str | None, str | None] = COMPLETION_NAMES) -> HttpError:
+    """An HttpError raised while parsing as it is; anything else as cluster/failures.py classifies it,
+    its field (and the message that starts with it) in the endpoint's own `names`."""
     if isinstance(error, HttpError):
         return error
     failure = classify(error)
-    # The gRPC field names that OpenAI's API spells otherwise (or lacks).
-    param = {"prompt_token_ids": "prompt", "resume_token_ids": None}.get(failure.field, failure.field)
-    return HttpError(failure.http_status, failure.message, failure.http_type, param=param, code=failure.http_code)
+    param, message = names.get(failure.field, failure.field), failure.message
+    if failure.field and param and param != failure.field and message.startswith(failure.field + " "):
+        message = param + message[len(failure.field):]
+    return HttpError(failure.http_status, message, failure.http_type, param=param, code=failure.http_code)
 
 
 # --- parsing -----------------------------------------------------------------------------------
@@ -137,28 +145,13 @@ def parse_chat(body: dict) -> tuple[dict, list[dict], bool, bool, bool]:
     kw = _common(body, CHAT_FIELDS)
     if body.get("max_completion_tokens") is not None:
         kw["max_tokens"] = _typed(body, "max_completion_tokens", (int,), "an integer")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise HttpError(400, "messages must be a non-empty list", param="messages")
-    plain = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise HttpError(400, f"messages[{i}] must be an object with a string role", param="messages")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: text only
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise HttpError(400, f"messages[{i}].content: only text parts are supported", param="messages")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise HttpError(400, f"messages[{i}].content must be a string", param="messages")
-        plain.append({**{k: v for k, v in m.items() if k != "content"}, "content": content})
+    plain = plain_messages(body.get("messages"))
+    kw["guided"] = parse_response_format(body)
+    kw["tools"] = parse_chat_tools(body)
     want_logprobs = _typed(body, "logprobs", (bool,), "a boolean")
     top = _typed(body, "top_logprobs", (int,), "an integer")
     if top and not want_logprobs:
         raise HttpError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    if top is not None and not 0 <= top <= 20:
-        raise HttpError(400, f"top_logprobs must be between 0 and 20 (got {top})", param="top_logprobs")
     kw["logprobs"] = (top or 0) if want_logprobs else 0
     stream, usage = _stream_flags(body)
     return kw, plain, stream, usage, bool(want_logprobs)

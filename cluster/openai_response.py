@@ -18,7 +18,8 @@ from typing import Any, AsyncIterator
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .openai_request import http_error_for
+from .openai_guided import ToolCallStream, chat_message
+from .openai_request import CHAT_NAMES, COMPLETION_NAMES, http_error_for
 
 
 class CompletionView:
@@ -26,8 +27,10 @@ class CompletionView:
     (prompt, k < n), each its own sequence of the engine."""
 
     def __init__(self, owner, reqs: list, n: int, obj: str, prefix: str, chat: bool = False,
-                 logprobs: bool = False, authorization: str | None = None) -> None:
+                 logprobs: bool = False, tools=None, authorization: str | None = None) -> None:
         self.owner, self.reqs, self.n, self.obj, self.chat, self.logprobs = owner, reqs, n, obj, chat, logprobs
+        self.tools = tools if tools is not None and tools.active else None  # the answers may be tool calls
+        self.names = CHAT_NAMES if chat else COMPLETION_NAMES  # the endpoint's spelling of the fields in errors
         self.authorization = authorization  # the caller's: its identity salts the prefix cache
         self.id, self.created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
         self.choices = [(r, k) for r in reqs for k in range(n)]  # index p·n + k
@@ -52,11 +55,7 @@ class CompletionView:
         tok = self.owner.tokenizer
         if tok is None:
             return str(token_id), []
-        piece = tok.piece(token_id)
-        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # sentencepiece byte fallback
-            raw = bytes([int(piece[3:5], 16)])
-        else:
-            raw = piece.replace("\u2581", " ").encode()
+        raw = tok.token_bytes(token_id)
         return raw.decode(errors="replace"), list(raw)
 
     def _logprobs(self, index: int, chunks: list) -> dict | None:
@@ -88,6 +87,9 @@ class CompletionView:
         if delta:
             d = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
             return {"index": index, "delta": d, "logprobs": lp, "finish_reason": finish}
+        if self.tools is not None:
+            message, finish = chat_message(text, self.tools, finish)
+            return {"index": index, "message": message, "logprobs": lp, "finish_reason": finish}
         return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": lp,
                 "finish_reason": finish}
 
@@ -112,8 +114,8 @@ class CompletionView:
         failed = next((t.exception() for t in firsts if t.done() and not t.cancelled() and t.exception()), None)
         if failed is not None:
             await _stop(firsts, gens)
-            self.owner._count(str(http_error_for(failed).status))
-            return http_error_for(failed).response()
+            self.owner._count(str(http_error_for(failed, self.names).status))
+            return http_error_for(failed, self.names).response()
         if stream:
             return StreamingResponse(self._events(firsts, gens, usage_in_stream), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -122,8 +124,8 @@ class CompletionView:
             got = await asyncio.gather(*tasks)
         except Exception as e:  # noqa: BLE001 — one choice failed: the others stop too (their sequences end)
             await _stop(tasks, gens)
-            self.owner._count(str(http_error_for(e).status))
-            return http_error_for(e).response()
+            self.owner._count(str(http_error_for(e, self.names).status))
+            return http_error_for(e, self.names).response()
         self.owner._count("ok")
         choices, done = [], 0
         cached = [chunks[-1].cached_tokens if chunks else 0 for chunks in got]
@@ -136,17 +138,23 @@ class CompletionView:
 
     async def _events(self, firsts: list, gens: list, usage_in_stream: bool) -> AsyncIterator[str]:
         done, cached = [0] * len(gens), [0] * len(gens)
+        calls = [ToolCallStream() for _ in gens] if self.tools is not None else None
         try:
             async with contextlib.aclosing(_merge(firsts, gens)) as merged:  # a client gone mid-stream aborts now
                 async for i, c, is_first in merged:
                     done[i], cached[i] = c.completion_tokens, c.cached_tokens
                     choice = self._choice(i, c.text, [c], c.finish_reason, delta=True, first=is_first)
+                    if calls is not None:  # text, or tool calls held to their end
+                        delta, _, was_call = calls[i].push(c.text, c.finish_reason is not None)
+                        choice["delta"] = {**({"role": "assistant"} if is_first else {}), **(delta or {})}
+                        if was_call and c.finish_reason == "stop":
+                            choice["finish_reason"] = "tool_calls"
                     yield f"data: {json.dumps(self._envelope([choice], None, True, usage_field=usage_in_stream))}\n\n"
             if usage_in_stream:
                 yield f"data: {json.dumps(self._envelope([], self._usage(sum(done), cached), True))}\n\n"
             self.owner._count("ok")
         except Exception as e:  # noqa: BLE001 — the status line is sent; the error is an event
-            err = http_error_for(e)
+            err = http_error_for(e, self.names)
             self.owner._count(str(err.status))
             yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type, 'param': err.param, 'code': err.code}})}\n\n"
         yield "data: [DONE]\n\n"

@@ -8,11 +8,16 @@ replica awaits it without blocking its event loop; streams on it go on meanwhile
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 import grpc
+import ray
 
+from raymoe.actors.errors import remote_cause
+from raymoe.actors.live import PlacementFailed
+from raymoe.actors.pool_host import pool_host
 from raymoe.protos import generator_pb2 as pb
 
 from .failures import GRPC_KEY_HINT, Unauthenticated
@@ -43,12 +48,6 @@ class ExpertsRoutes:
         return pb.PlacementChange() if entry is None else change_message(entry)
 
     async def _ask_host(self, grpc_context, method: str, *args: Any, timeout_s: float = CHANGE_TIMEOUT_S):
-        import asyncio
-
-        import ray
-
-        from raymoe.actors.pool_host import pool_host
-
         if not self.api_key.allows_grpc(grpc_context):
             return self._fail(grpc_context, Unauthenticated(GRPC_KEY_HINT), None)  # the status every door answers
         host = pool_host(self.settings.app_name) if self.info["pool"] is not None else None
@@ -62,9 +61,6 @@ class ExpertsRoutes:
             return self._refuse(grpc_context, grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"the placement change did not finish within {timeout_s:g} s", None)
         except ray.exceptions.RayTaskError as e:
-            from raymoe.actors.live import PlacementFailed
-            from raymoe.actors.pool import remote_cause
-
             cause = remote_cause(e)
 
             if isinstance(cause, ValueError):  # the planner refused: e.g. too few actors for the copies
@@ -98,7 +94,8 @@ def placement_message(report: dict[str, Any]) -> pb.PlacementResponse:
     actors = [pb.ExpertActorPlacement(
         id=a["id"], name=a["name"], node_id=a["node_id"], device=a["device"], state=a["state"], slots=a["slots"],
         layers=[pb.LayerExperts(layer=int(layer), experts=ex) for layer, ex in a["experts"].items()],
-        pairs=a.get("pairs", 0), load=a["load"], weight_bytes=a.get("weight_bytes", 0)) for a in report["actors"]]
+        pairs=a.get("pairs", 0), load=a["load"], weight_bytes=a.get("weight_bytes", 0),
+        quantization=a.get("quantization", "")) for a in report["actors"]]
     return pb.PlacementResponse(
         version=report["version"], actors=actors, imbalance=report["imbalance"],
         copies=[pb.ExpertCopies(layer=i, copies=row) for i, row in enumerate(report["copies"])],

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
+import time
 from typing import Any
 
+import ray
 import torch
 
+from raymoe.actors.pool import named_pools
+from raymoe.actors.pool_host import request_shared_pool, shared_pool
+from raymoe.actors.remote_experts import remote_experts_factory
 from raymoe.model.config import resolve_dtype
 from raymoe.model.default import default_checkpoint
 from raymoe.model.engine import Engine
+from raymoe.model.progress import progress_line
 from raymoe.model.tokenizer import Tokenizer
 from raymoe.model.weights import Checkpoint, load_model
 
@@ -24,11 +32,6 @@ ACTOR_STATE = {"READY": "ALIVE"}  # an actor's load state as ModelInfo names it 
 
 def _progress_logger(every_s: float = 2.0):
     """An on_progress callback writing a line to the replica's log at most every `every_s`."""
-    import logging
-    import time
-
-    from raymoe.model.progress import progress_line
-
     last = [0.0]
 
     def log(snapshots: list[dict]) -> None:
@@ -41,7 +44,7 @@ def _progress_logger(every_s: float = 2.0):
 
 def pool_request(s: ServeSettings, ckpt: Checkpoint):
     """(checkpoint directory, PoolConfig) of the expert pool these settings ask for, or None."""
-    pool_config = s.pool_config(resolve_dtype(s.dtype, ckpt.config))
+    pool_config = s.pool_config(resolve_dtype(s.dtype, ckpt.config), ckpt.quantization)
     return None if pool_config is None else (str(ckpt.dir.resolve()), pool_config)
 
 
@@ -62,8 +65,6 @@ def prestart_pool(s: ServeSettings) -> None:
     finally:
         ckpt.close()
     if request is not None:
-        from raymoe.actors.pool_host import request_shared_pool
-
         request_shared_pool(*request, s.app_name)
 
 
@@ -77,17 +78,14 @@ def build_engine_loop(s: ServeSettings) -> tuple[EngineLoop, dict[str, Any]]:
     tokenizer = Tokenizer(ckpt.dir) if (ckpt.dir / "tokenizer.model").exists() else None
     factory, pool, request, replacing = None, None, pool_request(s, ckpt), False
     if request is not None:
-        from raymoe.actors.pool import named_pools
-        from raymoe.actors.pool_host import shared_pool
-        from raymoe.actors.remote_experts import remote_experts_factory
-
         pool = shared_pool(*request, s.app_name)
         factory = remote_experts_factory(pool)
         # Another pool of this server still serves: a redeploy with other settings, whose old
         # replicas keep the traffic until this one can take it (see Generator.__init__).
         replacing = bool(named_pools(f"{s.app_name}-experts-") - {pool.name})
     device = "cuda" if s.replica_num_gpus > 0 else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to the replica's GPU
-    model = load_model(ckpt, dtype=getattr(torch, dtype), experts_factory=factory, device=device)
+    model = load_model(ckpt, dtype=getattr(torch, dtype), experts_factory=factory, device=device,
+                       quantization=s.quantization)
     engine = Engine(model, kv_cache_tokens=s.kv_cache_tokens, max_batch_tokens=s.max_batch_tokens,
                     prefix_caching=s.prefix_cache, max_running=s.max_running,
                     micro_batches=s.effective_micro_batches(pool.device if pool else None))
@@ -96,7 +94,9 @@ def build_engine_loop(s: ServeSettings) -> tuple[EngineLoop, dict[str, Any]]:
     wait = None if pool is None else (lambda: pool.wait_loaded(_progress_logger()))
     loop = EngineLoop(engine, tokenizer, max_queue=s.max_queue, metrics=metrics, wait_ready=wait,
                       stream_interval_s=s.stream_interval_ms / 1e3, max_messages_per_s=s.stream_messages_per_s)
-    return loop, {"checkpoint": str(ckpt.dir), "dtype": dtype, "pool": pool, "replacing": replacing}
+    quantization = s.quantization or ckpt.quantization or ""
+    return loop, {"checkpoint": str(ckpt.dir), "dtype": dtype, "pool": pool, "replacing": replacing,
+                  "quantization": quantization}
 
 
 async def actor_infos(pool) -> list[dict[str, Any]]:
@@ -116,7 +116,8 @@ async def actor_infos(pool) -> list[dict[str, Any]]:
         if task.done() and task.exception() is None:
             st = task.result()
             info.update(state=ACTOR_STATE.get(st["state"], st["state"]), node_id=st["node_id"],
-                        weight_bytes=st["weight_bytes"], tokens_processed=st["tokens"], device=st["device"],
+                        weight_bytes=st["weight_bytes"], quantization=st.get("quantization", ""),
+                        tokens_processed=st["tokens"], device=st["device"],
                         load_bytes_read=st["bytes_read"], load_total_bytes=st["total_bytes"],
                         load_seconds=st["load_s"])
         elif not task.done():
@@ -135,9 +136,6 @@ class PoolHealth:
     tolerated). Without a pool, always healthy."""
 
     def __init__(self, pool, stale_s: float = 15.0) -> None:
-        import threading
-        import time
-
         every_s = stale_s / 5
         self.pool, self.stale_s, self._clock = pool, stale_s, time.monotonic
         self.last_ok: dict[int, float] = {}  # actor id → when it last answered (first seen: now)
@@ -160,8 +158,6 @@ class PoolHealth:
         return [self.pool.actor_name(i) for i, t in self._current().items() if now - t >= self.stale_s]
 
     def _run(self, every_s: float) -> None:
-        import ray
-
         while not self._stop.wait(every_s):
             ids = list(self._current())
             refs = [self.pool.actors[i].ping.remote() for i in ids]

@@ -14,23 +14,26 @@ from typing import Sequence
 
 from raymoe.model.config import ModelConfig
 from raymoe.model.errors import InvalidRequest
-from raymoe.model.sampling import GREEDY_BELOW, MAX_TEMPERATURE, SamplingParams
+from raymoe.model.guided import GrammarCache, GuidedSpec
+from raymoe.model.sampling import GREEDY_BELOW, MAX_TEMPERATURE, SamplingParams, default_max_tokens
 from raymoe.model.tokenizer import Tokenizer
 
-DEFAULT_MAX_TOKENS = 16  # a request that sets no max_tokens (as OpenAI's completions API)
+from .tools import ToolRequest
+
 MAX_CACHE_SALT_CHARS = 256
 
 
 @dataclasses.dataclass(frozen=True)
 class RequestLimits:
-    """Server-side caps on what one request may ask for (0 = derived from the model)."""
+    """Server-side caps on what one request may ask for (0 = derived from the model); the values
+    and their defaults come from ServeSettings (`request_limits()`)."""
 
-    max_prompt_tokens: int = 0  # 0 → the context minus one (room for one new token)
-    max_tokens: int = 0  # 0 → whatever the context leaves after the prompt
-    max_stop_strings: int = 16
-    max_stop_chars: int = 256  # per stop string
-    max_stop_token_ids: int = 64
-    max_logprobs: int = 20
+    max_prompt_tokens: int  # 0 → the context minus one (room for one new token)
+    max_tokens: int  # 0 → whatever the context leaves after the prompt
+    max_stop_strings: int
+    max_stop_chars: int  # per stop string
+    max_stop_token_ids: int
+    max_logprobs: int
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -46,6 +49,7 @@ class Request:
     resume_ids: list[int] = dataclasses.field(default_factory=list)  # tokens already delivered
     resume_text_bytes: int = 0  # UTF-8 bytes of text already delivered for them
     cache_salt: str = ""  # the request's own part of the prefix cache's salt
+    tools: ToolRequest = ToolRequest((), "none")  # the answer is read back as tool calls when active
 
 
 def build_request(cfg: ModelConfig, limits: RequestLimits, tokenizer: Tokenizer | None, *,
@@ -54,8 +58,10 @@ def build_request(cfg: ModelConfig, limits: RequestLimits, tokenizer: Tokenizer 
                   top_k: int | None = None, seed: int | None = None, logprobs: int | None = None,
                   stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
                   add_bos: bool = True, resume_ids: Sequence[int] = (), resume_text_bytes: int = 0,
-                  cache_salt: str | None = None) -> Request:
-    """Check every field against the model and the limits; None means "not set" (the default)."""
+                  guided: GuidedSpec | None = None, grammars: GrammarCache | None = None,
+                  tools: ToolRequest | None = None, cache_salt: str | None = None) -> Request:
+    """Check every field against the model and the limits; None means "not set" (the default).
+    `guided` is compiled here (through the replica's grammar cache), before any work is queued."""
     if (prompt is not None and prompt != "") == bool(prompt_ids):
         raise InvalidRequest("give exactly one of prompt and prompt_token_ids" if prompt
                              else "the prompt is empty: set prompt or prompt_token_ids", "prompt")
@@ -79,9 +85,7 @@ def build_request(cfg: ModelConfig, limits: RequestLimits, tokenizer: Tokenizer 
 
     room = ctx - len(ids)
     cap = min(limits.max_tokens or room, room)
-    n = DEFAULT_MAX_TOKENS if max_tokens is None or max_tokens == 0 else int(max_tokens)
-    if max_tokens is None or max_tokens == 0:
-        n = min(n, cap)  # the default never makes a short-context request fail
+    n = default_max_tokens(cap) if max_tokens is None or max_tokens == 0 else int(max_tokens)
     if n < 1:
         raise InvalidRequest(f"max_tokens must be at least 1 (got {n})", "max_tokens")
     if n > cap:
@@ -139,8 +143,24 @@ def build_request(cfg: ModelConfig, limits: RequestLimits, tokenizer: Tokenizer 
     salt = cache_salt or ""
     if not isinstance(salt, str) or len(salt) > MAX_CACHE_SALT_CHARS:
         raise InvalidRequest(f"cache_salt must be a string of at most {MAX_CACHE_SALT_CHARS} characters", "cache_salt")
+    compiled = None
+    tools = tools or ToolRequest((), "none")
+    if tools.active:
+        if guided is not None:
+            raise InvalidRequest(f"{guided.field} cannot be combined with tool calls (set tool_choice to none)",
+                                 guided.field)
+        guided = tools.spec()
+    if guided is not None:
+        if grammars is None:
+            raise InvalidRequest("guided decoding needs the model's tokenizer, and this model has none", guided.field)
+        if ignore_eos:
+            raise InvalidRequest("ignore_eos cannot be combined with guided decoding (the grammar decides where "
+                                 "the answer ends)", "ignore_eos")
+        compiled = grammars.compile(guided)
+        if resume_ids:  # resumed tokens that leave the grammar: refused now, not once queued
+            compiled.guide().replay([int(r) for r in resume_ids])
     params = SamplingParams(max_tokens=n, temperature=t, top_p=p, top_k=k, seed=None if seed is None else int(seed),
-                            logprobs=lp, stop_token_ids=stops, ignore_eos=bool(ignore_eos))
+                            logprobs=lp, stop_token_ids=stops, ignore_eos=bool(ignore_eos), guided=compiled)
     # The seed is fixed here, so the first response can tell the client which one to resume with.
     params = dataclasses.replace(params, seed=params.effective_seed())
-    return Request(ids, params, stop, resumed, int(resume_text_bytes), salt)
+    return Request(ids, params, stop, resumed, int(resume_text_bytes), salt, tools)

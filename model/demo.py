@@ -25,14 +25,19 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from .completion import complete
 from .config import ModelConfig
+from .default import default_checkpoint
+from .engine import Engine
 from .export import save_checkpoint
 from .moe import MoEBlock
 from .presets import random_model
+from .sampling import SamplingParams
 from .step import build_layout
 from .synthetic import addition
 from .tokenizer import Tokenizer, train_tokenizer
 from .transformer import Mixtral
+from .weights import load_model
 
 MAX_DIGITS = 3
 HOLDOUT_BUCKETS = 20  # one pair in 20 is held out for evaluation
@@ -319,14 +324,12 @@ class EvalResult:
 
 
 def local_generate(checkpoint: str | Path, *, batch_size: int = 64, max_tokens: int = 6,
-                   dtype: torch.dtype = torch.float32, experts_factory=None) -> GenerateFn:
-    """Greedy answers from the engine in this process (as `raymoe run`); experts_factory as in load_model."""
-    from .completion import complete
-    from .engine import Engine
-    from .sampling import SamplingParams
-    from .weights import load_model
+                   dtype: torch.dtype = torch.float32, experts_factory=None,
+                   quantization: str | None = None) -> GenerateFn:
+    """Greedy answers from the engine in this process (as `raymoe run`); experts_factory and
+    quantization (of local experts) as in load_model."""
 
-    model = load_model(checkpoint, dtype=dtype, experts_factory=experts_factory)
+    model = load_model(checkpoint, dtype=dtype, experts_factory=experts_factory, quantization=quantization)
     tok = Tokenizer(checkpoint)
     params = SamplingParams(max_tokens=max_tokens)
 
@@ -343,16 +346,14 @@ def local_generate(checkpoint: str | Path, *, batch_size: int = 64, max_tokens: 
 
 
 def evaluate(checkpoint: str | Path | None = None, n: int = 500, seed: int = EVAL_SEED, *,
-             generate: GenerateFn | None = None, batch_size: int = 64) -> EvalResult:
+             generate: GenerateFn | None = None, batch_size: int = 64, quantization: str | None = None) -> EvalResult:
     """Exact-match accuracy on n held-out problems: an answer is right when its stripped text is str(a+b).
 
     `generate` (prompts → answers) replaces the in-process model, e.g. with remote experts or a server."""
     if generate is None:
         if checkpoint is None:
-            from .default import default_checkpoint
-
             checkpoint = default_checkpoint()
-        generate = local_generate(checkpoint, batch_size=batch_size)
+        generate = local_generate(checkpoint, batch_size=batch_size, quantization=quantization)
     problems = eval_problems(n, seed)
     prompts = [prompt_text(a, b) for a, b in problems]
     t0 = time.perf_counter()

@@ -37,6 +37,7 @@ from typing import Hashable
 import torch
 
 from .errors import BackendUnavailable, InvalidRequest
+from .guided import Guide, StepMasks, start_guide
 from .kv_cache import PagedKVCache
 from .prefix_cache import BlockHash, extend_hashes
 from .sampling import SamplingParams, sample
@@ -61,6 +62,7 @@ class Sequence:
     cache_salt: bytes = b""  # keeps its cached prefix apart from other callers' (model/prefix_cache.py)
     block_hashes: list[BlockHash] = dataclasses.field(default_factory=list)  # of its full blocks so far
     cached_prompt_tokens: int | None = None  # prompt tokens found cached when it first started
+    guide: Guide | None = None  # guided decoding: its place in the grammar (kept through preemption)
 
     @property
     def num_tokens(self) -> int:
@@ -116,6 +118,9 @@ class Engine:
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty", "prompt")
         vocab = self.cfg.vocab_size
+        if params.logprobs > vocab:
+            raise InvalidRequest(f"logprobs must be at most the vocabulary size, {vocab} (got {params.logprobs})",
+                                 "logprobs")
         bad = next((t for t in (*prompt_ids, *output_ids) if not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {vocab})", "prompt_token_ids")
@@ -138,7 +143,7 @@ class Engine:
         if seq_id in self.running or any(s.seq_id == seq_id for s in self.waiting):
             raise ValueError(f"sequence id {seq_id!r} is already in use")
         seq = Sequence(seq_id, list(prompt_ids), params, params.effective_seed(), list(output_ids),
-                       arrival=self._arrivals, cache_salt=cache_salt)
+                       arrival=self._arrivals, guide=start_guide(params, output_ids), cache_salt=cache_salt)
         self._arrivals += 1
         self.waiting.append(seq)
         return seq
@@ -266,20 +271,22 @@ class Engine:
             return events
 
     def _run(self, batch: list[tuple[Sequence, list[int]]]) -> list[TokenEvent]:
+        ready = [b for b, (s, c) in enumerate(batch) if s.num_cached + len(c) == s.num_tokens]
+        seqs = [batch[b][0] for b in ready]
+        masks = StepMasks.start(seqs, self.cfg.vocab_size)  # None without guided rows; else runs beside the forward
         parts = [self._inputs(part) for part in self._split(batch)]
         if len(parts) == 1:
             hiddens = [self.model(*parts[0], self.cache)]
         else:  # micro-batches: attention of one overlaps the (remote) experts of another
             hiddens = self.model.forward_micro(parts, self.cache)
         last = torch.cat([h[layout.last_index] for h, (_, layout) in zip(hiddens, parts)])  # [B, D], batch order
-        ready = [b for b, (s, c) in enumerate(batch) if s.num_cached + len(c) == s.num_tokens]
-        seqs = [batch[b][0] for b in ready]
         out = sample(self.model.logits(last[ready]).cpu(), [s.params for s in seqs], [s.seed for s in seqs],
-                     [len(s.output_ids) for s in seqs]) if ready else None
-        failed = {seqs[i].seq_id for i in out.failed} if out is not None else set()
+                     [len(s.output_ids) for s in seqs],
+                     allowed=masks.allowed(len(seqs)) if masks is not None else None) if ready else None
+        bad_rows = {seqs[i].seq_id for i in out.failed} if out is not None else set()
         for seq, chunk in batch:  # nothing changes before here, so a failed step can be retried
             seq.num_cached += len(chunk)
-            if seq.seq_id not in failed:  # blocks of computed keys become reusable
+            if seq.seq_id not in bad_rows:  # blocks of computed keys become reusable
                 self.cache.commit(seq.seq_id, self._hash(seq, seq.num_cached), seq.num_cached)
         if out is None:
             return []
@@ -290,6 +297,9 @@ class Engine:
                 events.append(self._fail(seq, FloatingPointError("the model produced non-finite logits")))
                 continue
             token = out.token_ids[i]
+            if seq.guide is not None and not seq.guide.accept(token):  # a mask bug, never the request's
+                events.append(self._fail(seq, RuntimeError(f"token {token} was sampled outside the grammar")))
+                continue
             seq.output_ids.append(token)
             seq.logprobs.append(out.logprobs[i])
             seq.top_logprobs.append(out.top[i])

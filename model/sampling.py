@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from typing import Any
 
 import torch
 
@@ -23,11 +24,18 @@ from .errors import InvalidRequest
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy (dividing by them overflows float32 logits)
 MAX_TEMPERATURE = 100.0  # above this the distribution is uniform to float precision; refused as a mistake
 MASK64 = (1 << 64) - 1
+DEFAULT_MAX_TOKENS = 16  # a request that sets no max_tokens (as OpenAI's completions API), on every path
+
+
+def default_max_tokens(room: int) -> int:
+    """max_tokens of a request that sets none, where the context leaves `room` tokens after its
+    prompt: the default never makes a request near the end of the context fail."""
+    return min(DEFAULT_MAX_TOKENS, room)
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 0.0  # below GREEDY_BELOW → greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 → all tokens
@@ -35,6 +43,9 @@ class SamplingParams:
     logprobs: int = 0  # number of top alternatives to report per token
     stop_token_ids: frozenset[int] | tuple[int, ...] = frozenset()
     ignore_eos: bool = False
+    # A CompiledGuide (model/guided.py): every token is sampled under its grammar's mask. Not part of
+    # equality: the spec's hash identifies it.
+    guided: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.stop_token_ids, frozenset):  # membership is tested once per token
@@ -55,8 +66,8 @@ class SamplingParams:
             raise InvalidRequest(f"top_p must be in (0, 1] (got {self.top_p})", "top_p")
         if self.top_k < 0:
             raise InvalidRequest(f"top_k must be >= 0 (got {self.top_k})", "top_k")
-        if not 0 <= self.logprobs <= 20:
-            raise InvalidRequest(f"logprobs must be between 0 and 20 (got {self.logprobs})", "logprobs")
+        if self.logprobs < 0:  # the upper bound: the server's max_logprobs, and the vocabulary (Engine.check)
+            raise InvalidRequest(f"logprobs must be >= 0 (got {self.logprobs})", "logprobs")
         if self.seed is not None and not 0 <= self.seed <= MASK64:
             raise InvalidRequest(f"seed must be in [0, 2^64) (got {self.seed})", "seed")
 
@@ -86,12 +97,17 @@ class Sampled:
     failed: list[int] = dataclasses.field(default_factory=list)  # rows whose logits were not finite
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], positions: list[int]) -> Sampled:
-    """logits [B, V] float32 → one token per row; row b draws uniform(seeds[b], positions[b])."""
+def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], positions: list[int],
+           allowed: torch.Tensor | None = None) -> Sampled:
+    """logits [B, V] float32 → one token per row; row b draws uniform(seeds[b], positions[b]).
+    allowed [B, V] bool (guided decoding): only those tokens can be drawn, and the logprobs are of
+    the distribution renormalised over them (what was really sampled from)."""
     finite = torch.isfinite(logits).all(dim=-1)
     failed = [] if bool(finite.all()) else torch.nonzero(~finite).squeeze(1).tolist()
     if failed:  # keep the bad rows from producing NaNs anywhere; their results are discarded
         logits = logits.masked_fill(~finite[:, None], 0.0)
+    if allowed is not None:  # after the finiteness check: masked tokens are -inf on purpose
+        logits = logits.masked_fill(~allowed, float("-inf"))
     logp = torch.log_softmax(logits, dim=-1)  # [B, V]
     chosen = torch.argmax(logits, dim=-1)
     rows = [b for b, p in enumerate(params) if not p.greedy]
