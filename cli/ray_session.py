@@ -78,7 +78,8 @@ def experts_factory_from_args(args: argparse.Namespace, checkpoint: str | Path) 
             raise UserError("--address joins a Ray cluster for remote experts; also give --expert-actors N")
         yield None
         return
-    from raymoe.actors.pool import ExpertPool, ExpertsUnavailable, PoolConfig
+    from raymoe.actors.errors import ExpertsUnavailable
+    from raymoe.actors.pool import ExpertPool, PoolConfig
     from raymoe.actors.remote_experts import remote_experts_factory
 
     if num_actors < 1:

@@ -68,7 +68,7 @@ def _run(settings: ServeSettings, api_key: str | None) -> None:
 
 def _why_not(settings: ServeSettings, error: Exception) -> Exception | None:
     """The one-line error to raise for a failed deployment (None: keep Serve's own)."""
-    from raymoe.actors.pool import remote_cause
+    from raymoe.actors.errors import remote_cause
 
     cause = remote_cause(error)
     if isinstance(cause, BackendUnavailable):

@@ -15,8 +15,8 @@ from typing import Any
 import grpc
 import ray
 
+from raymoe.actors.errors import remote_cause
 from raymoe.actors.live import PlacementFailed
-from raymoe.actors.pool import remote_cause
 from raymoe.actors.pool_host import pool_host
 from raymoe.protos import generator_pb2 as pb
 
