@@ -276,7 +276,6 @@ def test_bad_bodies_are_400_naming_the_field_while_streams_run(base_url, server)
     assert post(f"{base_url}/completions", {"prompt": "123+456=", "max_tokens": 8})[1]["choices"][0]["text"] == "579"
 
 
-<<<<<<< HEAD
 def test_cached_prompt_tokens_and_salts_on_both_doors(base_url, server):
     """A prompt seen before reports its cached blocks in usage (HTTP, streamed usage, gRPC, the
     CLI's JSON) and gives the same tokens; cache_salt keeps requests apart, through either door."""
@@ -309,7 +308,8 @@ def test_cached_prompt_tokens_and_salts_on_both_doors(base_url, server):
     with pytest.raises(grpc.RpcError) as err:
         server.generate(pb.GenerateRequest(prompt_token_ids=prompt, max_tokens=4, cache_salt="x" * 300))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cache_salt" in err.value.details()
-=======
+
+
 # --- structured output: response_format, tools, gRPC guided_decoding --------------------------------
 
 # Small: the demo model's context is 512 tokens, and its tokenizer spells most words letter by letter.
@@ -421,4 +421,3 @@ BAD_GUIDED_BODIES = [
     ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
 ]
->>>>>>> main
