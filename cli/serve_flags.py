@@ -61,6 +61,10 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--max-stop-chars", "max_stop_chars", int, "limit on characters per stop string"),
     ("--max-stop-token-ids", "max_stop_token_ids", int, "limit on stop_token_ids per request"),
     ("--max-logprobs", "max_logprobs", int, "limit on top alternatives per token"),
+    ("--served-model-name", "served_model_name", str, "the model's name in /v1/models, ModelInfo and requests "
+                                                      "(default: the checkpoint directory's name, never its path)"),
+    ("--max-message-bytes", "max_message_bytes", int, "largest gRPC message Serve's proxy accepts "
+                                                      "(RESOURCE_EXHAUSTED beyond)"),
     ("--ready-when-loaded", "ready_when_loaded", bool, "a replica is up for Serve only once the expert actors are "
                                                        "loaded (default: once its dense part is; it then answers "
                                                        "ModelInfo LOADING and requests wait)"),

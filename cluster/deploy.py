@@ -30,7 +30,7 @@ def deploy(settings: ServeSettings, proxy_location: str | None = None, api_key: 
     prestart_pool(settings)  # the expert actors load while Serve starts
     ports = _running_serve(settings)
     previous = _running_settings(settings.app_name) if ports is not None else None
-    serve.start(proxy_location=proxy_location,
+    serve.start(proxy_location=proxy_location, controller_options={"runtime_env": {"env_vars": settings.proxy_env()}},
                 http_options={"host": settings.http_host, "port": settings.http_port,
                               "request_timeout_s": settings.request_timeout_s},
                 grpc_options=gRPCOptions(port=settings.grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS,

@@ -131,7 +131,9 @@ class EngineLoop:
         tracker = CompletionTracker(prompt_ids, self.tokenizer, stop)
         if resume_ids:
             try:
-                done = tracker.resume(list(resume_ids), resume_text_bytes, params, self.engine.cfg.eos_token_ids)
+                # The replay decodes every resumed token: on a thread, never on the event loop
+                done = await asyncio.to_thread(tracker.resume, list(resume_ids), resume_text_bytes, params,
+                                               self.engine.cfg.eos_token_ids)
             except ValueError as e:
                 raise InvalidRequest(str(e), "resume_text_bytes") from None
             if done:  # the broken stream had in fact ended: say so, generate nothing

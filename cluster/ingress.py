@@ -55,6 +55,15 @@ def _status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the replica's log"
 
 
+def _client_text(error: BaseException) -> str:
+    """An error's first line without file paths or addresses (the whole is in the replica's log)."""
+    import re
+
+    line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    line = re.sub(r"(?:/[\w.@+-]+){2,}/?", "<path>", line)
+    return re.sub(r"\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b", "<address>", line)
+
+
 class Generator(OpenAIRoutes, ExpertsRoutes):
     """The front deployment: these gRPC methods, the Experts service's and the OpenAI-compatible
     HTTP routes it inherits."""
@@ -79,7 +88,8 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
         self.tokenizer = self.loop.tokenizer
         self.cfg = self.loop.engine.cfg
         self.chat = ChatTemplate.from_dir(self.info["checkpoint"]) if self.tokenizer is not None else None
-        self.model_id = Path(self.info["checkpoint"]).name  # what /v1/models lists and requests name
+        # what /v1/models and ModelInfo show and requests name: never the checkpoint's path
+        self.model_id = self.settings.served_model_name or Path(self.info["checkpoint"]).name
         self.created = int(time.time())
 
     async def _parse(self, request: pb.GenerateRequest, grpc_context):
@@ -138,8 +148,11 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
         if len(request.text) > 64 * self.cfg.max_position_embeddings:
             return self._fail(grpc_context, InvalidRequest(f"text is too long ({len(request.text)} characters)",
                                                            "text"), pb.TokenizeResponse())
-        ids = await asyncio.to_thread(self.tokenizer.encode, request.text, bos=request.add_bos)
-        return pb.TokenizeResponse(token_ids=ids, pieces=[self.tokenizer.piece(i) for i in ids])
+        def tokenize() -> pb.TokenizeResponse:  # a long text's answer takes a while: off the event loop
+            ids = self.tokenizer.encode(request.text, bos=request.add_bos)
+            return pb.TokenizeResponse(token_ids=ids, pieces=[self.tokenizer.piece(i) for i in ids])
+
+        return await asyncio.to_thread(tokenize)
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context=None) -> pb.ModelInfoResponse:
         if not self.api_key.allows_grpc(grpc_context):
@@ -147,7 +160,7 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
         engine = self.loop.engine
         actors = await actor_infos(self.info["pool"])
         return pb.ModelInfoResponse(
-            model=self.info["checkpoint"], config=protocol.config_message(engine.cfg, self.info["dtype"]),
+            model=self.model_id, config=protocol.config_message(engine.cfg, self.info["dtype"]),
             expert_actors=[pb.ExpertActorInfo(**a) for a in actors],
             max_batch_tokens=engine.max_batch_tokens, max_running=engine.max_running,
             kv_cache_tokens=engine.cache.capacity_tokens,
@@ -155,7 +168,7 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
                          kv_cache_used_tokens=engine.cache.used_blocks * engine.cache.block_size),
             routing=[pb.LayerRouting(layer=i, tokens_per_expert=row) for i, row in enumerate(self._routing())],
             expert_calls=self._expert_calls(), state=self._state(),
-            load_error="" if self.loop.load_error is None else str(self.loop.load_error))
+            load_error="" if self.loop.load_error is None else _client_text(self.loop.load_error))
 
     def _state(self) -> str:
         return "FAILED" if self.loop.load_error is not None else "LOADING" if self.loop.loading else "READY"

@@ -302,18 +302,12 @@ class OpenAIRoutes:
                             "authentication_error", code="invalid_api_key")
 
     async def _json_body(self, request: Request) -> dict:
-        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-            raise HttpError(400, f"the body is larger than {MAX_BODY_BYTES} bytes")
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise HttpError(400, f"the body is larger than {MAX_BODY_BYTES} bytes")
+        from .http_body import BodyError, read_json_body
+
         try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise HttpError(400, f"the body is not JSON ({type(e).__name__})") from None
-        if not isinstance(body, dict):
-            raise HttpError(400, "the body must be a JSON object")
-        return body
+            return await read_json_body(request)
+        except BodyError as e:
+            raise HttpError(e.status, e.message, param=e.field) from None
 
     def _check_model(self, body: dict) -> None:
         model = body.get("model")
@@ -326,8 +320,6 @@ class OpenAIRoutes:
 
         return build_request(self.cfg, self.limits, self.tokenizer, **kw)
 
-
-MAX_BODY_BYTES = 8 << 20
 
 
 class _CompletionView:
