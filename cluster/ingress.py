@@ -19,7 +19,9 @@ from raymoe.protos import generator_pb2 as pb
 from . import protocol
 from raymoe.model.errors import InvalidRequest
 
+from .auth import PermissionDenied, Unauthenticated, grpc_tenant
 from .engine_loop import QueueFull
+from .quota import QuotaExceeded, close_lease
 from .openai_api import OpenAIRoutes
 from .placement_api import ExpertsRoutes
 from .replica import PoolHealth, actor_infos
@@ -30,10 +32,6 @@ log = logging.getLogger("ray.serve")
 
 class StreamFailed(Exception):
     """Ends a stream whose status code has been set on the gRPC context."""
-
-
-class Unauthenticated(Exception):
-    pass
 
 
 def _status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -47,8 +45,12 @@ def _status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
     if isinstance(error, QueueFull):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+    if isinstance(error, QuotaExceeded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"{error}; retry after {error.retry_after_s:g} s"
     if isinstance(error, Unauthenticated):
         return grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key: send the metadata 'authorization: Bearer KEY'"
+    if isinstance(error, PermissionDenied):
+        return grpc.StatusCode.PERMISSION_DENIED, str(error)
     if isinstance(error, BackendUnavailable) and not isinstance(error, RayError):
         return grpc.StatusCode.UNAVAILABLE, str(error)  # names layers, experts and actors; no addresses
     log.error("request failed", exc_info=error)  # the details stay in the replica's log
@@ -74,13 +76,16 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
 
         from raymoe.model.chat import ChatTemplate
 
-        from .auth import ApiKey
+        from .quota import QuotaGate
         from .replica import build_engine_loop
+        from .tenants import Tenants
 
         self.settings = ServeSettings.from_dict(settings)
         self.limits = self.settings.request_limits()
-        self.api_key = ApiKey()
+        self.tenants = Tenants(self.settings.tenants_file)  # a bad file or key: the replica fails to start
         self.loop, self.info = build_engine_loop(self.settings)
+        self.quota = QuotaGate(self.settings.app_name, lease_s=self.settings.request_timeout_s + 60,
+                               metrics=self.loop.metrics)
         if self.settings.ready_when_loaded or self.info["replacing"]:  # up for Serve only once it serves
             self.loop.wait_loaded()  # raises why the experts could not load: the replica fails to start
         # An actor that misses pings for this long (restarts take a few seconds) makes Check NOT_SERVING.
@@ -93,20 +98,20 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
         self.created = int(time.time())
 
     async def _parse(self, request: pb.GenerateRequest, grpc_context):
-        self._authorize(grpc_context)
+        """(the request, its Owner: the tenant's share and quota lease, which the caller closes)."""
+        tenant = grpc_tenant(self.tenants, grpc_context)
         # Tokenizing a long prompt takes a while: never on the event loop other streams share.
-        return await asyncio.to_thread(protocol.parse_request, request, self.cfg, self.limits, self.tokenizer)
-
-    def _authorize(self, grpc_context) -> None:
-        if not self.api_key.allows_grpc(grpc_context):
-            raise Unauthenticated()
+        req = await asyncio.to_thread(protocol.parse_request, request, self.cfg, self.limits, self.tokenizer)
+        left = req.params.max_tokens - len(req.resume_ids)  # a resumed request pays for what is left
+        owner = await self.quota.owner(tenant, 1, len(req.prompt_ids) + left, left)
+        return req, owner
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
-        chunks = []
+        chunks, owner = [], None
         try:
-            req = await self._parse(request, grpc_context)
+            req, owner = await self._parse(request, grpc_context)
             async with contextlib.aclosing(self.loop.generate(req.prompt_ids, req.params, req.stop, req.resume_ids,
-                                                              req.resume_text_bytes)) as stream:
+                                                              req.resume_text_bytes, owner)) as stream:
                 async for chunk in stream:
                     chunks.append(chunk)
         except asyncio.CancelledError:
@@ -114,17 +119,20 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
             raise
         except Exception as e:  # noqa: BLE001 — every failure becomes a status
             return self._fail(grpc_context, e, pb.GenerateResponse())
+        finally:
+            close_lease(owner)
         self._count("ok")
         return protocol.chunk_response(protocol.merge_chunks(chunks), req.prompt_ids, req.params.logprobs > 0,
                                        req.params.seed)
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator[pb.GenerateResponse]:
+        owner = None
         try:
-            req = await self._parse(request, grpc_context)
+            req, owner = await self._parse(request, grpc_context)
             first = True
             # aclosing: a client gone mid-stream aborts the sequence now, not when the GC gets to it
             async with contextlib.aclosing(self.loop.generate(req.prompt_ids, req.params, req.stop, req.resume_ids,
-                                                              req.resume_text_bytes)) as stream:
+                                                              req.resume_text_bytes, owner)) as stream:
                 async for chunk in stream:
                     yield protocol.chunk_response(chunk, req.prompt_ids if first else None, req.params.logprobs > 0,
                                                   req.params.seed if first else None)
@@ -137,11 +145,15 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
             # A stream carries its status only when it ends in an exception; the code and details set
             # above are what the client sees (Serve keeps a status set before the raise).
             raise StreamFailed(str(grpc_context.details() if grpc_context else e)) from None
+        finally:
+            close_lease(owner)
         self._count("ok")
 
     async def Tokenize(self, request: pb.TokenizeRequest, grpc_context=None) -> pb.TokenizeResponse:
-        if not self.api_key.allows_grpc(grpc_context):
-            return self._fail(grpc_context, Unauthenticated(), pb.TokenizeResponse())
+        try:
+            grpc_tenant(self.tenants, grpc_context)
+        except Unauthenticated as e:
+            return self._fail(grpc_context, e, pb.TokenizeResponse())
         if self.tokenizer is None:
             return self._fail(grpc_context, InvalidRequest("this model has no tokenizer", "text"),
                               pb.TokenizeResponse())
@@ -155,8 +167,10 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
         return await asyncio.to_thread(tokenize)
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context=None) -> pb.ModelInfoResponse:
-        if not self.api_key.allows_grpc(grpc_context):
-            return self._fail(grpc_context, Unauthenticated(), pb.ModelInfoResponse())
+        try:
+            grpc_tenant(self.tenants, grpc_context)
+        except Unauthenticated as e:
+            return self._fail(grpc_context, e, pb.ModelInfoResponse())
         engine = self.loop.engine
         actors = await actor_infos(self.info["pool"])
         return pb.ModelInfoResponse(
@@ -231,4 +245,6 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
         if grpc_context is not None:
             grpc_context.set_code(code)
             grpc_context.set_details(message)
+            if isinstance(error, QuotaExceeded):
+                grpc_context.set_trailing_metadata([("retry-after", str(int(error.retry_after_s)))])
         return response

@@ -52,13 +52,14 @@ NEUTRAL = {"best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
 
 class HttpError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
     def response(self) -> JSONResponse:
         return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+                                       "code": self.code}}, status_code=self.status, headers=self.headers)
 
 
 @app.exception_handler(HttpError)
@@ -77,7 +78,9 @@ def http_error_for(error: BaseException) -> HttpError:
     """The same classification as the gRPC door's (cluster.ingress._status_for)."""
     from ray.exceptions import RayError
 
+    from .auth import PermissionDenied, Unauthenticated
     from .engine_loop import QueueFull
+    from .quota import QuotaExceeded
 
     if isinstance(error, HttpError):
         return error
@@ -86,6 +89,14 @@ def http_error_for(error: BaseException) -> HttpError:
         return HttpError(400, str(error), param=param)
     if isinstance(error, QueueFull):
         return HttpError(429, str(error), "rate_limit_error", code="server_busy")
+    if isinstance(error, QuotaExceeded):
+        return HttpError(429, str(error), "rate_limit_error", code="quota_exceeded",
+                         headers={"Retry-After": str(int(error.retry_after_s))})
+    if isinstance(error, Unauthenticated):
+        return HttpError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                         "authentication_error", code="invalid_api_key")
+    if isinstance(error, PermissionDenied):
+        return HttpError(403, str(error), "permission_error", code="permission_denied")
     if isinstance(error, BackendUnavailable) and not isinstance(error, RayError):
         return HttpError(503, str(error), "service_unavailable", code="experts_unavailable")
     import logging
@@ -243,7 +254,7 @@ async def chat_completions(request: Request):
 
 class OpenAIRoutes:
     """Mixed into the front deployment (cluster.ingress.Generator), which provides `loop`, `cfg`,
-    `limits`, `tokenizer`, `chat`, `model_id`, `api_key`, `pool_health` and `serving`."""
+    `limits`, `tokenizer`, `chat`, `model_id`, `tenants`, `pool_health` and `serving`."""
 
     async def http_health(self) -> JSONResponse:
         ok = self.serving
@@ -260,20 +271,21 @@ class OpenAIRoutes:
 
     async def http_completions(self, request: Request):
         try:
-            self._http_auth(request)
+            tenant = self._http_auth(request)
             body = await self._json_body(request)
             kw, prompts, (stream, usage) = parse_completion(body)
             self._check_model(body)
             n = kw.pop("n")
             reqs = await asyncio.to_thread(lambda: [self._build({**kw, **p}) for p in prompts])  # off the event loop
+            share = await self._share(tenant, reqs, n)
         except Exception as e:  # noqa: BLE001
             return http_error_for(e).response()
-        view = _CompletionView(self, reqs, n, "text_completion", "cmpl", logprobs=wants_logprobs(body))
-        return await view.respond(stream, usage)
+        view = _CompletionView(self, reqs, n, "text_completion", "cmpl", logprobs=wants_logprobs(body), share=share)
+        return _closing(await view.respond(stream, usage), share)
 
     async def http_chat_completions(self, request: Request):
         try:
-            self._http_auth(request)
+            tenant = self._http_auth(request)
             body = await self._json_body(request)
             kw, messages, stream, usage, want_logprobs = parse_chat(body)
             self._check_model(body)
@@ -289,17 +301,23 @@ class OpenAIRoutes:
                 raise HttpError(400, str(e), param="messages") from None
             n = kw.pop("n")
             req = await asyncio.to_thread(self._build, kw)
+            share = await self._share(tenant, [req], n)
         except Exception as e:  # noqa: BLE001
             return http_error_for(e).response()
-        view = _CompletionView(self, [req], n, "chat.completion", "chatcmpl", chat=True, logprobs=want_logprobs)
-        return await view.respond(stream, usage)
+        view = _CompletionView(self, [req], n, "chat.completion", "chatcmpl", chat=True, logprobs=want_logprobs,
+                               share=share)
+        return _closing(await view.respond(stream, usage), share)
 
     # --- helpers ---
 
-    def _http_auth(self, request: Request) -> None:
-        if not self.api_key.allows(request.headers.get("authorization")):
-            raise HttpError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
-                            "authentication_error", code="invalid_api_key")
+    def _http_auth(self, request: Request):
+        """The caller's tenant; 401 (as HttpError) for a missing or unknown key."""
+        from .auth import http_tenant
+
+        try:
+            return http_tenant(self.tenants, request)
+        except Exception as e:  # noqa: BLE001 — Unauthenticated
+            raise http_error_for(e) from None
 
     async def _json_body(self, request: Request) -> dict:
         from .http_body import BodyError, read_json_body
@@ -308,6 +326,11 @@ class OpenAIRoutes:
             return await read_json_body(request)
         except BodyError as e:
             raise HttpError(e.status, e.message, param=e.field) from None
+
+    async def _share(self, tenant, reqs: list, n: int):
+        """The request's Owner (the tenant's share, its quota lease): every choice is a sequence."""
+        tokens = n * sum(len(r.prompt_ids) + r.params.max_tokens for r in reqs)
+        return await self.quota.owner(tenant, n * len(reqs), tokens, max(r.params.max_tokens for r in reqs))
 
     def _check_model(self, body: dict) -> None:
         model = body.get("model")
@@ -327,8 +350,9 @@ class _CompletionView:
     (prompt, k < n), each its own sequence of the engine."""
 
     def __init__(self, owner: OpenAIRoutes, reqs: list, n: int, obj: str, prefix: str, chat: bool = False,
-                 logprobs: bool = False) -> None:
+                 logprobs: bool = False, share=None) -> None:
         self.owner, self.reqs, self.n, self.obj, self.chat, self.logprobs = owner, reqs, n, obj, chat, logprobs
+        self.share = share  # the tenant's Owner of every choice's sequence (cluster/engine_loop.py)
         self.id, self.created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
         self.choices = [(r, k) for r in reqs for k in range(n)]  # index p·n + k
         self.text_offset = [0] * len(self.choices)  # characters of each completion so far (text_offset)
@@ -338,7 +362,7 @@ class _CompletionView:
         params = r.params
         if k and params.seed is not None:  # choice k samples with its own seed (without one: random each)
             params = dataclasses.replace(params, seed=(params.seed + k) % 2**64)
-        return self.owner.loop.generate(r.prompt_ids, params, r.stop)
+        return self.owner.loop.generate(r.prompt_ids, params, r.stop, owner=self.share)
 
     def _usage(self, completion_tokens: int) -> dict:
         n = sum(len(r.prompt_ids) for r in self.reqs)
@@ -446,6 +470,26 @@ class _CompletionView:
             self.owner._count(str(err.status))
             yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type, 'param': err.param, 'code': err.code}})}\n\n"
         yield "data: [DONE]\n\n"
+
+
+def _closing(response, share):
+    """The response, returning the quota lease once it has been sent (a stream: at its end)."""
+    from .quota import close_lease
+
+    if not isinstance(response, StreamingResponse):
+        close_lease(share)
+        return response
+    body = response.body_iterator
+
+    async def closing():
+        try:
+            async for part in body:
+                yield part
+        finally:
+            close_lease(share)
+
+    response.body_iterator = closing()
+    return response
 
 
 async def _first(gen):

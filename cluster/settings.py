@@ -86,6 +86,12 @@ class ServeSettings:
     # What /v1/models and ModelInfo call the model ("" → the checkpoint directory's name); requests
     # naming another model get 404. Never the path: clients learn nothing of the server's files.
     served_model_name: str = ""
+    # YAML of tenants (keys, admin role, quotas, weights; cluster/tenants.py), read by every replica
+    # (the path must exist on its node: a mounted Secret in Kubernetes) and reloaded when it changes.
+    tenants_file: str = ""
+    # Bound on ScaleExperts' `actors` (0 → the model's experts per layer × expert_replicas, and at
+    # least expert_actors and the autoscaling maximum: more actors than that would hold nothing).
+    max_expert_actors: int = 0
     # The largest gRPC message Serve's proxy accepts (RESOURCE_EXHAUSTED beyond it, before parsing).
     max_message_bytes: int = 8 << 20
 
@@ -133,6 +139,8 @@ class ServeSettings:
         if self.served_model_name != self.served_model_name.strip() or len(self.served_model_name) > 256:
             raise ValueError(f"served_model_name must be at most 256 characters without surrounding spaces "
                              f"(got {self.served_model_name!r})")
+        if self.max_expert_actors < 0:
+            raise ValueError(f"max_expert_actors must be >= 0 (got {self.max_expert_actors})")
         self.request_limits()  # validates the limits
 
     @classmethod
