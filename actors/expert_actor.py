@@ -27,6 +27,7 @@ import torch
 from raymoe.model.config import ModelConfig
 from raymoe.model.moe import swiglu_grouped
 from raymoe.model.progress import LoadProgress
+from raymoe.model.quant import check_quantization, stack_experts, weight_nbytes
 
 from .direct import DirectServer, ExpertsNotLoaded
 
@@ -99,12 +100,14 @@ class ExpertActor:
 
     def __init__(self, checkpoint: str, experts: Sequence[int], layers: Sequence[int], *, dtype: str = "float32",
                  device: str = "cpu", num_threads: int = 1, name: str = "",
-                 assignment: dict[int, Sequence[int]] | None = None) -> None:
+                 assignment: dict[int, Sequence[int]] | None = None, quantization: str | None = None) -> None:
         torch.set_num_threads(max(1, num_threads))  # one process per core share: no oversubscription
         self.name = name
         self.checkpoint = checkpoint
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
+        # "experts_int8": every copy this actor reads (at start, on hold) is quantized as it is read
+        self.quantization = check_quantization(quantization)
         config = ModelConfig.from_file(Path(checkpoint) / "config.json")
         self.num_experts, self.hidden_size = config.num_local_experts, config.hidden_size
         # A restarted actor serves what it held last (hold() records it), not what it started with.
@@ -162,9 +165,11 @@ class ExpertActor:
             ckpt = Checkpoint(self.checkpoint)
             self.load.total_bytes = sum(ckpt.expert_nbytes([layer], ex) for layer, ex in self.assignment.items())
             self._load_total.set(self.load.total_bytes)
+            self.quantization = self.quantization or ckpt.quantization  # implied by a pre-quantized checkpoint
             ckpt.progress = self.load
             for layer, experts in self.assignment.items():
-                self.state[layer] = self._stack(layer, experts, *ckpt.experts(layer, experts, self.dtype))
+                self.state[layer] = self._stack(layer, experts, *ckpt.experts(layer, experts, self.dtype,
+                                                                               self.quantization))
             self.load.done()
         except BaseException as e:  # noqa: BLE001 — reported by progress() and every call
             self.load.done(e)
@@ -173,7 +178,7 @@ class ExpertActor:
                 ckpt.close()
             self._loaded.set()
 
-    def _stack(self, layer: int, experts: Sequence[int], w13: torch.Tensor, w2: torch.Tensor):
+    def _stack(self, layer: int, experts: Sequence[int], w13, w2):  # tensors or Int8Stacks
         slot = torch.full((self.num_experts,), -1, dtype=torch.long)
         slot[list(experts)] = torch.arange(len(experts))
         return slot, w13.to(self.device), w2.to(self.device)
@@ -200,7 +205,7 @@ class ExpertActor:
                         continue
                     new = [e for e in experts if e not in have]
                     read += ckpt.expert_nbytes([layer], new)
-                    w13_new, w2_new = ckpt.experts(layer, new, self.dtype) if new else (None, None)
+                    w13_new, w2_new = ckpt.experts(layer, new, self.dtype, self.quantization) if new else (None, None)
                     parts13, parts2 = [], []
                     for e in experts:
                         if e in have:
@@ -210,7 +215,7 @@ class ExpertActor:
                         else:
                             parts13.append(w13_new[new.index(e)].to(self.device))
                             parts2.append(w2_new[new.index(e)].to(self.device))
-                    self.state[layer] = self._stack(layer, experts, torch.stack(parts13), torch.stack(parts2))
+                    self.state[layer] = self._stack(layer, experts, stack_experts(parts13), stack_experts(parts2))
                     self.assignment[layer] = experts
                 for layer in [x for x in self.assignment if x not in target]:
                     del self.state[layer], self.assignment[layer]
@@ -279,10 +284,10 @@ class ExpertActor:
         with warnings.catch_warnings():  # Ray's own property warns about an API it calls internally
             warnings.simplefilter("ignore")
             reconstructed = bool(ctx.was_current_actor_reconstructed)
-        weight_bytes = sum(t.numel() * t.element_size() for _, *pair in list(self.state.values()) for t in pair)
+        weight_bytes = sum(weight_nbytes(w) for _, *pair in list(self.state.values()) for w in pair)
         return {"name": self.name, "experts": list(self.experts), "layers": list(self.layers),
                 "assignment": {str(layer): list(ex) for layer, ex in self.assignment.items()},
-                "weight_bytes": weight_bytes, "tokens": self.tokens, "calls": self.calls, "busy_s": self.busy_s,
+                "weight_bytes": weight_bytes, "quantization": self.quantization or "", "tokens": self.tokens, "calls": self.calls, "busy_s": self.busy_s,
                 "queued_s": self.direct.queued_s,
                 "device": str(self.device), "threads": torch.get_num_threads(), "node_id": ctx.get_node_id(),
                 "host": socket.gethostname(), "pid": os.getpid(), "load_s": round(self.load.seconds, 3),

@@ -367,7 +367,8 @@ def report(pool: "ExpertPool", timeout_s: float = 5.0) -> dict[str, Any]:
             try:
                 st = ray.get(ref, timeout=0)
                 info.update(state="ALIVE" if st["state"] == "READY" else st["state"], node_id=st["node_id"],
-                            device=st["device"], pairs=st["tokens"], weight_bytes=st["weight_bytes"])
+                            device=st["device"], pairs=st["tokens"], weight_bytes=st["weight_bytes"],
+                            quantization=st.get("quantization", ""))
             except Exception:  # noqa: BLE001 — dead: it stays UNREACHABLE
                 pass
         actors.append(info)

@@ -32,6 +32,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from raymoe.model.config import ModelConfig
 from raymoe.model.errors import BackendUnavailable
 
+from . import EXPERT_DEVICES
 from .expert_actor import ExpertActor
 from .placement import Placement, assign_nodes, plan_placement
 from .plan import Plan, from_placement, widen
@@ -76,6 +77,7 @@ class PoolConfig:
     strategy: str = "SPREAD"  # placement group strategy: SPREAD | STRICT_SPREAD | PACK | STRICT_PACK
     pin_nodes: bool = False  # pin bundles to the nodes assign_nodes picks
     dtype: str = "float32"
+    quantization: str | None = None  # "experts_int8": the actors hold their experts as int8 (model/quant.py)
     transport: str = "direct"  # how layer calls travel: "direct" (sockets) or "ray" (object store); see transport.py
     call_timeout_s: float = 60.0  # longest wait for one layer's experts (covers an actor restart)
     rebalance_every_s: float = 0.0  # >0: the pool host applies the planner's placement this often
@@ -298,7 +300,8 @@ class ExpertPool:
         layers = sorted(assignment)
         handle = remote_class.options(**options).remote(
             self.checkpoint, [], layers, dtype=config.dtype, device=self.device, num_threads=threads,
-            name=actor_name.split("#")[0], assignment={int(k): list(v) for k, v in assignment.items()})
+            name=actor_name.split("#")[0], assignment={int(k): list(v) for k, v in assignment.items()},
+            quantization=config.quantization)
         self.names[actor_id] = actor_name
         self.bundles[actor_id] = bundle
         return handle
@@ -372,7 +375,7 @@ class ExpertPool:
 
     def _bundle(self, num_actors: int) -> dict[str, float]:
         c, total = self.config, ray.cluster_resources()
-        if c.device not in ("auto", "cpu", "gpu"):
+        if c.device not in EXPERT_DEVICES:
             raise ValueError(f"expert device must be auto, cpu or gpu (got {c.device!r})")
         use_gpu = c.device == "gpu" or (c.device == "auto" and total.get("GPU", 0) >= 1)
         extra = {k: float(v) for k, v in c.resources.items()}

@@ -6,8 +6,7 @@ import argparse
 import json
 import sys
 
-class UserError(Exception):
-    """Ends the command with `raymoe: <message>` and exit status 2."""
+from .errors import UserError
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -20,7 +19,7 @@ def run_command(args: argparse.Namespace) -> int:
     from .status import cmd_status
 
     handlers = {"run": cmd_run, "init-model": cmd_init_model, "serve": cmd_serve, "generate": cmd_generate,
-                "train-demo": cmd_train_demo, "eval-demo": cmd_eval_demo, "status": cmd_status,
+                "train-demo": cmd_train_demo, "quantize": cmd_quantize, "eval-demo": cmd_eval_demo, "status": cmd_status,
                 "experts": cmd_experts}
     try:
         return handlers[args.command](args)
@@ -34,10 +33,13 @@ def run_command(args: argparse.Namespace) -> int:
         return 130
 
 
-def sampling_from_args(args: argparse.Namespace):
-    from raymoe.model.sampling import SamplingParams
+def sampling_from_args(args: argparse.Namespace, room: int):
+    """The sampling flags; without --max-tokens, the default of a request that sets none (`room`:
+    the tokens the context leaves after the prompt)."""
+    from raymoe.model.sampling import SamplingParams, default_max_tokens
 
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+    max_tokens = default_max_tokens(room) if args.max_tokens is None else args.max_tokens
+    params = SamplingParams(max_tokens=max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, logprobs=args.logprobs, ignore_eos=args.ignore_eos)
     params.validate()
     return params
@@ -77,9 +79,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     ckpt = Checkpoint(args.checkpoint or default_checkpoint())
     args.dtype = resolve_dtype(args.dtype, ckpt.config)  # the expert actors load in the same dtype
-    params = sampling_from_args(args)
     tokenizer = load_tokenizer(ckpt.dir, required=args.prompt is not None)
     prompt = prompt_from_args(args, tokenizer)
+    params = sampling_from_args(args, room=ckpt.config.max_position_embeddings - len(prompt))
     from .ray_session import experts_factory_from_args
 
     from raymoe.model.progress import LoadProgress, progress_line
@@ -90,7 +92,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         loading = LoadProgress(0, what="dense part" if factory else "weights")
         with Ticker(lambda: None if loading.state == "READY" or not loading.total_bytes else
                     f"raymoe: loading {loading.what}: {progress_line([loading.snapshot()])}"):
-            model = load_model(ckpt, dtype=getattr(torch, args.dtype), experts_factory=factory, progress=loading)
+            model = load_model(ckpt, dtype=getattr(torch, args.dtype), experts_factory=factory, progress=loading,
+                               quantization=args.quantization)
         if factory is not None:
             factory.wait_loaded()  # the expert actors loaded meanwhile
         # Sized for this one request, but never past the context: an oversized request is then
@@ -146,6 +149,20 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from raymoe.model.progress import progress_line
+    from raymoe.model.quantize_checkpoint import quantize_checkpoint
+
+    from .progress import Ticker
+
+    seen: list = []
+    with Ticker(lambda: f"raymoe: quantizing: {progress_line([seen[-1].snapshot()])}" if seen else None):
+        out = quantize_checkpoint(args.checkpoint, args.out, on_progress=seen.append)
+    print(f"wrote {out}: experts int8 per output channel (compressed-tensors pack-quantized); "
+          f"serve it as it is (--quantization experts_int8 is implied)")
+    return 0
+
+
 def cmd_eval_demo(args: argparse.Namespace) -> int:
     from raymoe.model.default import default_checkpoint
     from raymoe.model.demo import EVAL_SEED, evaluate
@@ -165,7 +182,7 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
         with remote_experts_generate(checkpoint, args, batch_size=args.batch_size) as generate:
             print_eval(evaluate(checkpoint, n=args.n, seed=seed, generate=generate))
     else:
-        print_eval(evaluate(checkpoint, n=args.n, seed=seed, batch_size=args.batch_size))
+        print_eval(evaluate(checkpoint, n=args.n, seed=seed, batch_size=args.batch_size, quantization=args.quantization))
     return 0
 
 

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .errors import UserError
+
 GenerateFn = Callable[[list[str]], list[str]]
 MAX_TOKENS = 6  # the longest answer (4 digits) plus EOS, with room to spare
 
@@ -26,8 +28,6 @@ def server_generate(target: str, concurrency: int = 32, timeout: float = 120.0,
 
     def generate(prompts: list[str]) -> list[str]:
         import grpc
-
-        from .commands import UserError
 
         with Client(target, api_key=api_key, app=app) as client, concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
             try:

@@ -12,13 +12,14 @@ def render_placement(p) -> str:
     lines = [f"placement v{p.version}: {len(p.actors)} expert actors, predicted max/mean load "
              f"{p.imbalance:.2f} for the load measured so far",
              "", f"{'id':>3} {'actor':<30} {'state':<12} {'node':<14} {'device':<7} {'slots':>5} {'load':>6} "
-                 f"{'pairs':>10}  experts per layer"]
+                 f"{'pairs':>10} {'weights':>9} {'quant':<12}  experts per layer"]
     for a in p.actors:
         held = {tuple(le.experts) for le in a.layers}
         experts = (f"all layers: {_ids(next(iter(held)))}" if len(held) == 1 else
                    "; ".join(f"{le.layer}: {_ids(le.experts)}" for le in a.layers))
         lines.append(f"{a.id:>3} {a.name[:30]:<30} {a.state:<12} {a.node_id[:12]:<14} {a.device or '-':<7} "
-                     f"{a.slots:>5} {100 * a.load:>5.1f}% {a.pairs:>10}  {experts}")
+                     f"{a.slots:>5} {100 * a.load:>5.1f}% {a.pairs:>10} {a.weight_bytes / 2**20:>7.1f}MB "
+                     f"{a.quantization or '-':<12}  {experts}")
     replicated = [(c.layer, e, n) for c in p.copies for e, n in enumerate(c.copies) if n > 1]
     lines.append("")
     lines.append("copies    " + (", ".join(f"layer {layer} expert {e}: {n}" for layer, e, n in replicated[:16])

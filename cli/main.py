@@ -9,12 +9,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from raymoe.actors import EXPERT_DEVICES, TRANSPORTS
+from raymoe.model.config import DTYPE_CHOICES, QUANTIZATIONS, SERVED_DTYPES
+
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (encoded with the checkpoint's tokenizer, BOS first)")
     src.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,415,2936")
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="new tokens at most (default: as a request that sets none, within the context)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter")
@@ -26,15 +30,21 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 
 def _add_dtype(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="weights and activations (default auto: the checkpoint's own, config.json torch_dtype)")
 
 
+def _add_quantization(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
+                   help="experts_int8: the experts' weights as int8 per output channel, quantized as they load "
+                        "(half the memory; implied by a checkpoint written by `raymoe quantize`)")
+
+
 def _add_expert_device(p) -> None:
-    p.add_argument("--expert-transport", choices=["direct", "ray"], default="direct",
+    p.add_argument("--expert-transport", choices=TRANSPORTS, default="direct",
                    help="how layer calls reach the expert actors: direct sockets (default) or Ray actor calls "
                         "through the object store")
-    p.add_argument("--expert-device", choices=["auto", "cpu", "gpu"], default="auto",
+    p.add_argument("--expert-device", choices=EXPERT_DEVICES, default="auto",
                    help="where expert actors compute: auto = one GPU each when the cluster has GPUs at start, "
                         "else a CPU share; gpu without GPUs is an error")
 
@@ -52,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="generate in this process (or with experts on Ray actors)")
     run.add_argument("--checkpoint", help="Hugging Face Mixtral directory (default: the demo model)")
     _add_dtype(run)
+    _add_quantization(run)
     _add_sampling(run)
     remote = run.add_argument_group("remote experts (Ray actors)")
     remote.add_argument("--expert-actors", type=int, default=None, metavar="N",
@@ -105,11 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--old-config", action="store_true", help="write rope_theta at the top level")
     init.add_argument("--shard-mb", type=float, default=None, help="split weights into shards of this size")
-    init.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+    init.add_argument("--dtype", choices=SERVED_DTYPES, default="float32",
                       help="stored weight type (config.json torch_dtype; what --dtype auto serves in)")
     init.add_argument("--router-skew", type=float, default=1.0, metavar="S",
                       help="scale the router rows of experts 0 and 1 by S, so that every layer prefers them "
                            "(a skewed expert load, e.g. for bench/bench_rebalance.py); 1 = as drawn")
+
+    qz = sub.add_parser("quantize", help="write a checkpoint with int8 experts (loads without re-quantizing)")
+    qz.add_argument("--checkpoint", required=True, help="Hugging Face Mixtral directory to read")
+    qz.add_argument("--out", required=True, help="new directory: compressed-tensors int8 (pack-quantized) experts")
 
     train = sub.add_parser("train-demo", help="train the demo model (a tiny Mixtral that adds numbers)")
     train.add_argument("--out", required=True, help="checkpoint directory to write")
@@ -127,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n", type=int, default=500, help="number of held-out problems")
     ev.add_argument("--seed", type=int, default=None, help="seed of the held-out problem stream")
     ev.add_argument("--batch-size", type=int, default=64, help="prompts generated together")
+    _add_quantization(ev)
     where = ev.add_mutually_exclusive_group()
     where.add_argument("--target", help="score a running server at HOST:PORT instead (gRPC)")
     _add_api_key(ev)

@@ -19,6 +19,8 @@ from typing import Iterator
 
 from raymoe.model.transformer import ExpertsFactory
 
+from .errors import UserError
+
 
 @contextlib.contextmanager
 def ray_connection(address: str | None, num_cpus: int | None = None,
@@ -35,8 +37,6 @@ def ray_connection(address: str | None, num_cpus: int | None = None,
         try:
             ray.init(address=address, log_to_driver=False)
         except (ConnectionError, RuntimeError) as e:
-            from .commands import UserError
-
             raise UserError(f"cannot join the Ray cluster at {address}: {e}") from None
     else:
         import time
@@ -63,8 +63,6 @@ def check_expert_device(device: str, started: bool) -> None:
     import ray
 
     if device == "gpu" and started and not ray.cluster_resources().get("GPU"):
-        from .commands import UserError
-
         raise UserError("--expert-device gpu, but this machine has no GPUs visible to Ray; "
                         "use --expert-device cpu (or auto)")
 
@@ -72,8 +70,6 @@ def check_expert_device(device: str, started: bool) -> None:
 @contextlib.contextmanager
 def experts_factory_from_args(args: argparse.Namespace, checkpoint: str | Path) -> Iterator[ExpertsFactory | None]:
     """None (every expert in this process) unless --expert-actors is given; else remote experts."""
-    from .commands import UserError
-
     num_actors = getattr(args, "expert_actors", None)
     if num_actors is None:
         if getattr(args, "address", None):
@@ -90,7 +86,8 @@ def experts_factory_from_args(args: argparse.Namespace, checkpoint: str | Path) 
                             num_cpus=getattr(args, "actor_cpus", None), dtype=getattr(args, "dtype", "float32"),
                             device=getattr(args, "expert_device", "auto"),
                             transport=getattr(args, "expert_transport", "direct"),
-                            call_timeout_s=getattr(args, "expert_timeout", None) or 60.0)
+                            call_timeout_s=getattr(args, "expert_timeout", None) or 60.0,
+                            quantization=getattr(args, "quantization", None))
         from .progress import PoolProgress, Ticker
 
         progress = PoolProgress(num_actors)

@@ -11,6 +11,8 @@ import threading
 from raymoe.cluster.deploy import DeployFailed, deploy, release_pool
 from raymoe.cluster.settings import APP_NAME
 
+from .errors import UserError
+
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
@@ -18,7 +20,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from raymoe.cluster.auth import ADMIN_KEY_ENV, ENV
     from raymoe.cluster.tenants import Tenants, TenantsError
 
-    from .commands import UserError
     from .ray_session import check_expert_device, ray_connection
     from .serve_flags import settings_from_args
 
@@ -76,7 +77,6 @@ def _serve_until_stopped(settings, address: str | None, dashboard: int | None, s
     from raymoe.cluster.auth import ADMIN_KEY_ENV, ENV
     from raymoe.model.errors import BackendUnavailable
 
-    from .commands import UserError
     from .progress import Ticker, serve_progress_line
 
     replacing = bool(address) and settings.app_name in serve.status().applications
@@ -146,14 +146,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from raymoe.cluster.client import Client, completion_json
 
-    request = pb.GenerateRequest(max_tokens=args.max_tokens, top_k=args.top_k, logprobs=args.logprobs,
+    request = pb.GenerateRequest(max_tokens=args.max_tokens or 0, top_k=args.top_k, logprobs=args.logprobs,
                                  stop=args.stop, ignore_eos=args.ignore_eos, temperature=args.temperature,
                                  top_p=args.top_p)
     if args.seed is not None:
         request.seed = args.seed
     if args.prompt_ids is not None:
-        from .commands import UserError
-
         try:
             request.prompt_token_ids.extend(int(t) for t in args.prompt_ids.replace(" ", "").split(",") if t)
         except ValueError:

@@ -12,7 +12,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from raymoe.actors import EXPERT_DEVICES, TRANSPORTS
 from raymoe.cluster.settings import ServeSettings
+from raymoe.model.config import DTYPE_CHOICES, QUANTIZATIONS
 
 # flag, ServeSettings field, type, help (the default is appended)
 FLAGS: list[tuple[str, str, Any, str]] = [
@@ -21,11 +23,14 @@ FLAGS: list[tuple[str, str, Any, str]] = [
                                     "under names of their own (clients: raymoe generate --app-name)"),
     ("--route-prefix", "route_prefix", str, "where the HTTP API lives (default: / for the default app name, "
                                             "/APP_NAME for any other)"),
-    ("--dtype", "dtype", ("auto", "float32", "bfloat16", "float16"), "weights and activations; auto: the checkpoint's own"),
+    ("--dtype", "dtype", DTYPE_CHOICES, "weights and activations; auto: the checkpoint's own"),
+    ("--quantization", "quantization", QUANTIZATIONS, "experts_int8: the experts' w1/w3/w2 as int8 per output "
+                                                          "channel, quantized as each actor loads (implied by a "
+                                                          "`raymoe quantize` checkpoint)"),
     ("--expert-actors", "expert_actors", int, "host the experts on N Ray actors (0: inside each front replica)"),
     ("--expert-replicas", "expert_replicas", int, "copies of each expert, on different actors"),
-    ("--expert-device", "expert_device", ("auto", "cpu", "gpu"), "where expert actors compute; gpu without GPUs is an error"),
-    ("--expert-transport", "expert_transport", ("direct", "ray"), "how layer calls reach the actors"),
+    ("--expert-device", "expert_device", EXPERT_DEVICES, "where expert actors compute; gpu without GPUs is an error"),
+    ("--expert-transport", "expert_transport", TRANSPORTS, "how layer calls reach the actors"),
     ("--actor-cpus", "expert_num_cpus", float, "CPU share of each expert actor"),
     ("--expert-gpus", "expert_num_gpus", float, "GPU share of each expert actor on GPUs"),
     ("--expert-timeout", "expert_timeout_s", float, "seconds any wait for an expert actor may take"),

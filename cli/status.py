@@ -16,7 +16,8 @@ def render(info) -> str:
     c = info.config
     lines = [f"model     {info.model}",
              f"shape     {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_local_experts} experts "
-             f"top-{c.num_experts_per_tok}, {c.num_attention_heads}/{c.num_key_value_heads} heads, {c.dtype}",
+             f"top-{c.num_experts_per_tok}, {c.num_attention_heads}/{c.num_key_value_heads} heads, {c.dtype}"
+             + (f", experts {info.quantization}" if info.quantization else ""),
              f"replica   running {info.load.running}/{info.max_running}, waiting {info.load.waiting}, "
              f"KV cache {info.load.kv_cache_used_tokens}/{info.kv_cache_tokens} tokens"]
     if info.state == "LOADING":

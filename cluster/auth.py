@@ -11,23 +11,16 @@ README's "What is exposed".
 
 from __future__ import annotations
 
+from .failures import GRPC_KEY_HINT, HTTP_KEY_HINT, PermissionDenied, Unauthenticated
 from .tenants import ADMIN_KEY_ENV, API_KEY_ENV, Tenant, Tenants
 
 ENV = API_KEY_ENV
 __all__ = ["ENV", "ADMIN_KEY_ENV", "Unauthenticated", "PermissionDenied", "grpc_tenant", "http_tenant"]
 
 
-class Unauthenticated(Exception):
-    """A missing or unknown key (UNAUTHENTICATED / 401)."""
-
-
-class PermissionDenied(Exception):
-    """A known key without the right (PERMISSION_DENIED / 403)."""
-
-
-def _checked(tenant: Tenant | None, admin: bool) -> Tenant:
+def _checked(tenant: Tenant | None, admin: bool, how: str) -> Tenant:
     if tenant is None:
-        raise Unauthenticated()
+        raise Unauthenticated(how)
     if admin and not tenant.admin:
         raise PermissionDenied(f"tenant {tenant.name!r} is not an admin: the Experts service (placement, scale, "
                                f"rebalance) needs an admin tenant's key")
@@ -36,8 +29,8 @@ def _checked(tenant: Tenant | None, admin: bool) -> Tenant:
 
 def grpc_tenant(tenants: Tenants, grpc_context, admin: bool = False) -> Tenant:
     metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
-    return _checked(tenants.identify(metadata.get("authorization")), admin)
+    return _checked(tenants.identify(metadata.get("authorization")), admin, GRPC_KEY_HINT)
 
 
 def http_tenant(tenants: Tenants, request, admin: bool = False) -> Tenant:
-    return _checked(tenants.identify(request.headers.get("authorization")), admin)
+    return _checked(tenants.identify(request.headers.get("authorization")), admin, HTTP_KEY_HINT)

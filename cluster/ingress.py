@@ -9,52 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
+import time
+from pathlib import Path
 from typing import AsyncIterator
 
-import grpc
+from grpc_health.v1 import health_pb2
 
+from raymoe.model.chat import ChatTemplate
+from raymoe.model.errors import InvalidRequest
 from raymoe.protos import generator_pb2 as pb
 
 from . import protocol
-from raymoe.model.errors import InvalidRequest
-
-from .auth import PermissionDenied, Unauthenticated, grpc_tenant
-from .engine_loop import QueueFull
-from .quota import QuotaExceeded, close_lease
+from .auth import grpc_tenant
+from .failures import Unauthenticated, classify
 from .openai_api import OpenAIRoutes
 from .placement_api import ExpertsRoutes
-from .replica import PoolHealth, actor_infos
+from .quota import QuotaGate, close_lease
+from .replica import PoolHealth, actor_infos, build_engine_loop
 from .settings import ServeSettings
-
-log = logging.getLogger("ray.serve")
+from .tenants import Tenants
 
 
 class StreamFailed(Exception):
     """Ends a stream whose status code has been set on the gRPC context."""
-
-
-def _status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status and message a client gets. Only the request's own faults are INVALID_ARGUMENT; a
-    remote error (RayTaskError, which subclasses the remote exception's type) is always ours."""
-    from ray.exceptions import RayError
-
-    from raymoe.model.errors import BackendUnavailable, InvalidRequest
-
-    if isinstance(error, InvalidRequest) and not isinstance(error, RayError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
-    if isinstance(error, QueueFull):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
-    if isinstance(error, QuotaExceeded):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"{error}; retry after {error.retry_after_s:g} s"
-    if isinstance(error, Unauthenticated):
-        return grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key: send the metadata 'authorization: Bearer KEY'"
-    if isinstance(error, PermissionDenied):
-        return grpc.StatusCode.PERMISSION_DENIED, str(error)
-    if isinstance(error, BackendUnavailable) and not isinstance(error, RayError):
-        return grpc.StatusCode.UNAVAILABLE, str(error)  # names layers, experts and actors; no addresses
-    log.error("request failed", exc_info=error)  # the details stay in the replica's log
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the replica's log"
 
 
 def _client_text(error: BaseException) -> str:
@@ -71,15 +48,6 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
     HTTP routes it inherits."""
 
     def __init__(self, settings: dict) -> None:
-        import time
-        from pathlib import Path
-
-        from raymoe.model.chat import ChatTemplate
-
-        from .quota import QuotaGate
-        from .replica import build_engine_loop
-        from .tenants import Tenants
-
         self.settings = ServeSettings.from_dict(settings)
         self.limits = self.settings.request_limits()
         self.tenants = Tenants(self.settings.tenants_file)  # a bad file or key: the replica fails to start
@@ -182,7 +150,8 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
                          kv_cache_used_tokens=engine.cache.used_blocks * engine.cache.block_size),
             routing=[pb.LayerRouting(layer=i, tokens_per_expert=row) for i, row in enumerate(self._routing())],
             expert_calls=self._expert_calls(), state=self._state(),
-            load_error="" if self.loop.load_error is None else _client_text(self.loop.load_error))
+            load_error="" if self.loop.load_error is None else _client_text(self.loop.load_error),
+            quantization=self.info.get("quantization", ""))
 
     def _state(self) -> str:
         return "FAILED" if self.loop.load_error is not None else "LOADING" if self.loop.loading else "READY"
@@ -225,8 +194,6 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
         return self.loop.alive and not self.loop.loading and self.pool_health.ok
 
     async def Check(self, request, grpc_context=None):
-        from grpc_health.v1 import health_pb2
-
         serving = self.serving  # NOT_SERVING while loading, or while its experts do not answer
         return health_pb2.HealthCheckResponse(
             status=health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -240,11 +207,11 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
             health.stop()
 
     def _fail(self, grpc_context, error: BaseException, response):
-        code, message = _status_for(error)
-        self._count(code.name.lower())
+        failure = classify(error)
+        self._count(failure.grpc_code.name.lower())
         if grpc_context is not None:
-            grpc_context.set_code(code)
-            grpc_context.set_details(message)
-            if isinstance(error, QuotaExceeded):
-                grpc_context.set_trailing_metadata([("retry-after", str(int(error.retry_after_s)))])
+            grpc_context.set_code(failure.grpc_code)
+            grpc_context.set_details(failure.message)
+            if failure.retry_after_s is not None:
+                grpc_context.set_trailing_metadata([("retry-after", str(failure.retry_after_s))])
         return response

@@ -15,6 +15,9 @@ import grpc
 
 from raymoe.protos import generator_pb2 as pb
 
+from .auth import grpc_tenant
+from .failures import PermissionDenied, Unauthenticated
+
 log = logging.getLogger("ray.serve")
 
 CHANGE_TIMEOUT_S = 600.0  # a change of a 90 GB model's placement reads gigabytes
@@ -57,8 +60,6 @@ class ExpertsRoutes:
     def _admin(self, grpc_context) -> bool:
         """Whether the caller is an admin tenant; if not, its status is set (UNAUTHENTICATED or
         PERMISSION_DENIED)."""
-        from .auth import PermissionDenied, Unauthenticated, grpc_tenant
-
         try:
             grpc_tenant(self.tenants, grpc_context, admin=True)
             return True
@@ -122,7 +123,8 @@ def placement_message(report: dict[str, Any]) -> pb.PlacementResponse:
     actors = [pb.ExpertActorPlacement(
         id=a["id"], name=a["name"], node_id=a["node_id"], device=a["device"], state=a["state"], slots=a["slots"],
         layers=[pb.LayerExperts(layer=int(layer), experts=ex) for layer, ex in a["experts"].items()],
-        pairs=a.get("pairs", 0), load=a["load"], weight_bytes=a.get("weight_bytes", 0)) for a in report["actors"]]
+        pairs=a.get("pairs", 0), load=a["load"], weight_bytes=a.get("weight_bytes", 0),
+        quantization=a.get("quantization", "")) for a in report["actors"]]
     return pb.PlacementResponse(
         version=report["version"], actors=actors, imbalance=report["imbalance"],
         copies=[pb.ExpertCopies(layer=i, copies=row) for i, row in enumerate(report["copies"])],

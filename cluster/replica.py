@@ -41,7 +41,7 @@ def _progress_logger(every_s: float = 2.0):
 
 def pool_request(s: ServeSettings, ckpt: Checkpoint):
     """(checkpoint directory, PoolConfig) of the expert pool these settings ask for, or None."""
-    pool_config = s.pool_config(resolve_dtype(s.dtype, ckpt.config))
+    pool_config = s.pool_config(resolve_dtype(s.dtype, ckpt.config), ckpt.quantization)
     return None if pool_config is None else (str(ckpt.dir.resolve()), pool_config)
 
 
@@ -87,7 +87,8 @@ def build_engine_loop(s: ServeSettings) -> tuple[EngineLoop, dict[str, Any]]:
         # replicas keep the traffic until this one can take it (see Generator.__init__).
         replacing = bool(named_pools(f"{s.app_name}-experts-") - {pool.name})
     device = "cuda" if s.replica_num_gpus > 0 else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to the replica's GPU
-    model = load_model(ckpt, dtype=getattr(torch, dtype), experts_factory=factory, device=device)
+    model = load_model(ckpt, dtype=getattr(torch, dtype), experts_factory=factory, device=device,
+                       quantization=s.quantization)
     engine = Engine(model, kv_cache_tokens=s.kv_cache_tokens, max_batch_tokens=s.max_batch_tokens,
                     max_running=s.max_running, micro_batches=s.effective_micro_batches(pool.device if pool else None))
     metrics = ServingMetrics(model.cfg.num_hidden_layers, model.cfg.num_local_experts)
@@ -95,7 +96,9 @@ def build_engine_loop(s: ServeSettings) -> tuple[EngineLoop, dict[str, Any]]:
     wait = None if pool is None else (lambda: pool.wait_loaded(_progress_logger()))
     loop = EngineLoop(engine, tokenizer, max_queue=s.max_queue, metrics=metrics, wait_ready=wait,
                       stream_interval_s=s.stream_interval_ms / 1e3, max_messages_per_s=s.stream_messages_per_s)
-    return loop, {"checkpoint": str(ckpt.dir), "dtype": dtype, "pool": pool, "replacing": replacing}
+    quantization = s.quantization or ckpt.quantization or ""
+    return loop, {"checkpoint": str(ckpt.dir), "dtype": dtype, "pool": pool, "replacing": replacing,
+                  "quantization": quantization}
 
 
 async def actor_infos(pool) -> list[dict[str, Any]]:
@@ -115,7 +118,8 @@ async def actor_infos(pool) -> list[dict[str, Any]]:
         if task.done() and task.exception() is None:
             st = task.result()
             info.update(state=ACTOR_STATE.get(st["state"], st["state"]), node_id=st["node_id"],
-                        weight_bytes=st["weight_bytes"], tokens_processed=st["tokens"], device=st["device"],
+                        weight_bytes=st["weight_bytes"], quantization=st.get("quantization", ""),
+                        tokens_processed=st["tokens"], device=st["device"],
                         load_bytes_read=st["bytes_read"], load_total_bytes=st["total_bytes"],
                         load_seconds=st["load_s"])
         elif not task.done():

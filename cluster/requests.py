@@ -14,22 +14,21 @@ from typing import Sequence
 
 from raymoe.model.config import ModelConfig
 from raymoe.model.errors import InvalidRequest
-from raymoe.model.sampling import GREEDY_BELOW, MAX_TEMPERATURE, SamplingParams
+from raymoe.model.sampling import GREEDY_BELOW, MAX_TEMPERATURE, SamplingParams, default_max_tokens
 from raymoe.model.tokenizer import Tokenizer
-
-DEFAULT_MAX_TOKENS = 16  # a request that sets no max_tokens (as OpenAI's completions API)
 
 
 @dataclasses.dataclass(frozen=True)
 class RequestLimits:
-    """Server-side caps on what one request may ask for (0 = derived from the model)."""
+    """Server-side caps on what one request may ask for (0 = derived from the model); the values
+    and their defaults come from ServeSettings (`request_limits()`)."""
 
-    max_prompt_tokens: int = 0  # 0 → the context minus one (room for one new token)
-    max_tokens: int = 0  # 0 → whatever the context leaves after the prompt
-    max_stop_strings: int = 16
-    max_stop_chars: int = 256  # per stop string
-    max_stop_token_ids: int = 64
-    max_logprobs: int = 20
+    max_prompt_tokens: int  # 0 → the context minus one (room for one new token)
+    max_tokens: int  # 0 → whatever the context leaves after the prompt
+    max_stop_strings: int
+    max_stop_chars: int  # per stop string
+    max_stop_token_ids: int
+    max_logprobs: int
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -96,9 +95,7 @@ def build_request(cfg: ModelConfig, limits: RequestLimits, tokenizer: Tokenizer 
 
     room = ctx - len(ids)
     cap = min(limits.max_tokens or room, room)
-    n = DEFAULT_MAX_TOKENS if max_tokens is None or max_tokens == 0 else int(max_tokens)
-    if max_tokens is None or max_tokens == 0:
-        n = min(n, cap)  # the default never makes a short-context request fail
+    n = default_max_tokens(cap) if max_tokens is None or max_tokens == 0 else int(max_tokens)
     if n < 1:
         raise InvalidRequest(f"max_tokens must be at least 1 (got {n})", "max_tokens")
     if n > cap:

@@ -9,7 +9,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from typing import Any
+
+from raymoe.actors import EXPERT_DEVICES, TRANSPORTS
+from raymoe.model.config import DTYPE_CHOICES
+from raymoe.model.quant import check_quantization
 
 APP_NAME = "raymoe"  # the default application name (each server in one Ray cluster needs its own)
 DEPLOYMENT_NAME = "Generator"
@@ -30,6 +35,9 @@ class ServeSettings:
     route_prefix: str = ""
     dtype: str = "auto"  # auto → the checkpoint's own (config.json torch_dtype / dtype)
     expert_actors: int = 0  # 0 → experts inside each front replica
+    # "experts_int8" (vLLM's name): the experts' weights as int8 per output channel, quantized as they
+    # load (in the actors, or in each front replica for local experts); None: the serving dtype
+    quantization: str | None = None
     expert_replicas: int = 1  # copies of each expert across the actors
     expert_num_cpus: float = 0.5  # CPU share of each expert actor when there are no GPUs
     expert_timeout_s: float = 30.0  # bound on every wait for an expert actor
@@ -64,9 +72,9 @@ class ServeSettings:
     max_prompt_tokens: int = 0  # 0 → the context minus one
     max_tokens_limit: int = 0  # cap on max_tokens; 0 → what the context leaves after the prompt
     max_stop_strings: int = 16
-    max_stop_chars: int = 256
+    max_stop_chars: int = 256  # per stop string
     max_stop_token_ids: int = 64
-    max_logprobs: int = 20
+    max_logprobs: int = 20  # top alternatives per token (gRPC logprobs, OpenAI logprobs / top_logprobs)
     replica_num_cpus: float = 1.0
     replica_num_gpus: float = 0.0  # > 0: the front replica (attention, KV cache, dense layers) runs on a GPU
     replica_resources: dict[str, float] = dataclasses.field(default_factory=dict)  # custom Ray resources per replica
@@ -96,8 +104,6 @@ class ServeSettings:
     max_message_bytes: int = 8 << 20
 
     def __post_init__(self) -> None:
-        import re
-
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", self.app_name):
             raise ValueError(f"app_name must be 1-63 letters, digits, '_', '.' or '-', starting with a letter or "
                              f"digit (got {self.app_name!r})")
@@ -112,12 +118,11 @@ class ServeSettings:
                 raise ValueError(f"{name} must be positive (got {getattr(self, name)})")
         if self.replicas < 1:
             raise ValueError(f"replicas must be at least 1 (got {self.replicas})")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16 (got {self.dtype!r})")
-        if self.expert_device not in ("auto", "cpu", "gpu"):
-            raise ValueError(f"expert_device must be auto, cpu or gpu (got {self.expert_device!r})")
-        from raymoe.actors import TRANSPORTS
-
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)} (got {self.dtype!r})")
+        if self.expert_device not in EXPERT_DEVICES:
+            raise ValueError(f"expert_device must be one of {', '.join(EXPERT_DEVICES)} (got {self.expert_device!r})")
+        object.__setattr__(self, "quantization", check_quantization(self.quantization))  # "none" / "" → None
         if self.expert_transport not in TRANSPORTS:
             raise ValueError(f"expert_transport must be one of {', '.join(TRANSPORTS)} (got {self.expert_transport!r})")
         if self.expert_autoscale_max:
@@ -178,15 +183,16 @@ class ServeSettings:
         weights twice per step (measured: +0.8 ms CPU per token at 32 streams, bench/bench_serving.py)."""
         return self.micro_batches or (2 if expert_device == "cuda" else 1)
 
-    def pool_config(self, dtype: str):
+    def pool_config(self, dtype: str, quantization: str | None = None):
         """The expert pool these settings ask for, in `dtype` (the resolved one; None: experts inside
-        each front replica)."""
+        each front replica), quantized as asked here or by the checkpoint (`quantization`)."""
         if not self.expert_actors:
             return None
         from raymoe.actors.pool import PoolConfig
 
         return PoolConfig(num_actors=self.expert_actors, replicas=self.expert_replicas, num_cpus=self.expert_num_cpus,
                           resources=dict(self.expert_resources), dtype=dtype,
+                          quantization=self.quantization or quantization,
                           device=self.expert_device, num_gpus=self.expert_num_gpus, transport=self.expert_transport,
                           call_timeout_s=self.expert_timeout_s, expert_slots=self.expert_slots or None,
                           rebalance_every_s=self.rebalance_every_s, autoscale_min=self.expert_autoscale_min,

@@ -319,14 +319,16 @@ class EvalResult:
 
 
 def local_generate(checkpoint: str | Path, *, batch_size: int = 64, max_tokens: int = 6,
-                   dtype: torch.dtype = torch.float32, experts_factory=None) -> GenerateFn:
-    """Greedy answers from the engine in this process (as `raymoe run`); experts_factory as in load_model."""
+                   dtype: torch.dtype = torch.float32, experts_factory=None,
+                   quantization: str | None = None) -> GenerateFn:
+    """Greedy answers from the engine in this process (as `raymoe run`); experts_factory and
+    quantization (of local experts) as in load_model."""
     from .completion import complete
     from .engine import Engine
     from .sampling import SamplingParams
     from .weights import load_model
 
-    model = load_model(checkpoint, dtype=dtype, experts_factory=experts_factory)
+    model = load_model(checkpoint, dtype=dtype, experts_factory=experts_factory, quantization=quantization)
     tok = Tokenizer(checkpoint)
     params = SamplingParams(max_tokens=max_tokens)
 
@@ -343,7 +345,7 @@ def local_generate(checkpoint: str | Path, *, batch_size: int = 64, max_tokens: 
 
 
 def evaluate(checkpoint: str | Path | None = None, n: int = 500, seed: int = EVAL_SEED, *,
-             generate: GenerateFn | None = None, batch_size: int = 64) -> EvalResult:
+             generate: GenerateFn | None = None, batch_size: int = 64, quantization: str | None = None) -> EvalResult:
     """Exact-match accuracy on n held-out problems: an answer is right when its stripped text is str(a+b).
 
     `generate` (prompts → answers) replaces the in-process model, e.g. with remote experts or a server."""
@@ -352,7 +354,7 @@ def evaluate(checkpoint: str | Path | None = None, n: int = 500, seed: int = EVA
             from .default import default_checkpoint
 
             checkpoint = default_checkpoint()
-        generate = local_generate(checkpoint, batch_size=batch_size)
+        generate = local_generate(checkpoint, batch_size=batch_size, quantization=quantization)
     problems = eval_problems(n, seed)
     prompts = [prompt_text(a, b) for a, b in problems]
     t0 = time.perf_counter()

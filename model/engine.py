@@ -105,6 +105,9 @@ class Engine:
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty", "prompt")
         vocab = self.cfg.vocab_size
+        if params.logprobs > vocab:
+            raise InvalidRequest(f"logprobs must be at most the vocabulary size, {vocab} (got {params.logprobs})",
+                                 "logprobs")
         bad = next((t for t in (*prompt_ids, *output_ids) if not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {vocab})", "prompt_token_ids")

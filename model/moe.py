@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .quant import Int8Stack, swiglu_grouped_int8
 
 
 class Experts(Protocol):
@@ -39,12 +40,16 @@ def sort_by_expert(idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, l
     return order, counts
 
 
-def swiglu_grouped(xs: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+def swiglu_grouped(xs: torch.Tensor, counts: list[int], w13: torch.Tensor | Int8Stack,
+                   w2: torch.Tensor | Int8Stack) -> torch.Tensor:
     """Rows of xs [N, D] grouped by expert (counts[e] rows for expert e) → SwiGLU outputs [N, D].
 
     One matmul per expert over all of its rows: w13 [E, 2F, D] holds w1 (gate) and w3 (up)
-    stacked, w2 [E, D, F] projects down. The loop is over experts, never over tokens.
+    stacked, w2 [E, D, F] projects down. The loop is over experts, never over tokens. Int8 stacks
+    (model/quant.py) take the int8 kernels.
     """
+    if isinstance(w13, Int8Stack):
+        return swiglu_grouped_int8(xs, counts, w13, w2)
     if len(counts) > 1 and min(counts) > 0 and max(counts) * len(counts) <= 2 * sum(counts):
         return _swiglu_padded(xs, counts, w13, w2)
     out = torch.empty_like(xs)
@@ -95,10 +100,39 @@ class LocalExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        top_k = idx.shape[1]
-        order, counts = sort_by_expert(idx, self.num_experts)
-        out_rows = swiglu_grouped(x[order // top_k], counts, self.w13, self.w2)  # [T*K, D]
-        return combine(out_rows, order, weights, x.shape[0], top_k)
+        return local_forward(x, weights, idx, self.num_experts, self.w13, self.w2)
+
+
+def local_forward(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, num_experts: int,
+                  w13: torch.Tensor | Int8Stack, w2: torch.Tensor | Int8Stack) -> torch.Tensor:
+    top_k = idx.shape[1]
+    order, counts = sort_by_expert(idx, num_experts)
+    out_rows = swiglu_grouped(x[order // top_k], counts, w13, w2)  # [T*K, D]
+    return combine(out_rows, order, weights, x.shape[0], top_k)
+
+
+class Int8LocalExperts(nn.Module):
+    """All of a layer's experts in this process as int8 with per-output-channel scales
+    (`experts_int8`): buffers, so that `.to(device)` moves them and no optimizer sees them."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, scale_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.register_buffer("w13_q", torch.empty(num_experts, 2 * intermediate, hidden, dtype=torch.int8))
+        self.register_buffer("w13_scale", torch.empty(num_experts, 2 * intermediate, dtype=scale_dtype))
+        self.register_buffer("w2_q", torch.empty(num_experts, hidden, intermediate, dtype=torch.int8))
+        self.register_buffer("w2_scale", torch.empty(num_experts, hidden, dtype=scale_dtype))
+
+    @property
+    def w13(self) -> Int8Stack:
+        return Int8Stack(self.w13_q, self.w13_scale)
+
+    @property
+    def w2(self) -> Int8Stack:
+        return Int8Stack(self.w2_q, self.w2_scale)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return local_forward(x, weights, idx, self.num_experts, self.w13, self.w2)
 
 
 RouteObserver = Callable[[int, torch.Tensor], None]  # (layer, idx [T, K]) — e.g. metrics, never math

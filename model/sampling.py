@@ -23,11 +23,18 @@ from .errors import InvalidRequest
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy (dividing by them overflows float32 logits)
 MAX_TEMPERATURE = 100.0  # above this the distribution is uniform to float precision; refused as a mistake
 MASK64 = (1 << 64) - 1
+DEFAULT_MAX_TOKENS = 16  # a request that sets no max_tokens (as OpenAI's completions API), on every path
+
+
+def default_max_tokens(room: int) -> int:
+    """max_tokens of a request that sets none, where the context leaves `room` tokens after its
+    prompt: the default never makes a request near the end of the context fail."""
+    return min(DEFAULT_MAX_TOKENS, room)
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 0.0  # below GREEDY_BELOW → greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 → all tokens
@@ -55,8 +62,8 @@ class SamplingParams:
             raise InvalidRequest(f"top_p must be in (0, 1] (got {self.top_p})", "top_p")
         if self.top_k < 0:
             raise InvalidRequest(f"top_k must be >= 0 (got {self.top_k})", "top_k")
-        if not 0 <= self.logprobs <= 20:
-            raise InvalidRequest(f"logprobs must be between 0 and 20 (got {self.logprobs})", "logprobs")
+        if self.logprobs < 0:  # the upper bound: the server's max_logprobs, and the vocabulary (Engine.check)
+            raise InvalidRequest(f"logprobs must be >= 0 (got {self.logprobs})", "logprobs")
         if self.seed is not None and not 0 <= self.seed <= MASK64:
             raise InvalidRequest(f"seed must be in [0, 2^64) (got {self.seed})", "seed")
 

@@ -51,6 +51,15 @@ class Tokenizer:
     def piece(self, token_id: int) -> str:
         return self.sp.IdToPiece(int(token_id))
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for in the text: a byte-fallback piece (<0xE8>) is that one byte
+        (a character it starts is only complete with the next pieces), any other piece its UTF-8 with
+        the word-boundary mark ▁ as a space."""
+        token_id = int(token_id)
+        if self.sp.IsByte(token_id):
+            return bytes([int(self.sp.IdToPiece(token_id)[3:5], 16)])
+        return self.sp.IdToPiece(token_id).replace("\u2581", " ").encode()
+
 
 class IncrementalDecoder:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int]) -> None:

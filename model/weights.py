@@ -16,6 +16,7 @@ import torch
 
 from .config import ModelConfig
 from .progress import LoadProgress
+from .quant import Int8Stack, check_quantization, quantize_rows_into
 from .safetensors_file import SafetensorsError, SafetensorsFile
 from .transformer import ExpertsFactory, Mixtral
 
@@ -32,6 +33,8 @@ class Checkpoint:
         if not self.dir.is_dir():
             raise CheckpointError(f"{self.dir}: checkpoint directory not found")
         self.config = ModelConfig.from_file(self.dir / "config.json")
+        # "experts_int8" when the file holds int8 experts (written by `raymoe quantize`): implied
+        self.quantization = prequantized(json.loads((self.dir / "config.json").read_text()), self.dir)
         self.reads: list[str] = []
         self.progress: LoadProgress | None = None  # counts the bytes of every tensor read
         self._handles: dict[str, object] = {}
@@ -87,9 +90,16 @@ class Checkpoint:
         return f.info(name)[2]
 
     def expert_nbytes(self, layers: Iterable[int], expert_ids: Iterable[int]) -> int:
+        """Bytes of these experts' tensors in the files (what loading them reads)."""
         ids = list(expert_ids)
-        return sum(self.nbytes(f"{self._moe_prefix(layer)}experts.{e}.{w}.weight")
-                   for layer in layers for e in ids for w in ("w1", "w2", "w3"))
+        parts = (".weight_packed", ".weight_scale") if self.quantization else (".weight",)
+        return sum(self.nbytes(f"{self._moe_prefix(layer)}experts.{e}.{w}{part}")
+                   for layer in layers for e in ids for w in ("w1", "w2", "w3") for part in parts)
+
+    def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...], int]:
+        """(dtype, shape, bytes) of a tensor in its file, from the header."""
+        self.nbytes(name)  # the same checks and errors
+        return self._handle(self._files[name]).info(name)
 
     def dense_names(self) -> list[str]:
         """The checkpoint's names of what dense_state reads (not a tied lm_head a file may still
@@ -149,15 +159,18 @@ class Checkpoint:
                 self._moe_prefix(i) + "gate.weight", (c.num_local_experts, d), dtype)
         return state
 
-    def experts(self, layer: int, expert_ids: Iterable[int], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The chosen experts of one layer as (w13 [n, 2F, D], w2 [n, D, F]); no other expert is read."""
+    def experts(self, layer: int, expert_ids: Iterable[int], dtype: torch.dtype, quantization: str | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor] | tuple[Int8Stack, Int8Stack]:
+        """The chosen experts of one layer as (w13 [n, 2F, D], w2 [n, D, F]); no other expert is read.
+        With quantization "experts_int8" (or a pre-quantized checkpoint) they are Int8Stacks whose
+        scales are in `dtype`, quantized tensor by tensor as they are read."""
+        if check_quantization(quantization) or self.quantization:
+            return self._experts_int8(layer, list(expert_ids), dtype)
         c = self.config
         d, f = c.hidden_size, c.intermediate_size
         prefix = self._moe_prefix(layer) + "experts."
         ids = list(expert_ids)
-        bad = [e for e in ids if not 0 <= e < c.num_local_experts]
-        if bad:
-            raise CheckpointError(f"expert {bad[0]} does not exist (the model has {c.num_local_experts})")
+        self._check_ids(ids)
         w13 = torch.empty(len(ids), 2 * f, d, dtype=dtype)  # filled in place: one copy of the weights
         w2 = torch.empty(len(ids), d, f, dtype=dtype)
         for i, e in enumerate(ids):
@@ -167,39 +180,103 @@ class Checkpoint:
             self.tensor(p + "w2.weight", (d, f), dtype, out=w2[i])
         return w13, w2
 
+    def _experts_int8(self, layer: int, ids: list[int], dtype: torch.dtype) -> tuple[Int8Stack, Int8Stack]:
+        c = self.config
+        d, f = c.hidden_size, c.intermediate_size
+        self._check_ids(ids)
+        w13, w2 = (Int8Stack(torch.empty(len(ids), 2 * f, d, dtype=torch.int8), torch.empty(len(ids), 2 * f, dtype=dtype)),
+                   Int8Stack(torch.empty(len(ids), d, f, dtype=torch.int8), torch.empty(len(ids), d, dtype=dtype)))
+        buffers: dict[tuple, torch.Tensor] = {}  # one reused read buffer per (dtype, shape): never a whole share
+        for i, e in enumerate(ids):
+            p = f"{self._moe_prefix(layer)}experts.{e}."
+            for name, q, scale in ((p + "w1", w13.q[i, :f], w13.scale[i, :f]), (p + "w3", w13.q[i, f:], w13.scale[i, f:]),
+                                   (p + "w2", w2.q[i], w2.scale[i])):
+                self._read_int8(name, q, scale, buffers)
+        return w13, w2
+
+    def _read_int8(self, name: str, q: torch.Tensor, scale: torch.Tensor, buffers: dict[tuple, torch.Tensor]) -> None:
+        """One expert tensor into q [N, K] int8 and scale [N]: read as stored when pre-quantized,
+        else read into a reused buffer in the file's dtype and quantized from there."""
+        n, k = q.shape
+        if self.quantization:
+            self.tensor(name + ".weight_packed", (n, k // 4), torch.int32, out=q.view(torch.int32))
+            q.bitwise_xor_(-128)  # stored as q + 128, four per int32 (compressed-tensors' unsigned packing)
+            self.tensor(name + ".weight_scale", (n, 1), scale.dtype, out=scale.view(n, 1))
+            return
+        file_dtype = self.info(name + ".weight")[0]
+        key = (file_dtype, n, k)
+        if key not in buffers:
+            buffers[key] = torch.empty(n, k, dtype=file_dtype)
+        quantize_rows_into(self.tensor(name + ".weight", (n, k), file_dtype, out=buffers[key]), q, scale)
+
+    def _check_ids(self, ids: list[int]) -> None:
+        bad = [e for e in ids if not 0 <= e < self.config.num_local_experts]
+        if bad:
+            raise CheckpointError(f"expert {bad[0]} does not exist (the model has {self.config.num_local_experts})")
+
     def _moe_prefix(self, layer: int) -> str:
         return f"model.layers.{layer}.block_sparse_moe."
 
 
+def prequantized(config: dict, where: Path) -> str | None:
+    """The quantization a checkpoint's config.json says its experts are stored in: "experts_int8" for
+    compressed-tensors' int8 per-channel symmetric weights (pack-quantized, as `raymoe quantize` writes
+    them), None without a quantization_config; any other scheme is a CheckpointError."""
+    qc = config.get("quantization_config")
+    if qc is None:
+        return None
+    try:
+        groups = list(qc["config_groups"].values())
+        w = groups[0]["weights"]
+        ok = (qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized" and len(groups) == 1
+              and w["num_bits"] == 8 and w["type"] == "int" and w["symmetric"] and w["strategy"] == "channel"
+              and not groups[0].get("input_activations"))
+    except (KeyError, TypeError, AttributeError, IndexError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"{where}: quantization_config is not one raymoe reads (it reads compressed-tensors "
+                              f"pack-quantized int8 per-channel symmetric weights, as `raymoe quantize` writes)")
+    return "experts_int8"
+
+
 def load_model(directory: str | Path | Checkpoint, *, dtype: torch.dtype = torch.float32,
                experts_factory: ExpertsFactory | None = None, device: str = "cpu",
-               progress: LoadProgress | None = None) -> Mixtral:
-    """Build a Mixtral from a checkpoint. Without a factory all experts load locally; with one, the
-    factory supplies each layer's experts (e.g. remote) and only the dense part is read here.
+               progress: LoadProgress | None = None, quantization: str | None = None) -> Mixtral:
+    """Build a Mixtral from a checkpoint. Without a factory all experts load locally (as int8 with
+    quantization "experts_int8", implied by a pre-quantized checkpoint); with one, the factory
+    supplies each layer's experts (e.g. remote) and only the dense part is read here.
     `progress` (its total set here) counts the bytes as they are read."""
     owned = not isinstance(directory, Checkpoint)
     ckpt = Checkpoint(directory) if owned else directory
     try:
-        return _load(ckpt, dtype, experts_factory, device, progress)
+        return _load(ckpt, dtype, experts_factory, device, progress, check_quantization(quantization))
     finally:
         if owned:
             ckpt.close()
 
 
 def _load(ckpt: Checkpoint, dtype: torch.dtype, experts_factory: ExpertsFactory | None, device: str,
-          progress: LoadProgress | None) -> Mixtral:
+          progress: LoadProgress | None, quantization: str | None) -> Mixtral:
     cfg = ckpt.config
+    int8 = experts_factory is None and bool(quantization or ckpt.quantization)
+    if int8:
+        from .moe import Int8LocalExperts
+
+        experts_factory = lambda layer: Int8LocalExperts(  # noqa: E731 — filled from the state below
+            cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size, dtype)
     if progress is not None:
-        progress.total_bytes = ckpt.dense_nbytes() + (0 if experts_factory is not None else ckpt.expert_nbytes(
+        progress.total_bytes = ckpt.dense_nbytes() + (0 if experts_factory is not None and not int8 else ckpt.expert_nbytes(
             range(cfg.num_hidden_layers), range(cfg.num_local_experts)))
         ckpt.progress = progress
     with torch.device("meta"):  # no memory: the loaded tensors become the parameters (assign)
         model = Mixtral(cfg, experts_factory)
     state = ckpt.dense_state(dtype)
-    if experts_factory is None:
-        every = range(cfg.num_local_experts)
-        for i in range(cfg.num_hidden_layers):
-            state[f"layers.{i}.moe.experts.w13"], state[f"layers.{i}.moe.experts.w2"] = ckpt.experts(i, every, dtype)
+    every = range(cfg.num_local_experts)
+    for i in range(cfg.num_hidden_layers if experts_factory is None or int8 else 0):
+        w13, w2 = ckpt.experts(i, every, dtype, quantization)
+        names = {"w13": w13, "w2": w2} if not int8 else \
+            {"w13_q": w13.q, "w13_scale": w13.scale, "w2_q": w2.q, "w2_scale": w2.scale}
+        state.update({f"layers.{i}.moe.experts.{k}": v for k, v in names.items()})
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

@@ -1,7 +1,8 @@
 """Shared fixtures: small checkpoints and models, and a cache-free reference decoder.
 
-Everything here is tiny (hidden 64, 2 layers) so the whole suite runs in well under a minute on
-two CPU cores. Session-scoped fixtures are read-only: tests that modify a checkpoint copy it first.
+Everything here is tiny (hidden 64, 2 layers) so that the model's own tests take seconds on two CPU
+cores; the suite's time goes to starting Ray, Serve and expert actors (see the README for the
+fast loop and the full run). Session-scoped fixtures are read-only: tests that modify a checkpoint copy it first.
 """
 
 from __future__ import annotations

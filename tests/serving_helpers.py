@@ -31,7 +31,8 @@ def running_server(namespace: str, ready_timeout: float = 120, ray_options: dict
     config = ServeSettings(grpc_port=free_port(), http_port=free_port(), **settings)
     try:
         deploy(config)
-        with Client(f"127.0.0.1:{config.grpc_port}") as client:
+        # Named by its application, so that its calls still reach it once another application is deployed.
+        with Client(f"127.0.0.1:{config.grpc_port}", app=config.app_name) as client:
             client.http_port = config.http_port  # the OpenAI-compatible API, for tests that use it
             from raymoe.model.default import default_checkpoint
 

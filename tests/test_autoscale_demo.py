@@ -5,10 +5,10 @@ request fails. About 2 min."""
 
 from __future__ import annotations
 
-
 import pytest
 
 pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # a demonstration
 
 from scripts.autoscale_demo import run
 

@@ -9,6 +9,7 @@ import json
 import pytest
 
 pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # a soak
 
 
 def test_a_minute_of_faults_loses_nothing(capsys):

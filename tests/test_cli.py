@@ -79,6 +79,24 @@ def test_run_streams_text(capsys, tiny_dir):
     assert capsys.readouterr().out.endswith("\n")
 
 
+def test_run_without_max_tokens_takes_the_default_of_every_door(capsys, tiny_dir, tiny_model):
+    """One default for a request without max_tokens: `raymoe run`, the gRPC and HTTP doors
+    (build_request) and SamplingParams; near the end of the context it shrinks instead of failing."""
+    from raymoe.cluster.requests import build_request
+    from raymoe.cluster.settings import ServeSettings
+    from raymoe.model.sampling import DEFAULT_MAX_TOKENS
+
+    result = run_json(capsys, "--checkpoint", str(tiny_dir), "--prompt-ids", "1,2,3", "--ignore-eos")
+    assert len(result["token_ids"]) == DEFAULT_MAX_TOKENS == SamplingParams().max_tokens
+    limits = ServeSettings().request_limits()
+    assert build_request(tiny_model.cfg, limits, None, prompt_ids=[1, 2, 3]).params.max_tokens == DEFAULT_MAX_TOKENS
+    ctx = tiny_model.cfg.max_position_embeddings
+    assert build_request(tiny_model.cfg, limits, None, prompt_ids=[1] * (ctx - 5)).params.max_tokens == 5
+    result = run_json(capsys, "--checkpoint", str(tiny_dir), "--prompt-ids", ",".join(["1"] * (ctx - 5)),
+                      "--ignore-eos")
+    assert len(result["token_ids"]) == 5
+
+
 def test_run_without_checkpoint_uses_default(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr("raymoe.model.default.PACKAGED", tmp_path / "no-demo")
     monkeypatch.setenv("RAYMOE_CACHE", str(tmp_path / "cache"))

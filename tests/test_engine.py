@@ -158,7 +158,7 @@ def test_finish_reasons(model, ref):
     ([1, 2], SamplingParams(top_p=1.5), "top_p"),
     ([1, 2], SamplingParams(top_k=-1), "top_k"),
     ([1, 2], SamplingParams(max_tokens=0), "max_tokens"),
-    ([1, 2], SamplingParams(logprobs=50), "logprobs"),
+    ([1, 2], SamplingParams(logprobs=513), "logprobs"),  # more alternatives than the 512 tokens
 ])
 def test_request_validation(model, prompt, params, message):
     engine = Engine(model, kv_cache_tokens=256)

@@ -103,22 +103,30 @@ def test_small_request_is_not_held_behind_large_ones(server):
 
 def test_only_the_requests_own_faults_are_invalid_argument():
     """A remote error wrapping a ValueError (even our own InvalidRequest) is the server's fault:
-    INTERNAL, and its text (remote traceback, host, address) stays in the replica's log."""
+    INTERNAL (HTTP 500), and its text (remote traceback, host, address) stays in the replica's log.
+    Both doors classify with the one function, so each case is checked for both."""
     from ray.exceptions import RayTaskError
 
     from raymoe.actors.pool import ExpertsUnavailable
-    from raymoe.cluster.ingress import _status_for
+    from raymoe.cluster.failures import classify
+    from raymoe.cluster.openai_request import http_error_for
     from raymoe.model.errors import InvalidRequest
 
-    assert _status_for(InvalidRequest("max_tokens is 9", "max_tokens")) == (grpc.StatusCode.INVALID_ARGUMENT,
-                                                                           "max_tokens is 9")
-    assert _status_for(ExpertsUnavailable(1, [3], "actor(s) x: no answer"))[0] == grpc.StatusCode.UNAVAILABLE
+    bad_field = classify(InvalidRequest("max_tokens is 9", "max_tokens"))
+    assert (bad_field.grpc_code, bad_field.message) == (grpc.StatusCode.INVALID_ARGUMENT, "max_tokens is 9")
+    http = http_error_for(InvalidRequest("max_tokens is 9", "max_tokens"))
+    assert (http.status, http.message, http.param) == (400, "max_tokens is 9", "max_tokens")
+    assert classify(ExpertsUnavailable(1, [3], "actor(s) x: no answer")).grpc_code == grpc.StatusCode.UNAVAILABLE
+    assert http_error_for(ExpertsUnavailable(1, [3], "actor(s) x: no answer")).status == 503
     for cause in (ValueError("bad"), InvalidRequest("bad", "x"), ExpertsUnavailable(0, [1], "gone")):
         remote = RayTaskError("forward", "Traceback (most recent call last):\n  host 10.1.2.3 ...",
                               cause).as_instanceof_cause()
         assert isinstance(remote, type(cause))
-        code, message = _status_for(remote)
-        assert code == grpc.StatusCode.INTERNAL
+        failure = classify(remote)
+        code, message = failure.grpc_code, failure.message
+        assert code == grpc.StatusCode.INTERNAL and failure.http_status == 500
         assert "Traceback" not in message and "10.1.2.3" not in message and "bad" not in message
-    code, message = _status_for(ValueError("a plain ValueError is a bug, not the client's fault"))
+        assert http_error_for(remote).message == message
+    failure = classify(ValueError("a plain ValueError is a bug, not the client's fault"))
+    code, message = failure.grpc_code, failure.message
     assert code == grpc.StatusCode.INTERNAL and "client" not in message

@@ -22,6 +22,7 @@ from serving_helpers import running_server
 openai = pytest.importorskip("openai")
 
 KEY = "test-key-7f3a"
+MAX_LOGPROBS = 30
 TEMPLATE = "{{ bos_token }}{% for message in messages %}{{ message['content'] }}{% endfor %}"
 
 
@@ -41,8 +42,9 @@ def server(demo_with_template):
     os.environ["RAYMOE_API_KEY"] = KEY  # the private Ray instance's processes inherit it
     try:
         # float32: concurrent streams must equal the same streams alone (bfloat16 rounds by batch shape)
+        # max_logprobs above the default 20: the server's limit, not a hard-coded one, holds on both doors
         with running_server("raymoe-test-openai", checkpoint=str(demo_with_template), max_running=16,
-                            dtype="float32") as client:
+                            dtype="float32", max_logprobs=MAX_LOGPROBS) as client:
             yield client
     finally:
         del os.environ["RAYMOE_API_KEY"]
@@ -158,12 +160,48 @@ def test_http_and_grpc_give_the_same_tokens(api, server):
     assert http.choices[0].text == grpc_json["text"]
 
 
+def test_the_servers_logprobs_limit_holds_on_both_doors(api, base_url, server):
+    """max_logprobs 30 (`raymoe serve --max-logprobs 30`): 30 alternatives per token through each door
+    (gRPC logprobs, completions logprobs, chat top_logprobs), the same numbers; 31 is refused naming
+    the door's own field."""
+    m, prompt = model_id(api), "12+34="
+    want = completion_json([server.generate(pb.GenerateRequest(prompt=prompt, max_tokens=4, logprobs=MAX_LOGPROBS))])
+    assert [len(row) for row in want["top_logprobs"]] == [MAX_LOGPROBS] * len(want["token_ids"])
+    assert [row[0]["token_id"] for row in want["top_logprobs"]] == want["token_ids"]  # greedy: the best one
+    http = api.completions.create(model=m, prompt=prompt, max_tokens=4, logprobs=MAX_LOGPROBS).choices[0].logprobs
+    assert http.token_logprobs == pytest.approx(want["logprobs"], abs=1e-6)
+    for row, grpc_row in zip(http.top_logprobs, want["top_logprobs"]):  # keyed by text: byte pieces may share one
+        assert max(row.values()) == pytest.approx(grpc_row[0]["logprob"], abs=1e-6)
+        assert all(any(abs(v - a["logprob"]) < 1e-6 for a in grpc_row) for v in row.values())
+    chat = api.chat.completions.create(model=m, messages=[{"role": "user", "content": prompt}], max_tokens=4,
+                                       logprobs=True, top_logprobs=MAX_LOGPROBS).choices[0]
+    assert chat.message.content == want["text"]
+    assert [len(t.top_logprobs) for t in chat.logprobs.content] == [MAX_LOGPROBS] * len(want["token_ids"])
+    assert [t.top_logprobs[0].logprob for t in chat.logprobs.content] == pytest.approx(
+        [row[0]["logprob"] for row in want["top_logprobs"]], abs=1e-6)
+
+    with pytest.raises(grpc.RpcError) as err:
+        server.generate(pb.GenerateRequest(prompt=prompt, max_tokens=4, logprobs=MAX_LOGPROBS + 1))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"logprobs must be between 0 and {MAX_LOGPROBS}" in err.value.details()
+    status, answer = post(f"{base_url}/completions", {"prompt": prompt, "logprobs": MAX_LOGPROBS + 1})
+    assert status == 400 and answer["error"]["param"] == "logprobs", answer
+    status, answer = post(f"{base_url}/chat/completions", {"messages": [{"role": "user", "content": prompt}],
+                                                            "logprobs": True, "top_logprobs": MAX_LOGPROBS + 1})
+    assert status == 400 and answer["error"]["param"] == "top_logprobs", answer
+    assert answer["error"]["message"].startswith(f"top_logprobs must be between 0 and {MAX_LOGPROBS}"), answer
+
+
 def test_keys_on_both_doors(api, base_url, server):
     bad = openai.OpenAI(base_url=base_url, api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as err:
         bad.completions.create(model=model_id(api), prompt="1+1=", max_tokens=3)
     assert err.value.status_code == 401 and err.value.body["code"] == "invalid_api_key"
-    assert post(f"{base_url}/completions", {"prompt": "1+1="}, key=None)[0] == 401
+    status, body = post(f"{base_url}/completions", {"prompt": "1+1="}, key=None)
+    assert status == 401 and "send the header 'Authorization: Bearer KEY'" in body["error"]["message"]
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{base_url}/models", timeout=10)
+    assert refused.value.code == 401 and json.loads(refused.value.read())["error"]["code"] == "invalid_api_key"
     with urllib.request.urlopen(base_url.removesuffix("/v1") + "/health", timeout=10) as r:  # probes stay open
         assert r.status == 200
     with Client(server.target, api_key="") as anonymous:
@@ -173,6 +211,10 @@ def test_keys_on_both_doors(api, base_url, server):
         with pytest.raises(grpc.RpcError) as err:
             anonymous.model_info(timeout=10)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as err:  # the Experts service answers the same status
+            anonymous.placement(timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "send the metadata 'authorization: Bearer KEY'" in err.value.details()
         from grpc_health.v1 import health_pb2
 
         assert anonymous.health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING

@@ -45,6 +45,15 @@ def test_unseen_characters_use_byte_fallback(tok):
     assert "東京" in [tok.piece(i).lstrip("▁") for i in tok.encode(MULTI)]  # a seen word is one piece
 
 
+@pytest.mark.parametrize("text", TEXTS)
+def test_token_bytes_spell_the_text(tok, text):
+    """Each token's bytes (a byte-fallback piece: its one byte; ▁: a space) joined are the text's UTF-8,
+    with the leading space sentencepiece adds."""
+    ids = tok.encode(text, bos=False)
+    assert b"".join(tok.token_bytes(i) for i in ids) == (" " + text).encode()
+    assert [tok.token_bytes(i) for i in tok.encode("語", bos=False)[-3:]] == [b"\xe8", b"\xaa", b"\x9e"]
+
+
 def test_padded_ids_decode_to_nothing(tok):
     assert tok.decode([*tok.encode("hi", bos=False), 450, 511]) == "hi"  # ids past the tokenizer
 
