@@ -308,7 +308,9 @@ class EngineLoop:
         for kind, seq_id, req in self._take_inbox():
             if kind == "add":
                 try:
-                    self.engine.add(seq_id, req.prompt_ids, req.params, req.resume_ids)
+                    o = req.owner
+                    self.engine.add(seq_id, req.prompt_ids, req.params, req.resume_ids, tenant=o.tenant,
+                                    weight=o.weight, priority=o.priority)
                     self._requests[seq_id] = req
                 except Exception as e:  # noqa: BLE001 — InvalidRequest (checked again here), or a bug
                     req.send(e)
