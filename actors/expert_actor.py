@@ -12,6 +12,7 @@ Legend: n = distinct tokens sent to this actor, P = (token, expert) pairs routed
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -23,13 +24,18 @@ from typing import Any, Sequence
 import numpy as np
 import ray
 import torch
+from ray.experimental.internal_kv import (_internal_kv_del, _internal_kv_get, _internal_kv_initialized,
+                                         _internal_kv_put)
+from ray.util.metrics import Counter, Gauge, Histogram
 
 from raymoe.model.config import ModelConfig
 from raymoe.model.moe import swiglu_grouped
 from raymoe.model.progress import LoadProgress
 from raymoe.model.quant import check_quantization, stack_experts, weight_nbytes
+from raymoe.model.weights import Checkpoint
 
 from .direct import DirectServer, ExpertsNotLoaded
+from .metrics import LATENCY_BUCKETS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -128,10 +134,6 @@ class ExpertActor:
         self.busy_s = 0.0  # time spent inside forward (the rest of a call's latency is transport)
         # [L, E] pairs computed per (layer, expert) since this process started: the planner's load
         self.pairs = torch.zeros(config.num_hidden_layers, self.num_experts, dtype=torch.long)
-        from ray.util.metrics import Counter, Gauge, Histogram
-
-        from .metrics import LATENCY_BUCKETS
-
         tags = {"actor": name}
         self.compute_hist = Histogram("raymoe_expert_compute_seconds", "Time an expert actor spends in one "
                                       "layer call", boundaries=LATENCY_BUCKETS, tag_keys=("actor",))
@@ -158,8 +160,6 @@ class ExpertActor:
 
     def _load_weights(self) -> None:
         """Read this actor's experts (only theirs), straight into the serving dtype, then the device."""
-        from raymoe.model.weights import Checkpoint
-
         ckpt = None
         try:
             ckpt = Checkpoint(self.checkpoint)
@@ -188,8 +188,6 @@ class ExpertActor:
         """Hold exactly `assignment` {layer: experts} from now on: read the copies not held yet (only
         those), keep the others without a copy, drop the rest; each layer switches at once, between
         two of its calls. Layer calls keep being answered meanwhile. Returns bytes read and seconds."""
-        from raymoe.model.weights import Checkpoint
-
         self._loaded.wait()
         if self.load.state == "FAILED":
             raise ExpertsNotLoaded(f"{self.name}: loading the experts failed: {self.load.error}")
@@ -310,27 +308,17 @@ def _assignment_key(actor_id: str | None = None) -> bytes:
 
 def forget_assignment(handle) -> None:
     """Drop what an actor recorded of its experts (when it is killed for good)."""
-    from ray.experimental.internal_kv import _internal_kv_del
-
     _internal_kv_del(_assignment_key(handle._actor_id.hex()))
 
 
 def _record_assignment(assignment: dict[int, tuple[int, ...]]) -> None:
     """Remember what this actor holds beyond its process (Ray's KV store, keyed by the actor id,
     which survives restarts), so that a restarted process reloads the same experts."""
-    import json
-
-    from ray.experimental.internal_kv import _internal_kv_put
-
     _internal_kv_put(_assignment_key(), json.dumps({str(k): list(v) for k, v in assignment.items()}).encode(),
                      overwrite=True)
 
 
 def _recorded_assignment() -> dict[int, tuple[int, ...]] | None:
-    import json
-
-    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
-
     if not _internal_kv_initialized():
         return None
     raw = _internal_kv_get(_assignment_key())

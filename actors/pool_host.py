@@ -25,6 +25,10 @@ import threading
 import time
 from typing import Any
 
+import ray
+from ray.util import list_named_actors
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
 from . import live
 from .autoscale import ExpertAutoscaler, actor_demand
 from .pool import LIVE_SETTINGS, ExpertPool, PoolConfig, named_pools, pool_key, remove_named_pool
@@ -158,8 +162,6 @@ class PoolHost:
         if policy is None or (policy.min_actors, policy.max_actors) != (c.autoscale_min, c.autoscale_max):
             policy = self._autoscaler = ExpertAutoscaler(c.autoscale_min, c.autoscale_max, c.target_busy,
                                                          c.upscale_delay_s, c.downscale_delay_s)
-        import ray
-
         self._sampled = time.monotonic()
         ids = [a.id for a in pool.plan.actors]
         try:
@@ -235,9 +237,6 @@ def host_name(app: str) -> str:
 
 def _head_node_strategy():
     """Pin the host to the head node: the autoscaler never removes it, and it outlives workers."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     head = next((n["NodeID"] for n in ray.nodes() if n.get("Alive")
                  and "node:__internal_head__" in n.get("Resources", {})), None)
     return "DEFAULT" if head is None else NodeAffinitySchedulingStrategy(head, soft=True)
@@ -245,8 +244,6 @@ def _head_node_strategy():
 
 def _host(app: str, retire_after_s: float):
     """The server's host, created on first use."""
-    import ray
-
     return ray.remote(PoolHost).options(
         name=host_name(app), namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
         max_restarts=-1, max_task_retries=-1, max_concurrency=4,
@@ -256,8 +253,6 @@ def _host(app: str, retire_after_s: float):
 def shared_pool(checkpoint: str, config: PoolConfig, app: str = "raymoe",
                 retire_after_s: float = RETIRE_AFTER_S) -> ExpertPool:
     """The pool for (checkpoint, config), creating the server's host on first use."""
-    import ray
-
     host = _host(app, retire_after_s)
     return ray.get(host.get_pool.remote(checkpoint, dataclasses.asdict(config)),
                    timeout=config.start_timeout_s + 30)
@@ -272,8 +267,6 @@ def request_shared_pool(checkpoint: str, config: PoolConfig, app: str = "raymoe"
 
 def pool_host(app: str = "raymoe"):
     """The server's pool host actor, or None."""
-    import ray
-
     try:
         return ray.get_actor(host_name(app), namespace=NAMESPACE)
     except ValueError:
@@ -283,9 +276,6 @@ def pool_host(app: str = "raymoe"):
 def pool_progress(app: str = "raymoe", timeout_s: float = 2.0) -> list[dict]:
     """Loading snapshots of the expert actors of the server's pools, asked by name (those that
     answer within timeout_s): for a server that is starting."""
-    import ray
-    from ray.util import list_named_actors
-
     names = named_pools(f"{app}-experts-")
     handles = []
     for a in list_named_actors(all_namespaces=True):
@@ -308,8 +298,6 @@ def pool_progress(app: str = "raymoe", timeout_s: float = 2.0) -> list[dict]:
 
 def release_shared_pool(app: str = "raymoe") -> None:
     """Stop every pool of the server and its host (what `raymoe serve` does on Ctrl-C)."""
-    import ray
-
     host = pool_host(app)
     if host is None:
         return

@@ -4,24 +4,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
+import time
+from pathlib import Path
 
+from raymoe.cluster.auth import ADMIN_KEY_ENV, ENV
 from raymoe.cluster.deploy import DeployFailed, deploy, release_pool
 from raymoe.cluster.settings import APP_NAME
+from raymoe.cluster.tenants import Tenants, TenantsError
+from raymoe.model.default import default_checkpoint
+from raymoe.model.errors import BackendUnavailable
 
 from .errors import UserError
+from .prefetch import prefetch
+from .progress import Ticker, serve_progress_line
+from .serve_flags import settings_from_args
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
-    from raymoe.cluster.auth import ADMIN_KEY_ENV, ENV
-    from raymoe.cluster.tenants import Tenants, TenantsError
-
     from .ray_session import check_expert_device, ray_connection
-    from .serve_flags import settings_from_args
 
     settings = settings_from_args(args)
     _check_checkpoint(settings.checkpoint, joining=bool(args.address))
@@ -47,10 +51,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     dashboard = None if args.address or args.no_dashboard else args.dashboard_port
     try:
         if not args.address:  # a private Ray on this machine: read the checkpoint ahead while it starts
-            from raymoe.model.default import default_checkpoint
-
-            from .prefetch import prefetch
-
             prefetch(settings.checkpoint or default_checkpoint())
         with ray_connection(args.address, settings.local_ray_cpus(), dashboard_port=dashboard) as started:
             if settings.expert_actors:
@@ -69,15 +69,7 @@ def _serve_until_stopped(settings, address: str | None, dashboard: int | None, s
     """Deploy, print where it serves, wait for a signal, take down what this command owns: on a
     private Ray all of Serve; on a shared cluster its application and expert pool, unless it was
     replacing a running one and that failed (deploy rolled it back to its settings)."""
-    import os
-    import time
-
     from ray import serve
-
-    from raymoe.cluster.auth import ADMIN_KEY_ENV, ENV
-    from raymoe.model.errors import BackendUnavailable
-
-    from .progress import Ticker, serve_progress_line
 
     replacing = bool(address) and settings.app_name in serve.status().applications
     owned = not replacing
@@ -130,13 +122,24 @@ def _check_checkpoint(path: str | None, joining: bool) -> None:
     the one-line message); joining a cluster, a path only its nodes have is left to them."""
     if path is None:
         return
-    from pathlib import Path
-
     if joining and not Path(path).exists():
         return
     from raymoe.model.weights import Checkpoint
 
     Checkpoint(path).close()
+
+
+def _guided_args(request, args: argparse.Namespace) -> None:
+    """--json-schema FILE, --regex, --choice → GenerateRequest.guided_decoding (the server checks them)."""
+    if args.json_schema:
+        try:
+            request.guided_decoding.json_schema = Path(args.json_schema).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--json-schema: cannot read {args.json_schema} ({e})") from None
+    elif args.regex is not None:
+        request.guided_decoding.regex = args.regex
+    elif args.choice:
+        request.guided_decoding.choice.choice.extend(args.choice)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -158,6 +161,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise UserError(f"--prompt-ids must be comma-separated integers (got {args.prompt_ids!r})") from None
     else:
         request.prompt = args.prompt
+    _guided_args(request, args)
     with Client(args.target, api_key=args.api_key, app=args.app_name) as client:
         try:
             if args.wait_ready:

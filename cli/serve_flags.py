@@ -75,6 +75,10 @@ FLAGS: list[tuple[str, str, Any, str]] = [
                                        "changes (see docs/tenants.md)"),
     ("--max-expert-actors", "max_expert_actors", int, "bound on `raymoe experts scale` (0: the model's experts per "
                                                       "layer × --expert-replicas, at least --expert-actors)"),
+    ("--guided-max-spec-bytes", "guided_max_spec_bytes", int, "limit on a JSON schema, regex, grammar or choice list"),
+    ("--guided-compile-timeout-s", "guided_compile_timeout_s", float, "refuse a guided-decoding spec that takes "
+                                                                      "longer to compile"),
+    ("--guided-cache-size", "guided_cache_size", int, "compiled grammars kept per replica"),
     ("--ready-when-loaded", "ready_when_loaded", bool, "a replica is up for Serve only once the expert actors are "
                                                        "loaded (default: once its dense part is; it then answers "
                                                        "ModelInfo LOADING and requests wait)"),

@@ -1,10 +1,17 @@
 """Deploying the Serve application on the Ray cluster this process is connected to, and taking
-down the expert pool it leaves behind (used by `raymoe serve`, the tests and the benchmarks)."""
+down the expert pool it leaves behind (used by `raymoe serve`, the tests and the benchmarks).
+
+Ray, Serve, the expert pool and the replica's code are imported inside the functions (start-up time):
+cli/serve.py imports this module, and the CLI's dispatch imports cli/serve.py for every command,
+most of which need none of them (`raymoe generate`, `raymoe status`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
+
+from raymoe.model.errors import BackendUnavailable
 
 from .settings import SERVICER_FUNCTIONS, ServeSettings
 
@@ -65,8 +72,7 @@ def _run(settings: ServeSettings, keys: dict[str, str]) -> None:
 
 def _why_not(settings: ServeSettings, error: Exception) -> Exception | None:
     """The one-line error to raise for a failed deployment (None: keep Serve's own)."""
-    from raymoe.actors.pool import remote_cause
-    from raymoe.model.errors import BackendUnavailable
+    from raymoe.actors.errors import remote_cause
 
     cause = remote_cause(error)
     if isinstance(cause, BackendUnavailable):
@@ -134,7 +140,6 @@ class DeployFailed(RuntimeError):
 def replica_error(app: str) -> str | None:
     """The last error line of what Serve reports for the application's failed deployments (their
     replicas' constructor tracebacks), without the module path: e.g. 'CheckpointError: DIR: …'."""
-    import re
 
     from ray import serve
 

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -255,8 +256,6 @@ class EngineLoop:
             try:
                 self._iterate()
             except Exception as e:  # noqa: BLE001 — a bug outside the step: fail what is in flight, go on
-                import logging
-
                 logging.getLogger("ray.serve").error("engine loop error", exc_info=e)
                 self._fail_all(e)
                 time.sleep(0.01)  # never a hot loop

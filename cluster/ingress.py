@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2
 
 from raymoe.model.chat import ChatTemplate
 from raymoe.model.errors import InvalidRequest
+from raymoe.model.guided import GrammarCache
 from raymoe.protos import generator_pb2 as pb
 
 from . import protocol
@@ -28,6 +29,13 @@ from .quota import QuotaGate, close_lease
 from .replica import PoolHealth, actor_infos, build_engine_loop
 from .settings import ServeSettings
 from .tenants import Tenants
+
+
+def _calls(req, text: str) -> list[dict] | None:
+    """The tool calls an answer makes, when the request offered tools."""
+    from .tools import read_calls
+
+    return read_calls(text) if req.tools.active else None
 
 
 class StreamFailed(Exception):
@@ -61,6 +69,8 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
         self.tokenizer = self.loop.tokenizer
         self.cfg = self.loop.engine.cfg
         self.chat = ChatTemplate.from_dir(self.info["checkpoint"]) if self.tokenizer is not None else None
+        self.grammars = None if self.tokenizer is None else GrammarCache(
+            self.tokenizer, self.cfg.vocab_size, self.cfg.eos_token_ids, self.settings.guided_limits())
         # what /v1/models and ModelInfo show and requests name: never the checkpoint's path
         self.model_id = self.settings.served_model_name or Path(self.info["checkpoint"]).name
         self.created = int(time.time())
@@ -69,7 +79,8 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
         """(the request, its Owner: the tenant's share and quota lease, which the caller closes)."""
         tenant = grpc_tenant(self.tenants, grpc_context)
         # Tokenizing a long prompt takes a while: never on the event loop other streams share.
-        req = await asyncio.to_thread(protocol.parse_request, request, self.cfg, self.limits, self.tokenizer)
+        req = await asyncio.to_thread(protocol.parse_request, request, self.cfg, self.limits, self.tokenizer,
+                                      self.grammars)
         left = req.params.max_tokens - len(req.resume_ids)  # a resumed request pays for what is left
         owner = await self.quota.owner(tenant, 1, len(req.prompt_ids) + left, left)
         return req, owner
@@ -90,8 +101,9 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
         finally:
             close_lease(owner)
         self._count("ok")
-        return protocol.chunk_response(protocol.merge_chunks(chunks), req.prompt_ids, req.params.logprobs > 0,
-                                       req.params.seed)
+        whole = protocol.merge_chunks(chunks)
+        return protocol.chunk_response(whole, req.prompt_ids, req.params.logprobs > 0, req.params.seed,
+                                       _calls(req, whole.text))
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator[pb.GenerateResponse]:
         owner = None
@@ -101,9 +113,12 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
             # aclosing: a client gone mid-stream aborts the sequence now, not when the GC gets to it
             async with contextlib.aclosing(self.loop.generate(req.prompt_ids, req.params, req.stop, req.resume_ids,
                                                               req.resume_text_bytes, owner)) as stream:
+                text = []
                 async for chunk in stream:
+                    text.append(chunk.text)
+                    calls = _calls(req, "".join(text)) if chunk.finish_reason else None
                     yield protocol.chunk_response(chunk, req.prompt_ids if first else None, req.params.logprobs > 0,
-                                                  req.params.seed if first else None)
+                                                  req.params.seed if first else None, calls)
                     first = False
         except (asyncio.CancelledError, GeneratorExit):
             self._count("cancelled")

@@ -12,6 +12,7 @@ import threading
 import time
 
 import torch
+from ray.util.metrics import Counter, Gauge, Histogram
 
 from raymoe.actors.metrics import LATENCY_BUCKETS
 
@@ -20,8 +21,6 @@ SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 
 class ServingMetrics:
     def __init__(self, num_layers: int, num_experts: int, flush_every_s: float = 1.0) -> None:
-        from ray.util.metrics import Counter, Gauge, Histogram
-
         self.routed = Counter("raymoe_routed_tokens", "Tokens routed to each expert (one per token and top-k slot)",
                               tag_keys=("layer", "expert"))
         self.requests = Counter("raymoe_requests", "Finished requests by final status", tag_keys=("status",))

@@ -22,6 +22,7 @@ from .openai_request import CHAT_NAMES, HttpError, http_error_for, parse_chat, p
 from .openai_response import CompletionView
 from .quota import close_lease
 from .requests import build_request
+from .tools import chat_messages
 
 app = FastAPI(title="raymoe", description="OpenAI-compatible API of a raymoe server", docs_url=None, redoc_url=None,
               openapi_url=None)
@@ -109,8 +110,9 @@ class OpenAIRoutes:
                 raise HttpError(400, "this model has no chat template (no chat_template in its "
                                 "tokenizer_config.json); use /v1/completions", param="messages",
                                 code="no_chat_template")
+            messages, offered = chat_messages(messages, kw["tools"], self.chat.uses_tools)
             try:
-                kw["prompt_ids"] = await asyncio.to_thread(self.chat.prompt_ids, self.tokenizer, messages)
+                kw["prompt_ids"] = await asyncio.to_thread(self.chat.prompt_ids, self.tokenizer, messages, offered)
             except ChatError as e:
                 raise HttpError(400, str(e), param="messages") from None
             n = kw.pop("n")
@@ -119,7 +121,7 @@ class OpenAIRoutes:
         except Exception as e:  # noqa: BLE001
             return http_error_for(e, CHAT_NAMES).response()
         view = CompletionView(self, [req], n, "chat.completion", "chatcmpl", chat=True, logprobs=want_logprobs,
-                              share=share)
+                              tools=req.tools, share=share)
         return _closing(await view.respond(stream, usage), share)
 
     # --- helpers ---
@@ -148,7 +150,7 @@ class OpenAIRoutes:
                             param="model", code="model_not_found")
 
     def _build(self, kw: dict):
-        return build_request(self.cfg, self.limits, self.tokenizer, **kw)
+        return build_request(self.cfg, self.limits, self.tokenizer, grammars=self.grammars, **kw)
 
 
 def _closing(response, share):

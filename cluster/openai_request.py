@@ -9,7 +9,8 @@ the same limits either way. Every error is OpenAI-shaped JSON, {"error": {"messa
 Where raymoe differs from OpenAI, on purpose: `temperature` defaults to 0 (greedy), as in raymoe's
 gRPC API; `best_of`, `echo`, `suffix`, penalties, `logit_bias`, tools and response formats other
 than their neutral values are refused with a 400 naming the field rather than ignored. Extra
-fields raymoe understands: `top_k`, `ignore_eos`, `stop_token_ids`.
+fields raymoe understands: `top_k`, `ignore_eos`, `stop_token_ids`. Structured output
+(`response_format`, `tools`, `tool_choice`, `parallel_tool_calls`): cluster/openai_guided.py.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from .failures import classify
+from .openai_guided import parse_chat_tools, parse_response_format, plain_messages
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "n", "user",
           "presence_penalty", "frequency_penalty", "logit_bias", "top_k", "ignore_eos", "stop_token_ids"}
@@ -27,9 +29,7 @@ CHAT_FIELDS = COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_
                         "tools", "tool_choice", "parallel_tool_calls"}
 MAX_CHOICES = 64  # prompts × n in one request (each is a sequence of the engine)
 NEUTRAL = {"best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
-           "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
-           "tools": (None, []), "tool_choice": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
-           "response_format": (None, {"type": "text"})}
+           "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {})}
 
 
 class HttpError(Exception):
@@ -144,22 +144,9 @@ def parse_chat(body: dict) -> tuple[dict, list[dict], bool, bool, bool]:
     kw = _common(body, CHAT_FIELDS)
     if body.get("max_completion_tokens") is not None:
         kw["max_tokens"] = _typed(body, "max_completion_tokens", (int,), "an integer")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise HttpError(400, "messages must be a non-empty list", param="messages")
-    plain = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise HttpError(400, f"messages[{i}] must be an object with a string role", param="messages")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: text only
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise HttpError(400, f"messages[{i}].content: only text parts are supported", param="messages")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise HttpError(400, f"messages[{i}].content must be a string", param="messages")
-        plain.append({**{k: v for k, v in m.items() if k != "content"}, "content": content})
+    plain = plain_messages(body.get("messages"))
+    kw["guided"] = parse_response_format(body)
+    kw["tools"] = parse_chat_tools(body)
     want_logprobs = _typed(body, "logprobs", (bool,), "a boolean")
     top = _typed(body, "top_logprobs", (int,), "an integer")
     if top and not want_logprobs:

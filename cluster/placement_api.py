@@ -8,11 +8,16 @@ replica awaits it without blocking its event loop; streams on it go on meanwhile
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 import grpc
+import ray
 
+from raymoe.actors.errors import remote_cause
+from raymoe.actors.live import PlacementFailed
+from raymoe.actors.pool_host import ChangeBusy, pool_host
 from raymoe.protos import generator_pb2 as pb
 
 from .auth import grpc_tenant
@@ -68,12 +73,6 @@ class ExpertsRoutes:
             return False
 
     async def _ask_host(self, grpc_context, method: str, *args: Any, timeout_s: float = CHANGE_TIMEOUT_S):
-        import asyncio
-
-        import ray
-
-        from raymoe.actors.pool_host import ChangeBusy, pool_host
-
         # looking the host up asks Ray's GCS: on a thread, never on the event loop streams share
         host = await asyncio.to_thread(pool_host, self.settings.app_name) if self.info["pool"] is not None else None
         if host is None:
@@ -86,9 +85,6 @@ class ExpertsRoutes:
             return self._refuse(grpc_context, grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"the placement change did not finish within {timeout_s:g} s", None)
         except ray.exceptions.RayTaskError as e:
-            from raymoe.actors.live import PlacementFailed
-            from raymoe.actors.pool import remote_cause
-
             cause = remote_cause(e)
 
             if isinstance(cause, ValueError):  # the planner refused: e.g. too few actors for the copies

@@ -13,8 +13,7 @@ import re
 from typing import Any
 
 from raymoe.actors import EXPERT_DEVICES, TRANSPORTS
-from raymoe.model.config import DTYPE_CHOICES
-from raymoe.model.quant import check_quantization
+from raymoe.model.config import DTYPE_CHOICES, check_quantization
 
 APP_NAME = "raymoe"  # the default application name (each server in one Ray cluster needs its own)
 DEPLOYMENT_NAME = "Generator"
@@ -75,6 +74,11 @@ class ServeSettings:
     max_stop_chars: int = 256  # per stop string
     max_stop_token_ids: int = 64
     max_logprobs: int = 20  # top alternatives per token (gRPC logprobs, OpenAI logprobs / top_logprobs)
+    # Guided decoding (response_format, tools, GenerateRequest.guided_decoding): a larger spec, or one
+    # slower to compile, is refused with INVALID_ARGUMENT / 400; compiled grammars kept per replica.
+    guided_max_spec_bytes: int = 65536
+    guided_compile_timeout_s: float = 10.0
+    guided_cache_size: int = 256
     replica_num_cpus: float = 1.0
     replica_num_gpus: float = 0.0  # > 0: the front replica (attention, KV cache, dense layers) runs on a GPU
     replica_resources: dict[str, float] = dataclasses.field(default_factory=dict)  # custom Ray resources per replica
@@ -147,6 +151,8 @@ class ServeSettings:
         if self.max_expert_actors < 0:
             raise ValueError(f"max_expert_actors must be >= 0 (got {self.max_expert_actors})")
         self.request_limits()  # validates the limits
+        if self.guided_max_spec_bytes < 1 or self.guided_compile_timeout_s <= 0 or self.guided_cache_size < 1:
+            raise ValueError("guided_max_spec_bytes, guided_compile_timeout_s and guided_cache_size must be positive")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "ServeSettings":
@@ -169,8 +175,14 @@ class ServeSettings:
         needed = self.replicas * self.replica_num_cpus + self.expert_actors * self.expert_num_cpus
         return max(os.cpu_count() or 1, math.ceil(needed) + 1)
 
+    def guided_limits(self):
+        from raymoe.model.guided import GuidedLimits  # here: model.guided imports torch
+
+        return GuidedLimits(max_spec_bytes=self.guided_max_spec_bytes,
+                            compile_timeout_s=self.guided_compile_timeout_s, cache_size=self.guided_cache_size)
+
     def request_limits(self):
-        from .requests import RequestLimits
+        from .requests import RequestLimits  # here: it imports torch, and settings load at CLI start-up
 
         return RequestLimits(max_prompt_tokens=self.max_prompt_tokens, max_tokens=self.max_tokens_limit,
                              max_stop_strings=self.max_stop_strings, max_stop_chars=self.max_stop_chars,
@@ -188,7 +200,7 @@ class ServeSettings:
         each front replica), quantized as asked here or by the checkpoint (`quantization`)."""
         if not self.expert_actors:
             return None
-        from raymoe.actors.pool import PoolConfig
+        from raymoe.actors.pool import PoolConfig  # here: it imports Ray (settings load at CLI start-up)
 
         return PoolConfig(num_actors=self.expert_actors, replicas=self.expert_replicas, num_cpus=self.expert_num_cpus,
                           resources=dict(self.expert_resources), dtype=dtype,

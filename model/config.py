@@ -137,9 +137,19 @@ class ModelConfig:
 
 
 SERVED_DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_CHOICES = ("auto", *SERVED_DTYPES)  # what --dtype and ServeSettings.dtype take (auto: resolve_dtype)
 # how experts may be stored (model/quant.py): int8 weight-only per output channel, vLLM's name
 QUANTIZATIONS = ("experts_int8",)
-DTYPE_CHOICES = ("auto", *SERVED_DTYPES)  # what --dtype and ServeSettings.dtype take (auto: resolve_dtype)
+
+
+def check_quantization(name: str | None) -> str | None:
+    """None (or "" / "none") for unquantized, else a known name; anything else is a ValueError.
+    Here, beside the names, so that the settings check it without importing torch (CLI start-up)."""
+    if name in (None, "", "none"):
+        return None
+    if name not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (got {name!r})")
+    return name
 
 
 def _dtype_name(value: Any) -> str:

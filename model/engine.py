@@ -31,6 +31,7 @@ import torch
 
 from .errors import BackendUnavailable, InvalidRequest
 from .fair import FairShare
+from .guided import Guide, StepMasks, start_guide
 from .kv_cache import PagedKVCache
 from .sampling import SamplingParams, sample
 from .step import StepLayout, build_layout
@@ -55,6 +56,7 @@ class Sequence:
     tenant: Hashable = ""
     weight: float = 1.0
     priority: int = 0
+    guide: Guide | None = None  # guided decoding: its place in the grammar (kept through preemption)
 
     @property
     def num_tokens(self) -> int:
@@ -137,7 +139,8 @@ class Engine:
             raise ValueError(f"sequence id {seq_id!r} is already in use")
         self.fair.arrive(tenant, {s.tenant for s in (*self.waiting, *self.running.values())})
         seq = Sequence(seq_id, list(prompt_ids), params, params.effective_seed(), list(output_ids),
-                       arrival=self._arrivals, tenant=tenant, weight=weight, priority=priority)
+                       arrival=self._arrivals, guide=start_guide(params, output_ids), tenant=tenant, weight=weight,
+                       priority=priority)
         self._arrivals += 1
         self.waiting.append(seq)
         return seq
@@ -280,16 +283,18 @@ class Engine:
             return events
 
     def _run(self, batch: list[tuple[Sequence, list[int]]]) -> list[TokenEvent]:
+        ready = [b for b, (s, c) in enumerate(batch) if s.num_cached + len(c) == s.num_tokens]
+        seqs = [batch[b][0] for b in ready]
+        masks = StepMasks.start(seqs, self.cfg.vocab_size)  # None without guided rows; else runs beside the forward
         parts = [self._inputs(part) for part in self._split(batch)]
         if len(parts) == 1:
             hiddens = [self.model(*parts[0], self.cache)]
         else:  # micro-batches: attention of one overlaps the (remote) experts of another
             hiddens = self.model.forward_micro(parts, self.cache)
         last = torch.cat([h[layout.last_index] for h, (_, layout) in zip(hiddens, parts)])  # [B, D], batch order
-        ready = [b for b, (s, c) in enumerate(batch) if s.num_cached + len(c) == s.num_tokens]
-        seqs = [batch[b][0] for b in ready]
         out = sample(self.model.logits(last[ready]).cpu(), [s.params for s in seqs], [s.seed for s in seqs],
-                     [len(s.output_ids) for s in seqs]) if ready else None
+                     [len(s.output_ids) for s in seqs],
+                     allowed=masks.allowed(len(seqs)) if masks is not None else None) if ready else None
         for seq, chunk in batch:  # nothing changes before here, so a failed step can be retried
             seq.num_cached += len(chunk)
         if out is None:
@@ -301,6 +306,9 @@ class Engine:
                 events.append(self._fail(seq, FloatingPointError("the model produced non-finite logits")))
                 continue
             token = out.token_ids[i]
+            if seq.guide is not None and not seq.guide.accept(token):  # a mask bug, never the request's
+                events.append(self._fail(seq, RuntimeError(f"token {token} was sampled outside the grammar")))
+                continue
             seq.output_ids.append(token)
             self.fair.charge(seq, output_tokens=1)
             seq.logprobs.append(out.logprobs[i])

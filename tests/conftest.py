@@ -83,3 +83,15 @@ def ref():
         greedy = staticmethod(greedy_reference)
         make_model = staticmethod(make_model)
     return Ref
+
+
+@pytest.fixture(scope="session")
+def small_preset(tmp_path_factory):
+    """(model, tokenizer) of the `small` preset exactly as `raymoe init-model --preset small` makes them
+    (seed 0), kept in memory (writing the 95M parameters out and back would only add time)."""
+    from raymoe.model.synthetic import corpus
+    from raymoe.model.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(corpus(0, 4000), tmp_path_factory.mktemp("small") / "tokenizer.model",
+                          PRESETS["small"].vocab_size)
+    return random_model(PRESETS["small"], 0), tok
