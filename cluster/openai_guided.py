@@ -64,7 +64,8 @@ def plain_messages(messages: Any) -> list[dict]:
             content = ""  # an assistant turn that only called tools
         if not isinstance(content, str):
             raise InvalidRequest(f"messages[{i}].content must be a string", "messages")
-        plain.append({**{k: v for k, v in m.items() if k != "content"}, "content": content})
+        # A field sent as null is left out: templates test `is defined` (Mistral's tool_calls).
+        plain.append({**{k: v for k, v in m.items() if k != "content" and v is not None}, "content": content})
     check_history(plain)
     return plain
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import uuid
+import secrets
+import string
 from typing import Any
 
 from raymoe.model.errors import InvalidRequest
@@ -109,8 +110,14 @@ def read_calls(text: str) -> list[dict] | None:
         return None  # cut short by max_tokens: left as text, finish_reason says length
     if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls):
         return None
-    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+    return [{"id": call_id(), "type": "function",
              "function": {"name": c["name"], "arguments": json.dumps(c.get("arguments", {}), ensure_ascii=False)}} for c in calls]
+
+
+def call_id() -> str:
+    """9 letters and digits: Mistral's templates refuse any other tool call id (OpenAI clients take any)."""
+    alphabet = string.ascii_letters + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(9))
 
 
 def chat_messages(messages: list[dict], tools: ToolRequest, template_has_tools: bool) -> tuple[list[dict], list | None]:

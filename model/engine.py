@@ -101,6 +101,9 @@ class Engine:
         self._arrivals = 0
         self.last_batch = (0, 0)  # (sequences, tokens) of the latest step, for metrics
         self.preemptions = 0  # since the engine started
+        # Guided decoding, since the engine started: seconds computing masks, and the part of them
+        # the steps waited for (the rest overlapped the forward)
+        self.mask_seconds = self.mask_wait_seconds = 0.0
         self._eos = frozenset(self.cfg.eos_token_ids)
         self.fair = FairShare()  # admission and preemption order between tenants (one tenant: arrival)
 
@@ -292,9 +295,12 @@ class Engine:
         else:  # micro-batches: attention of one overlaps the (remote) experts of another
             hiddens = self.model.forward_micro(parts, self.cache)
         last = torch.cat([h[layout.last_index] for h, (_, layout) in zip(hiddens, parts)])  # [B, D], batch order
+        allowed = None if masks is None else masks.allowed(len(seqs))
         out = sample(self.model.logits(last[ready]).cpu(), [s.params for s in seqs], [s.seed for s in seqs],
-                     [len(s.output_ids) for s in seqs],
-                     allowed=masks.allowed(len(seqs)) if masks is not None else None) if ready else None
+                     [len(s.output_ids) for s in seqs], allowed=allowed) if ready else None
+        if masks is not None:
+            self.mask_seconds += masks.seconds
+            self.mask_wait_seconds += masks.waited
         for seq, chunk in batch:  # nothing changes before here, so a failed step can be retried
             seq.num_cached += len(chunk)
         if out is None:

@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import threading
+import time
 from typing import Any, Callable
 
 import torch
@@ -115,7 +116,8 @@ class StepMasks:
     def __init__(self, guides: list["Guide | None"], vocab_size: int, background: bool = True) -> None:
         self.rows = [i for i, g in enumerate(guides) if g is not None]
         self.vocab_size = vocab_size
-        self.seconds = 0.0  # CPU time the masks took (for the benchmark)
+        self.seconds = 0.0  # time the masks took to compute
+        self.waited = 0.0  # time allowed() waited for them (not hidden behind the forward)
         import xgrammar as xgr
 
         self.bitmask = xgr.allocate_token_bitmask(len(self.rows), vocab_size)
@@ -125,8 +127,6 @@ class StepMasks:
             self._fill(work)
 
     def _fill(self, work: list[tuple["Guide", int]]) -> None:
-        import time
-
         t0 = time.perf_counter()
         for guide, k in work:
             guide.fill(self.bitmask, k)
@@ -135,7 +135,9 @@ class StepMasks:
     def allowed(self, batch: int) -> torch.Tensor:
         """[batch, V] bool: True where a token may be sampled (every token on unguided rows)."""
         if self._future is not None:
+            t0 = time.perf_counter()
             self._future.result()
+            self.waited = time.perf_counter() - t0
         bits = (self.bitmask[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1  # [R, V/32, 32]
         allowed = torch.ones(batch, self.vocab_size, dtype=torch.bool)
         allowed[self.rows] = bits.flatten(1)[:, :self.vocab_size].bool()
