@@ -96,10 +96,6 @@ class Guide:
                 raise InvalidRequest(f"resume_token_ids[{i}] ({t}) does not follow the requested "
                                      f"{self.compiled.spec.kind}", "resume_token_ids")
 
-    @property
-    def terminated(self) -> bool:
-        return bool(self.matcher.is_terminated())
-
 
 class StepMasks:
     """The next-token masks of a step's guided rows, computed on a helper thread (xgrammar releases
@@ -113,18 +109,13 @@ class StepMasks:
         guides = [s.guide for s in seqs]
         return cls(guides, vocab_size) if any(g is not None for g in guides) else None
 
-    def __init__(self, guides: list["Guide | None"], vocab_size: int, background: bool = True) -> None:
+    def __init__(self, guides: list["Guide | None"], vocab_size: int) -> None:
         self.rows = [i for i, g in enumerate(guides) if g is not None]
         self.vocab_size = vocab_size
         self.seconds = 0.0  # time the masks took to compute
         self.waited = 0.0  # time allowed() waited for them (not hidden behind the forward)
-        import xgrammar as xgr
-
-        self.bitmask = xgr.allocate_token_bitmask(len(self.rows), vocab_size)
-        work = [(guides[i], k) for k, i in enumerate(self.rows)]
-        self._future = self._pool.submit(self._fill, work) if background else None
-        if self._future is None:
-            self._fill(work)
+        self.bitmask = torch.full((len(self.rows), (vocab_size + 31) // 32), -1, dtype=torch.int32)  # xgrammar's layout
+        self._future = self._pool.submit(self._fill, [(guides[i], k) for k, i in enumerate(self.rows)])
 
     def _fill(self, work: list[tuple["Guide", int]]) -> None:
         t0 = time.perf_counter()
@@ -134,10 +125,9 @@ class StepMasks:
 
     def allowed(self, batch: int) -> torch.Tensor:
         """[batch, V] bool: True where a token may be sampled (every token on unguided rows)."""
-        if self._future is not None:
-            t0 = time.perf_counter()
-            self._future.result()
-            self.waited = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self._future.result()
+        self.waited = time.perf_counter() - t0
         bits = (self.bitmask[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1  # [R, V/32, 32]
         allowed = torch.ones(batch, self.vocab_size, dtype=torch.bool)
         allowed[self.rows] = bits.flatten(1)[:, :self.vocab_size].bool()

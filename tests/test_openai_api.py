@@ -349,8 +349,10 @@ def test_tool_calls_required_named_streamed_and_in_the_history(api):
     assert after.choices[0].finish_reason in ("stop", "length") and after.choices[0].message.tool_calls is None
 
 
-def test_grpc_guided_decoding_and_tool_calls(server):
+def test_grpc_guided_decoding_and_tool_calls(server, tmp_path, capsys):
     import jsonschema
+
+    from raymoe.cli.main import main
 
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 1,
                                                                                 "maximum": 20}},
@@ -360,6 +362,13 @@ def test_grpc_guided_decoding_and_tool_calls(server):
     jsonschema.validate(json.loads(server.generate(req).text), schema)
     streamed = "".join(c.text for c in server.stream(req))
     jsonschema.validate(json.loads(streamed), schema)
+    (tmp_path / "schema.json").write_text(json.dumps(schema))  # raymoe generate --json-schema FILE
+    assert main(["generate", "--target", server.target, "--api-key", KEY, "--prompt", "12+34=", "--json",
+                 "--max-tokens", "40", "--json-schema", str(tmp_path / "schema.json"), "--temperature", "1",
+                 "--seed", "3"]) == 0
+    jsonschema.validate(json.loads(json.loads(capsys.readouterr().out)["text"]), schema)
+    assert main(["generate", "--target", server.target, "--api-key", KEY, "--prompt", "1+1=", "--regex", "([a-"]) == 1
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err
     choice = server.generate(pb.GenerateRequest(prompt="1+1=", max_tokens=8, temperature=1.0, guided_decoding=
                                                 pb.GuidedDecoding(choice=pb.Choices(choice=["two", "three"]))))
     assert choice.text in ("two", "three") and choice.finish_reason == "stop"
