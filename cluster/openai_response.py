@@ -27,8 +27,9 @@ class CompletionView:
     (prompt, k < n), each its own sequence of the engine."""
 
     def __init__(self, owner, reqs: list, n: int, obj: str, prefix: str, chat: bool = False,
-                 logprobs: bool = False, tools=None, authorization: str | None = None) -> None:
+                 logprobs: bool = False, tools=None, share=None) -> None:
         self.owner, self.reqs, self.n, self.obj, self.chat, self.logprobs = owner, reqs, n, obj, chat, logprobs
+        self.share = share  # the tenant's Owner of every choice's sequence (cluster/engine_loop.py)
         self.tools = tools if tools is not None and tools.active else None  # the answers may be tool calls
         self.names = CHAT_NAMES if chat else COMPLETION_NAMES  # the endpoint's spelling of the fields in errors
         self.authorization = authorization  # the caller's: its identity salts the prefix cache
@@ -41,8 +42,8 @@ class CompletionView:
         params = r.params
         if k and params.seed is not None:  # choice k samples with its own seed (without one: random each)
             params = dataclasses.replace(params, seed=(params.seed + k) % 2**64)
-        return self.owner.generate(r.prompt_ids, params, r.stop,
-                                   cache_salt=self.owner.cache_salt(self.authorization, r.cache_salt))
+        return self.owner.generate(r.prompt_ids, params, r.stop, owner=self.share,
+                                   cache_salt=self.owner.cache_salt(self.share.tenant if self.share else "", r.cache_salt))
 
     def _usage(self, completion_tokens: int, cached: list[int]) -> dict:
         """cached: each choice's cached prompt tokens; a prompt counts once, as its first choice found it."""
