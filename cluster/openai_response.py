@@ -32,7 +32,6 @@ class CompletionView:
         self.share = share  # the tenant's Owner of every choice's sequence (cluster/engine_loop.py)
         self.tools = tools if tools is not None and tools.active else None  # the answers may be tool calls
         self.names = CHAT_NAMES if chat else COMPLETION_NAMES  # the endpoint's spelling of the fields in errors
-        self.authorization = authorization  # the caller's: its identity salts the prefix cache
         self.id, self.created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
         self.choices = [(r, k) for r in reqs for k in range(n)]  # index p·n + k
         self.text_offset = [0] * len(self.choices)  # characters of each completion so far (text_offset)
@@ -42,8 +41,9 @@ class CompletionView:
         params = r.params
         if k and params.seed is not None:  # choice k samples with its own seed (without one: random each)
             params = dataclasses.replace(params, seed=(params.seed + k) % 2**64)
+        tenant = self.share.tenant if self.share is not None else ""  # its name salts the prefix cache
         return self.owner.generate(r.prompt_ids, params, r.stop, owner=self.share,
-                                   cache_salt=self.owner.cache_salt(self.share.tenant if self.share else "", r.cache_salt))
+                                   cache_salt=self.owner.cache_salt(tenant, r.cache_salt))
 
     def _usage(self, completion_tokens: int, cached: list[int]) -> dict:
         """cached: each choice's cached prompt tokens; a prompt counts once, as its first choice found it."""
