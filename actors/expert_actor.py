@@ -12,6 +12,7 @@ Legend: n = distinct tokens sent to this actor, P = (token, expert) pairs routed
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -23,13 +24,18 @@ from typing import Any, Sequence
 import numpy as np
 import ray
 import torch
+from ray.experimental.internal_kv import (_internal_kv_del, _internal_kv_get, _internal_kv_initialized,
+                                         _internal_kv_put)
+from ray.util.metrics import Counter, Gauge, Histogram
 
 from raymoe.model.config import ModelConfig
 from raymoe.model.moe import swiglu_grouped
 from raymoe.model.progress import LoadProgress
 from raymoe.model.quant import check_quantization, stack_experts, weight_nbytes
+from raymoe.model.weights import Checkpoint
 
 from .direct import DirectServer, ExpertsNotLoaded
+from .metrics import LATENCY_BUCKETS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,13 +73,31 @@ def pack(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, weights: to
     return buf.numpy()
 
 
-def unpack(payload: np.ndarray, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """Inverse of pack, zero-copy: x [n, D], rows [P] int32, experts [P] int32, weights [P] float32."""
+def unpack(payload: np.ndarray, dtype: torch.dtype, hidden: int | None = None,
+           num_experts: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Inverse of pack, zero-copy: x [n, D], rows [P] int32, experts [P] int32, weights [P] float32.
+    With `hidden` and `num_experts`, every size and index is checked first (ValueError): a forged
+    or corrupt payload must never reach a kernel, where an index out of range is a crash (on a GPU
+    a device-side assert that takes the process with it) or a read of other memory."""
     buf = from_wire(payload, torch.uint8)
+    if buf.numel() < 8:
+        raise ValueError(f"payload of {buf.numel()} bytes has no header")
     n, p = buf[:8].view(torch.int32).tolist()
+    if hidden is not None:
+        item = torch.empty(0, dtype=dtype).element_size()
+        if n < 0 or p < 0 or buf.numel() != 8 + 12 * p + n * hidden * item:
+            raise ValueError(f"payload of {buf.numel()} bytes does not hold {n} rows × {hidden} and {p} pairs")
     route = buf[8:8 + 12 * p].view(torch.int32).view(3, p)
     x = buf[8 + 12 * p:].view(dtype).view(n, -1) if n else torch.empty(0, 0, dtype=dtype)
-    return x, route[0], route[1], route[2].view(torch.float32)
+    rows, experts, weights = route[0], route[1], route[2].view(torch.float32)
+    if num_experts is not None and p:
+        if int(rows.min()) < 0 or int(rows.max()) >= n:
+            raise ValueError(f"a pair's row is outside [0, {n})")
+        if int(experts.min()) < 0 or int(experts.max()) >= num_experts:
+            raise ValueError(f"a pair's expert id is outside [0, {num_experts})")
+        if not bool(torch.isfinite(weights).all()):
+            raise ValueError("a pair's router weight is not finite")
+    return x, rows, experts, weights
 
 
 class ExpertActor:
@@ -91,7 +115,7 @@ class ExpertActor:
         # "experts_int8": every copy this actor reads (at start, on hold) is quantized as it is read
         self.quantization = check_quantization(quantization)
         config = ModelConfig.from_file(Path(checkpoint) / "config.json")
-        self.num_experts = config.num_local_experts
+        self.num_experts, self.hidden_size = config.num_local_experts, config.hidden_size
         # A restarted actor serves what it held last (hold() records it), not what it started with.
         held = _recorded_assignment() or assignment or {layer: experts for layer in layers}
         self.assignment = {int(layer): tuple(sorted(int(e) for e in ex)) for layer, ex in held.items()}
@@ -110,10 +134,6 @@ class ExpertActor:
         self.busy_s = 0.0  # time spent inside forward (the rest of a call's latency is transport)
         # [L, E] pairs computed per (layer, expert) since this process started: the planner's load
         self.pairs = torch.zeros(config.num_hidden_layers, self.num_experts, dtype=torch.long)
-        from ray.util.metrics import Counter, Gauge, Histogram
-
-        from .metrics import LATENCY_BUCKETS
-
         tags = {"actor": name}
         self.compute_hist = Histogram("raymoe_expert_compute_seconds", "Time an expert actor spends in one "
                                       "layer call", boundaries=LATENCY_BUCKETS, tag_keys=("actor",))
@@ -140,8 +160,6 @@ class ExpertActor:
 
     def _load_weights(self) -> None:
         """Read this actor's experts (only theirs), straight into the serving dtype, then the device."""
-        from raymoe.model.weights import Checkpoint
-
         ckpt = None
         try:
             ckpt = Checkpoint(self.checkpoint)
@@ -171,8 +189,6 @@ class ExpertActor:
         """Hold exactly `assignment` {layer: experts} from now on: read the copies not held yet (only
         those), keep the others without a copy, drop the rest; each layer switches at once, between
         two of its calls. Layer calls keep being answered meanwhile. Returns bytes read and seconds."""
-        from raymoe.model.weights import Checkpoint
-
         self._loaded.wait()
         if self.load.state == "FAILED":
             raise ExpertsNotLoaded(f"{self.name}: loading the experts failed: {self.load.error}")
@@ -227,7 +243,7 @@ class ExpertActor:
         if self.load.state == "FAILED":
             raise ExpertsNotLoaded(f"{self.name}: loading the experts failed: {self.load.error}")
         t0 = time.perf_counter()
-        x, rows, experts, weights = unpack(payload, self.dtype)
+        x, rows, experts, weights = unpack(payload, self.dtype, self.hidden_size, self.num_experts)
         out = to_wire(self.compute(layer, x, rows, experts, weights))
         self.tokens += int(rows.shape[0])
         self.calls += 1
@@ -307,27 +323,17 @@ def _assignment_key(actor_id: str | None = None) -> bytes:
 
 def forget_assignment(handle) -> None:
     """Drop what an actor recorded of its experts (when it is killed for good)."""
-    from ray.experimental.internal_kv import _internal_kv_del
-
     _internal_kv_del(_assignment_key(handle._actor_id.hex()))
 
 
 def _record_assignment(assignment: dict[int, tuple[int, ...]]) -> None:
     """Remember what this actor holds beyond its process (Ray's KV store, keyed by the actor id,
     which survives restarts), so that a restarted process reloads the same experts."""
-    import json
-
-    from ray.experimental.internal_kv import _internal_kv_put
-
     _internal_kv_put(_assignment_key(), json.dumps({str(k): list(v) for k, v in assignment.items()}).encode(),
                      overwrite=True)
 
 
 def _recorded_assignment() -> dict[int, tuple[int, ...]] | None:
-    import json
-
-    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
-
     if not _internal_kv_initialized():
         return None
     raw = _internal_kv_get(_assignment_key())

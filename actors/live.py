@@ -6,7 +6,7 @@ of the pool (the front replicas) follows it. A change (`apply`) goes:
 1. load    new actors start with their experts, and actors that gain copies read them
            (`ExpertActor.hold(old ∪ new)`), while the old plan keeps serving;
 2. switch  the new plan is published in Ray's KV store under the pool's name; each copy's
-           `Follower` thread (every FOLLOW_S) installs it with one assignment, so a layer call
+           `Follower` thread (actors/live_plan.py, every FOLLOW_S) installs it with one assignment, so a layer call
            routes by the old plan or the new one, whole, and all copies converge on one version;
 3. drain   each copy acknowledges the oldest version it still has layer calls in flight under;
            once every live copy acknowledges the new version, no call can still reach a copy
@@ -18,22 +18,22 @@ A pool without a name has no other users: it switches in place and drains its ow
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, Callable
 
 import ray
 
-from .plan import Plan, diff, from_json, imbalance, to_json
+from . import planner
+from .actor_group import holding
+from .errors import brief
+from .live_plan import ACK_STALE_S, FOLLOW_S, acknowledged, publish
+from .metrics import PlacementMetrics
+from .plan import Plan, actor_loads, diff, imbalance, with_nodes
 
 if TYPE_CHECKING:
     from .pool import ExpertPool
 
-FOLLOW_S = 0.1  # how often a copy looks for a new plan (and says which version it uses)
-ACK_STALE_S = 5.0  # a copy that has not acknowledged for this long is taken for gone
-HEARTBEAT_S = 1.0  # an unchanged acknowledgement is written again this often
 SETTLE_S = 3 * FOLLOW_S  # after publishing, before trusting the acks: a copy may be starting
 
 
@@ -41,129 +41,20 @@ class PlacementFailed(RuntimeError):
     """A placement change could not be made; the previous placement keeps serving."""
 
 
-def _kv():
-    from ray.experimental import internal_kv
-
-    return internal_kv
-
-
-def _plan_key(name: str) -> bytes:
-    return f"raymoe-plan/{name}".encode()
-
-
-def _version_key(name: str) -> bytes:
-    """Just the published version: what followers poll (the plan itself is read when it changes)."""
-    return f"raymoe-plan-version/{name}".encode()
-
-
-def _ack_prefix(name: str) -> bytes:
-    return f"raymoe-ack/{name}/".encode()
-
-
-def published(name: str) -> tuple[Plan, dict[int, str], dict[int, int | None], list[dict]] | None:
-    """(plan, actor names, bundles, history) as the creator last published them, or None."""
-    raw = _kv()._internal_kv_get(_plan_key(name))
-    if raw is None:
-        return None
-    state = json.loads(raw)
-    return (from_json(state["plan"]), {int(k): v for k, v in state["names"].items()},
-            {int(k): v for k, v in state["bundles"].items()}, state["history"])
-
-
-def publish(pool: "ExpertPool") -> None:
-    state = {"plan": to_json(pool.plan), "names": pool.names, "bundles": pool.bundles, "history": pool.history}
-    kv = _kv()
-    kv._internal_kv_put(_plan_key(pool.name), json.dumps(state).encode(), overwrite=True)
-    kv._internal_kv_put(_version_key(pool.name), str(pool.plan.version).encode(), overwrite=True)
-
-
-def forget(name: str) -> None:
-    """Drop what a removed pool published (its plan and its copies' acknowledgements)."""
-    kv = _kv()
-    kv._internal_kv_del(_plan_key(name))
-    kv._internal_kv_del(_version_key(name))
-    kv._internal_kv_del(_ack_prefix(name), del_by_prefix=True)
-
-
-class Follower:
-    """A copy's thread: installs the creator's newest plan and acknowledges what it uses."""
-
-    def __init__(self, pool: "ExpertPool") -> None:
-        self.pool, self.id = pool, uuid.uuid4().hex[:12]
-        self._stop = threading.Event()
-        self._acked: tuple[int, float] | None = None  # (version, when) last written
-        self.step()  # before the first call: a copy made before a switch catches up at once
-        threading.Thread(target=self._run, name="raymoe-plan-follower", daemon=True).start()
-
-    def step(self) -> None:
-        pool, kv = self.pool, _kv()
-        version = kv._internal_kv_get(_version_key(pool.name))
-        state = published(pool.name) if version is not None and int(version) > pool.plan.version else None
-        if state is not None and state[0].version > pool.plan.version:
-            plan, names, bundles, history = state
-            actors = list(pool.actors) + [None] * (max(names) + 1 - len(pool.actors))
-            for actor_id, actor_name in names.items():
-                if actor_id >= len(pool.actors) or pool.actors[actor_id] is None:
-                    actors[actor_id] = ray.get_actor(actor_name, namespace=pool.namespace)
-            pool.actors, pool.names, pool.bundles, pool.history = actors, names, bundles, history
-            pool._set_plan(plan)
-        # the acknowledgement: when it changes, and as a heartbeat well within ACK_STALE_S
-        acked, now = pool.oldest_in_use(), time.time()
-        if self._acked is None or self._acked[0] != acked or now - self._acked[1] >= HEARTBEAT_S:
-            kv._internal_kv_put(_ack_prefix(pool.name) + self.id.encode(),
-                                json.dumps({"version": acked, "t": now}).encode(), overwrite=True)
-            self._acked = (acked, now)
-
-    def _run(self) -> None:
-        while not self._stop.wait(FOLLOW_S):
-            try:
-                self.step()
-            except Exception:  # noqa: BLE001 — the GCS restarting, say: try again next time
-                pass
-
-    def stop(self) -> None:
-        self._stop.set()
-        try:
-            _kv()._internal_kv_del(_ack_prefix(self.pool.name) + self.id.encode())
-        except Exception:  # noqa: BLE001
-            pass
-
-
-HISTORY = 100  # placement changes remembered
-
-
 def _record(pool: "ExpertPool", entry: dict[str, Any]) -> None:
-    pool.history = pool.history[-(HISTORY - 1):] + [entry]
+    pool.live.record(entry)
     if pool.name is not None:
-        publish(pool)
+        publish(pool.name, pool.live, pool.group)
     show_metrics(pool)
 
 
 def show_metrics(pool: "ExpertPool", load: Any = None) -> None:
     """Export the placement (version, copies, load shares) as metrics; never fails a change."""
-    from .metrics import PlacementMetrics
-    from .plan import actor_loads
-
     try:
-        PlacementMetrics.get().show(pool.plan, {i: pool.actor_name(i) for i in pool.names},
+        PlacementMetrics.get().show(pool.plan, {i: pool.actor_name(i) for i in pool.group.names},
                                     actor_loads(pool.plan, load) if load is not None else None)
     except Exception:  # noqa: BLE001 — no metrics agent (a driver without Ray's metrics): nothing to show
         pass
-
-
-def acknowledged(name: str) -> list[int]:
-    """The versions the live copies of pool `name` acknowledge (stale ones are removed)."""
-    kv, prefix, now, out = _kv(), _ack_prefix(name), time.time(), []
-    for key in kv._internal_kv_list(prefix):
-        raw = kv._internal_kv_get(key)
-        if raw is None:
-            continue
-        ack = json.loads(raw)
-        if now - ack["t"] > ACK_STALE_S:
-            kv._internal_kv_del(key)
-        else:
-            out.append(int(ack["version"]))
-    return out
 
 
 def apply(pool: "ExpertPool", new: Plan, kind: str = "apply", load: Any = None,
@@ -184,40 +75,43 @@ def apply(pool: "ExpertPool", new: Plan, kind: str = "apply", load: Any = None,
         return entry
     timeout = pool.config.start_timeout_s
     # 1. load: new actors, and more copies on the others (old ∪ new), while the old plan serves
-    actors = list(pool.actors) + [None] * (max(a.id for a in new.actors) + 1 - len(pool.actors))
-    free = pool.bundles_free()
+    group = pool.group
+    free, started = group.bundles_free(), {}
     for i in d.started:
         a = new.actor(i)
         name = f"actor{i}#{i}" + (f".{uuid.uuid4().hex[:6]}" if pool.name is None else f"/{pool.name}")
-        actors[i] = pool.start_actor(i, name, _holding(a), bundle=free.pop(0) if free else None, node=a.node)
+        started[i] = group.start_actor(i, name, holding(a), bundle=free.pop(0) if free else None, node=a.node)
     gaining = {i: {layer: sorted(set(old.actor(i).experts[layer]) | set(new.actor(i).experts[layer]))
                    for layer in new.actor(i).layers}
                for i in {c.actor for c in d.added} - set(d.started)}
     say(f"loading {d.moves} expert copies ({len(d.started)} new actors)")
     try:
-        refs = [actors[i].hold.remote(union) for i, union in gaining.items()]
-        refs += [actors[i].progress.remote() for i in d.started]
+        refs = [group.actors[i].hold.remote(union) for i, union in gaining.items()]
+        refs += [started[i].progress.remote() for i in d.started]
         ray.get(refs, timeout=timeout)
-        pool.actors = actors
+        group.adopt(started)
         pool.wait_loaded()  # the new actors' weights (bounded by progress)
     except BaseException as e:  # the old plan still serves: undo what was loaded for the new one
-        pool.actors = actors
+        group.adopt(started)
         for i in d.started:
-            pool.retire_actor(i)
+            group.retire(i)
         for i in gaining:
             try:
-                actors[i].hold.remote(_holding(old.actor(i)))
+                group.actors[i].hold.remote(holding(old.actor(i)))
             except Exception:  # noqa: BLE001
                 pass
-        from .pool import brief
-
+        # The details (free resources, node addresses, Ray's text) go to the host's log; the
+        # exception reaches clients, so it says only what failed and what serves.
         if isinstance(e, ray.exceptions.GetTimeoutError):
-            raise PlacementFailed(f"placement v{new.version} could not load within {timeout:g} s (free in the "
-                                  f"cluster: {ray.available_resources()}); v{old.version} keeps serving") from None
-        raise PlacementFailed(f"placement v{new.version} failed to load ({brief(e)}); v{old.version} keeps "
-                              f"serving") from None
+            print(f"raymoe: placement v{new.version} could not load within {timeout:g} s; free in the cluster: "
+                  f"{ray.available_resources()}", flush=True)
+            raise PlacementFailed(f"placement v{new.version} could not load within {timeout:g} s (the cluster "
+                                  f"lacks room for its actors?); v{old.version} keeps serving") from None
+        print(f"raymoe: placement v{new.version} failed to load: {brief(e)}", flush=True)
+        raise PlacementFailed(f"placement v{new.version} failed to load ({type(e).__name__}); v{old.version} "
+                              f"keeps serving") from None
     # 2. switch
-    pool._set_plan(new)
+    pool.live.install(new)
     _record(pool, entry)
     say(f"switched to placement v{new.version}")
     # 3. drain: no call may still be on its way to a copy that goes
@@ -226,20 +120,18 @@ def apply(pool: "ExpertPool", new: Plan, kind: str = "apply", load: Any = None,
         time.sleep(SETTLE_S)
     while time.monotonic() < deadline:
         versions = acknowledged(pool.name) if pool.name is not None else []
-        if min(versions + [pool.oldest_in_use()]) >= new.version:
+        if min(versions + [pool.live.oldest_in_use()]) >= new.version:
             break
         time.sleep(FOLLOW_S / 2)
     # 4. retire
     losing = {c.actor for c in d.removed} - set(d.stopped)
-    ray.get([pool.actors[i].hold.remote(_holding(new.actor(i))) for i in losing], timeout=timeout)
+    ray.get([group.actors[i].hold.remote(holding(new.actor(i))) for i in losing], timeout=timeout)
     for actor_id in d.stopped:
-        pool.retire_actor(actor_id)
+        group.retire(actor_id)
     entry["seconds"] = round(time.monotonic() - t0, 3)
     if pool.name is not None:
-        publish(pool)
+        publish(pool.name, pool.live, group)
     try:
-        from .metrics import PlacementMetrics
-
         metrics = PlacementMetrics.get()
         metrics.changes.inc(tags={"kind": kind})
         metrics.change_seconds.observe(entry["seconds"])
@@ -250,17 +142,12 @@ def apply(pool: "ExpertPool", new: Plan, kind: str = "apply", load: Any = None,
     return entry
 
 
-def _holding(actor) -> dict[int, tuple[int, ...]]:
-    """An actor's {layer: experts} in a plan (what `ExpertActor.hold` takes)."""
-    return {layer: actor.experts[layer] for layer in actor.layers if actor.experts[layer]}
-
-
 # --- the operations (called on the creator's pool: the pool host, or a private pool's owner) ------
 
 def measured_load(pool: "ExpertPool", reset: bool = True, timeout_s: float | None = None) -> list[list[float]]:
     """[L][E] (token, expert) pairs the actors computed since the last call with reset (or since
     they started); an actor that restarted meanwhile counts from its restart."""
-    seen = pool.load_seen
+    seen = pool.live.load_seen
     ids = [a.id for a in pool.plan.actors if pool.actors[a.id] is not None]  # not one gone for good
     counts = ray.get([pool.actors[i].expert_load.remote() for i in ids], timeout=timeout_s or pool.config.call_timeout_s)
     cfg = pool.model_config
@@ -279,21 +166,15 @@ def measured_load(pool: "ExpertPool", reset: bool = True, timeout_s: float | Non
 
 def _with_nodes(pool: "ExpertPool") -> Plan:
     """The current plan with each actor's node as Ray reports it (so copies can be kept apart)."""
-    import dataclasses
-
     plan = pool.plan
     there = [a for a in plan.actors if pool.actors[a.id] is not None]  # not one gone for good
     stats = ray.get([pool.actors[a.id].stats.remote() for a in there], timeout=pool.config.call_timeout_s)
-    nodes = {a.id: st["node_id"] for a, st in zip(there, stats)}
-    actors = tuple(dataclasses.replace(a, node=nodes.get(a.id, a.node)) for a in plan.actors)
-    return dataclasses.replace(plan, actors=actors)
+    return with_nodes(plan, {a.id: st["node_id"] for a, st in zip(there, stats)})
 
 
 def scale_pool(pool: "ExpertPool", num_actors: int, on_step: Callable[[str], None] | None = None,
                kind: str = "scale") -> dict[str, Any]:
     """Grow or shrink the pool to `num_actors` expert actors, moving as few experts as possible."""
-    from . import planner
-
     load = measured_load(pool, reset=False)
     new = planner.scale(_with_nodes(pool), num_actors, load, min_copies=pool.config.replicas)
     return apply(pool, new, kind, load, on_step)
@@ -301,8 +182,6 @@ def scale_pool(pool: "ExpertPool", num_actors: int, on_step: Callable[[str], Non
 
 def rebalance_pool(pool: "ExpertPool", on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Apply the planner's placement for the load measured since the last rebalance."""
-    from . import planner
-
     load = measured_load(pool)
     new = planner.rebalance(_with_nodes(pool), load, min_copies=pool.config.replicas)
     return apply(pool, new, "rebalance", load, on_step)
@@ -329,10 +208,8 @@ def dead_actors(pool: "ExpertPool", timeout_s: float = 2.0) -> list[int]:
 def replace_dead(pool: "ExpertPool", dead: list[int], on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Start new actors for the ones gone for good and give them those actors' copies (or what the
     load says); meanwhile their pairs go to other copies (failover), or their experts' calls wait."""
-    from . import planner
-
     for i in dead:  # nothing to drain from a dead actor; its bundle is free for its successor
-        pool.retire_actor(i)
+        pool.group.retire(i)
     load = measured_load(pool, reset=False)
     new = planner.replace(_with_nodes(pool), dead, load, min_copies=pool.config.replicas)
     return apply(pool, new, "replace", load, on_step)
@@ -341,8 +218,6 @@ def replace_dead(pool: "ExpertPool", dead: list[int], on_step: Callable[[str], N
 def report(pool: "ExpertPool", timeout_s: float = 5.0) -> dict[str, Any]:
     """The placement now: version, actors (node, device, state, experts per layer, work done and
     predicted share of the measured load), copies per (layer, expert), and the history."""
-    from .plan import actor_loads
-
     plan = pool.plan
     refs = [pool.actors[a.id].stats.remote() for a in plan.actors]
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
@@ -368,4 +243,5 @@ def report(pool: "ExpertPool", timeout_s: float = 5.0) -> dict[str, Any]:
                 pass
         actors.append(info)
     return {"version": plan.version, "actors": actors, "imbalance": imb,
-            "copies": [list(plan.copies(layer)) for layer in range(plan.num_layers)], "history": list(pool.history)}
+            "copies": [list(plan.copies(layer)) for layer in range(plan.num_layers)],
+            "history": list(pool.live.history)}

@@ -19,7 +19,7 @@ class PlacementMetrics:
     _instance: "PlacementMetrics | None" = None
 
     def __init__(self) -> None:
-        from ray.util.metrics import Counter, Gauge, Histogram
+        from ray.util.metrics import Counter, Gauge, Histogram  # lazily: importing LATENCY_BUCKETS needs no Ray
 
         self.version = Gauge("raymoe_placement_version", "Version of the expert placement now serving")
         self.copies = Gauge("raymoe_expert_copies", "Copies of each expert", tag_keys=("layer", "expert"))
@@ -54,7 +54,7 @@ def count_failover(actor: str) -> None:
     global _FAILOVERS
     try:
         if _FAILOVERS is None:
-            from ray.util.metrics import Counter
+            from ray.util.metrics import Counter  # lazily, as above
 
             _FAILOVERS = Counter("raymoe_expert_failovers", "Expert actors whose layer calls went to other "
                                  "copies after they failed", tag_keys=("actor",))

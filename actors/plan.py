@@ -1,11 +1,11 @@
 """Live expert placement: which actor holds which experts of each layer, as a versioned value.
 
-A `Plan` is what the planner (actors/planner.py) reads and writes and what a live placement
-switch will carry: per actor a stable id, its node, its capacity in expert slots and, for every
-layer it serves, the experts it holds there (possibly different experts per layer). It is pure
-data (no Ray, no torch needed); `diff` says what a switch must load and retire, and the load
-helpers predict per-actor work for before/after reports. `from_placement` turns today's static
-startup placement (actors/placement.py) into the first plan.
+A `Plan` is the one model of a placement: the pool starts its actors by the first one
+(actors/placement.py lays it out), the planner (actors/planner.py) reads and writes the next ones,
+and a live switch (actors/live.py) carries them. Per actor: a stable id, its node, its capacity in
+expert slots and, for every layer it serves, the experts it holds there (possibly different
+experts per layer). It is pure data (no Ray, no torch needed); `diff` says what a switch must load
+and retire, and the load helpers predict per-actor work for before/after reports.
 
 Shapes: L = layers, E = experts, A = actors. A load is [L][E] routed-token counts (nested
 sequences or anything with `.tolist()`, e.g. a torch tensor); a replicated expert's load is split
@@ -15,9 +15,20 @@ evenly between its copies, which is how serving splits its pairs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
-from .placement import Placement, ranges
+
+def ranges(ids: Sequence[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] → '0-2,5,7-8' (how actor names show their experts and layers)."""
+    parts, ids = [], sorted(ids)
+    i = 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        parts.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
+        i = j + 1
+    return ",".join(parts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,12 +44,14 @@ class ActorSlots:
         """e.g. 'actor3@node-a' (names must not encode experts: those change under a stable id)."""
         return f"actor{self.id}@{self.node}" if self.node else f"actor{self.id}"
 
-    def describe(self) -> str:
-        """What it holds, compactly: 'layers[0-31]: experts[0-1]' when every layer holds the same."""
+    @property
+    def label(self) -> str:
+        """What it holds, e.g. 'experts[0-1]@layers[0-31]': how an actor started with the pool is
+        named in Ray's dashboard, errors and stats (per layer, '0:[0-1];1:[2]', where layers differ)."""
         sets = {self.experts[layer] for layer in self.layers}
         if len(sets) == 1:
-            return f"layers[{ranges(self.layers)}]: experts[{ranges(next(iter(sets)))}]"
-        return "; ".join(f"{layer}: [{ranges(self.experts[layer])}]" for layer in self.layers)
+            return f"experts[{ranges(next(iter(sets)))}]@layers[{ranges(self.layers)}]"
+        return ";".join(f"{layer}:[{ranges(self.experts[layer])}]" for layer in self.layers)
 
 
 class Copy(NamedTuple):
@@ -119,16 +132,10 @@ class Plan:
                      for e, n in enumerate(self.copies(layer)) if n == 0)
 
 
-def from_placement(placement: Placement, nodes: Sequence[str] | None = None) -> Plan:
-    """Today's static startup placement as plan version 0: actor ids are the placement's indices;
-    `nodes` (as assign_nodes returns them, one per actor) or "" when not pinned."""
-    if nodes is not None and len(nodes) != len(placement.actors):
-        raise ValueError(f"{len(nodes)} nodes for {len(placement.actors)} actors")
-    actors = tuple(ActorSlots(spec.index, nodes[i] if nodes is not None else "", len(spec.experts), spec.layers,
-                              tuple(spec.experts if layer in spec.layers else ()
-                                    for layer in range(placement.num_layers)))
-                   for i, spec in enumerate(placement.actors))
-    return Plan(placement.num_layers, placement.num_experts, actors)
+def with_nodes(plan: Plan, nodes: Mapping[int, str]) -> Plan:
+    """The same plan with the node of each actor id in `nodes` (the others keep theirs)."""
+    return dataclasses.replace(plan, actors=tuple(dataclasses.replace(a, node=nodes.get(a.id, a.node))
+                                                  for a in plan.actors))
 
 
 def widen(plan: Plan, slots: int) -> Plan:

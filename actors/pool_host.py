@@ -18,11 +18,16 @@ Surviving faults and redeploys:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import threading
 import time
 from typing import Any
+
+import ray
+from ray.util import list_named_actors
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from . import live
 from .autoscale import ExpertAutoscaler, actor_demand
@@ -32,6 +37,13 @@ NAMESPACE = "raymoe"
 RETIRE_AFTER_S = 120.0  # how long an old pool serves the replicas of the previous deployment
 AUTOSCALE_SAMPLE_S = 2.0  # how often expert autoscaling samples the actors' busy time
 DEAD_CHECK_S = 5.0  # how often the host looks for expert actors dead for good (and replaces them)
+# A placement change waits this long for the one running before it, then gives up: a caller must
+# not hold one of the host's few threads (max_concurrency) while another change takes minutes.
+CHANGE_LOCK_WAIT_S = 5.0
+
+
+class ChangeBusy(RuntimeError):
+    """Another placement change is running; try again when it has finished."""
 
 
 class PoolHost:
@@ -97,14 +109,24 @@ class PoolHost:
 
     def scale(self, num_actors: int) -> dict[str, Any]:
         pool = self._pool()
-        with self._changing:
+        with self._change():
             return live.scale_pool(pool, num_actors)
 
     def rebalance(self) -> dict[str, Any]:
         pool = self._pool()
-        with self._changing:
+        with self._change():
             self._last_rebalance = time.monotonic()
             return live.rebalance_pool(pool)
+
+    @contextlib.contextmanager
+    def _change(self):
+        if not self._changing.acquire(timeout=CHANGE_LOCK_WAIT_S):
+            raise ChangeBusy(f"another placement change is running (waited {CHANGE_LOCK_WAIT_S:g} s); retry when "
+                             f"it has finished")
+        try:
+            yield
+        finally:
+            self._changing.release()
 
     def _maybe_rebalance(self) -> None:
         try:
@@ -140,8 +162,6 @@ class PoolHost:
         if policy is None or (policy.min_actors, policy.max_actors) != (c.autoscale_min, c.autoscale_max):
             policy = self._autoscaler = ExpertAutoscaler(c.autoscale_min, c.autoscale_max, c.target_busy,
                                                          c.upscale_delay_s, c.downscale_delay_s)
-        import ray
-
         self._sampled = time.monotonic()
         ids = [a.id for a in pool.plan.actors]
         try:
@@ -217,9 +237,6 @@ def host_name(app: str) -> str:
 
 def _head_node_strategy():
     """Pin the host to the head node: the autoscaler never removes it, and it outlives workers."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     head = next((n["NodeID"] for n in ray.nodes() if n.get("Alive")
                  and "node:__internal_head__" in n.get("Resources", {})), None)
     return "DEFAULT" if head is None else NodeAffinitySchedulingStrategy(head, soft=True)
@@ -227,8 +244,6 @@ def _head_node_strategy():
 
 def _host(app: str, retire_after_s: float):
     """The server's host, created on first use."""
-    import ray
-
     return ray.remote(PoolHost).options(
         name=host_name(app), namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
         max_restarts=-1, max_task_retries=-1, max_concurrency=4,
@@ -238,8 +253,6 @@ def _host(app: str, retire_after_s: float):
 def shared_pool(checkpoint: str, config: PoolConfig, app: str = "raymoe",
                 retire_after_s: float = RETIRE_AFTER_S) -> ExpertPool:
     """The pool for (checkpoint, config), creating the server's host on first use."""
-    import ray
-
     host = _host(app, retire_after_s)
     return ray.get(host.get_pool.remote(checkpoint, dataclasses.asdict(config)),
                    timeout=config.start_timeout_s + 30)
@@ -254,8 +267,6 @@ def request_shared_pool(checkpoint: str, config: PoolConfig, app: str = "raymoe"
 
 def pool_host(app: str = "raymoe"):
     """The server's pool host actor, or None."""
-    import ray
-
     try:
         return ray.get_actor(host_name(app), namespace=NAMESPACE)
     except ValueError:
@@ -265,9 +276,6 @@ def pool_host(app: str = "raymoe"):
 def pool_progress(app: str = "raymoe", timeout_s: float = 2.0) -> list[dict]:
     """Loading snapshots of the expert actors of the server's pools, asked by name (those that
     answer within timeout_s): for a server that is starting."""
-    import ray
-    from ray.util import list_named_actors
-
     names = named_pools(f"{app}-experts-")
     handles = []
     for a in list_named_actors(all_namespaces=True):
@@ -290,8 +298,6 @@ def pool_progress(app: str = "raymoe", timeout_s: float = 2.0) -> list[dict]:
 
 def release_shared_pool(app: str = "raymoe") -> None:
     """Stop every pool of the server and its host (what `raymoe serve` does on Ctrl-C)."""
-    import ray
-
     host = pool_host(app)
     if host is None:
         return

@@ -20,9 +20,13 @@ import dataclasses
 import time
 
 import torch
+from ray.util.metrics import Histogram
 
 from .expert_actor import from_wire, pack
-from .pool import ExpertPool, ExpertsUnavailable, LayerRoute
+from .errors import ExpertsUnavailable
+from .live_plan import LayerRoute
+from .metrics import LATENCY_BUCKETS
+from .pool import ExpertPool
 from .transport import Unreachable
 
 
@@ -33,10 +37,6 @@ def _call_histogram():
     """Front-side latency of one layer's expert calls, dispatch to combined output (created on first use)."""
     global _CALL_HISTOGRAM
     if _CALL_HISTOGRAM is None:
-        from ray.util.metrics import Histogram
-
-        from .metrics import LATENCY_BUCKETS
-
         _CALL_HISTOGRAM = Histogram("raymoe_expert_layer_seconds", "Dispatch to combine of one MoE layer's "
                                     "expert actor calls", boundaries=LATENCY_BUCKETS, tag_keys=("layer",))
     return _CALL_HISTOGRAM
@@ -213,7 +213,7 @@ class RemoteExperts:
 
     def unavailable(self, actors: list[int], reason: str) -> ExpertsUnavailable:
         """The experts of `actors` that no other actor holds (all of them, without copies)."""
-        down = set(actors) | set(self.pool._down)
+        down = set(actors) | set(self.pool.failover.down)
         names = [self.pool.actor_name(a) for a in sorted(set(actors))]
         owners = self.pool.plan.owners(self.layer)
         hosted = sorted({e for a in set(actors) for e in self.pool.hosted(a, self.layer)})

@@ -27,10 +27,10 @@ import numpy as np
 import ray
 
 from .direct import ConnectionLost, DirectChannel, ExpertsNotLoaded
-from .pool import brief
+from .errors import brief
 
 if TYPE_CHECKING:
-    from .pool import ExpertPool
+    from .actor_group import ActorGroup
 
 from . import TRANSPORTS
 Reply = tuple[np.ndarray, float]  # an actor's partial sum (wire bytes) and its compute seconds
@@ -47,11 +47,11 @@ class Unreachable(Exception):
 
 
 class RayCalls:
-    def __init__(self, pool: "ExpertPool") -> None:
-        self.pool = pool
+    def __init__(self, group: "ActorGroup") -> None:
+        self.group = group
 
     def submit(self, actor: int, layer: int, payload: np.ndarray, spare: bool = False) -> ray.ObjectRef:
-        return self.pool.actors[actor].forward_timed.remote(layer, payload)
+        return self.group.actors[actor].forward_timed.remote(layer, payload)
 
     def gather(self, calls: list[ray.ObjectRef], actors: list[int], timeout_s: float,
                spare: frozenset = frozenset()) -> list[Reply | None]:
@@ -73,7 +73,7 @@ class RayCalls:
             failed = [a for r, a in zip(calls, actors) if _failed(r)] or list(actors)
             raise Unreachable(failed, brief(e)) from None
         except ray.exceptions.RayActorError as e:  # dead for good, or unreachable without retries
-            failed = [a for a in actors if self.pool.actor_id(a) == e.actor_id] or \
+            failed = [a for a in actors if self.group.actor_id(a) == e.actor_id] or \
                 [a for r, a in zip(calls, actors) if _failed(r)] or list(actors)
             raise Unreachable(failed, brief(e)) from None
 
@@ -117,8 +117,8 @@ class DirectCall:
 
 
 class DirectCalls:
-    def __init__(self, pool: "ExpertPool") -> None:
-        self.pool = pool
+    def __init__(self, group: "ActorGroup") -> None:
+        self.group = group
         self._local = threading.local()  # channels per caller thread: a channel has one reader
         self._ids = itertools.count()
 
@@ -226,7 +226,7 @@ class DirectCalls:
                 raise Unreachable([call.actor], str(e)) from None
             except TimeoutError:  # busy, or gone without closing the connection (a lost node)?
                 if probe is None or probed is not channel:
-                    probe, probed = self.pool.actors[call.actor].direct_endpoint.remote(), channel
+                    probe, probed = self.group.actors[call.actor].direct_endpoint.remote(), channel
                     asked = time.monotonic()
                 ready, _ = ray.wait([probe], timeout=0)
                 if ready:
@@ -255,7 +255,7 @@ class DirectCalls:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise Unreachable([actor], f"no answer within {timeout_s:g} s")
-            endpoint = self._endpoint(self.pool.actors[actor].direct_endpoint.remote(), actor, remaining, timeout_s)
+            endpoint = self._endpoint(self.group.actors[actor].direct_endpoint.remote(), actor, remaining, timeout_s)
             try:
                 channels[actor] = DirectChannel(endpoint, timeout_s=min(remaining, 10.0))
                 return channels[actor]
@@ -288,7 +288,7 @@ def _abandon(calls) -> None:
             c.channel.abandon(c.id)
 
 
-def make_transport(name: str, pool: "ExpertPool") -> RayCalls | DirectCalls:
+def make_transport(name: str, group: "ActorGroup") -> RayCalls | DirectCalls:
     if name not in TRANSPORTS:
         raise ValueError(f"expert transport must be one of {', '.join(TRANSPORTS)} (got {name!r})")
-    return DirectCalls(pool) if name == "direct" else RayCalls(pool)
+    return DirectCalls(group) if name == "direct" else RayCalls(group)

@@ -16,8 +16,11 @@ busy CPU during the timed window, minus the load generator's own for the served 
 tokens); and, where experts are remote, per MoE layer call the wall time from dispatch to combined
 output against the slowest actor's own compute (the difference is transport and front work).
 "same" counts streams whose tokens equal the in-process engine's; "msg/tok" is stream messages per
-token (the server's stream interval lets several tokens share one). Each cell is the fastest of
---repeats runs (this machine's speed varies by ±15% from run to run). A PNG plot goes beside it.
+token (the server's stream interval lets several tokens share one). Each cell is the median of
+--repeats runs, with their spread (slowest–fastest tokens/s); CPU counts only the processes this
+benchmark runs (itself for the in-process paths, the Ray instance it started for the served ones),
+so other users of a shared machine do not count, and /proc/loadavg is printed with every cell.
+A PNG plot goes beside it.
 
     python -m bench.bench_serving [--checkpoint DIR] [--expert-actors 4] [--streams 1,32,128]
                                   [--paths transformers,engine,...] [--new-tokens 64]
@@ -38,7 +41,7 @@ from pathlib import Path
 import torch
 
 
-from bench.machine import CpuWindow, free_port, pct, process_cpu, top_processes
+from bench.machine import CpuWindow, free_port, loadavg, pct, process_cpu, top_processes
 
 BY_PROCESS = False  # --by-process: print which processes used the CPU of each served run
 PATHS = ("transformers", "engine", "engine+actors", "served-local", "served-direct", "served-ray")
@@ -55,6 +58,20 @@ class Result:
     messages: int = 0  # stream messages (served paths): several tokens may share one
     layer_ms: float | None = None  # per layer call: dispatch → combined
     compute_ms: float | None = None  # per layer call: slowest actor's compute
+    repeats: list["Result"] = dataclasses.field(default_factory=list)  # every run of the cell (median's)
+    load: str = ""  # /proc/loadavg when the cell ended
+
+    @property
+    def cpu_ms_per_token(self) -> float:
+        """Median over the cell's runs (this run's own without repeats)."""
+        runs = self.repeats or [self]
+        return statistics.median(1e3 * r.cpu / r.tokens for r in runs)
+
+    @property
+    def spread(self) -> tuple[float, float]:
+        """Slowest and fastest tokens/s of the cell's runs."""
+        rates = [r.tok_s for r in self.repeats or [self]]
+        return min(rates), max(rates)
 
     @property
     def tok_s(self) -> float:
@@ -67,7 +84,7 @@ def run_transformers(hf, prompts, n) -> Result:
     with torch.inference_mode(), CpuWindow() as cpu:
         out = hf.generate(torch.tensor(prompts, device=hf.device), max_new_tokens=n, min_new_tokens=n,
                           do_sample=False, pad_token_id=0)
-    return Result(len(prompts) * n, cpu.wall, cpu.machine, outputs=out[:, len(prompts[0]):].tolist())
+    return Result(len(prompts) * n, cpu.wall, cpu.own + cpu.tree, outputs=out[:, len(prompts[0]):].tolist())
 
 
 def run_engine(model, prompts, n, pool=None, micro_batches: int = 1) -> Result:
@@ -88,7 +105,8 @@ def run_engine(model, prompts, n, pool=None, micro_batches: int = 1) -> Result:
             for ev in engine.step():
                 stamps[ev.seq_id].append((time.perf_counter(), 1))
                 outputs[ev.seq_id].append(ev.token_id)
-    r = Result(sum(map(len, outputs.values())), cpu.wall, cpu.machine, outputs=[outputs[i] for i in range(len(prompts))])
+    r = Result(sum(map(len, outputs.values())), cpu.wall, cpu.own + cpu.tree,
+               outputs=[outputs[i] for i in range(len(prompts))])
     _latencies(r, [(t0, stamps[i]) for i in range(len(prompts))])
     _layer_times(r, before, _calls(pool))
     return r
@@ -150,7 +168,7 @@ def run_served(target: str, prompts, n) -> Result:
     if procs is not None:
         for used, cmd in top_processes(procs, process_cpu()):
             print(f"      {1e3 * used / max(1, sum(len(t) for _, _, t in results)):6.3f} ms/token  {cmd}")
-    r = Result(sum(len(t) for _, _, t in results), cpu.wall, cpu.others, outputs=[t for _, _, t in results])
+    r = Result(sum(len(t) for _, _, t in results), cpu.wall, cpu.tree, outputs=[t for _, _, t in results])
     _latencies(r, [(t0, c) for t0, c, _ in results])
     r.messages = sum(len(c) for _, c, _ in results)
     calls = model_info(target).expert_calls
@@ -171,13 +189,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stream-interval-ms", type=float, default=None,
                     help="the server's stream interval (default: raymoe serve's)")
     ap.add_argument("--micro-batches", type=int, default=0, help="front micro-batches with actors (0: the default)")
-    ap.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs (and torch threads) of the front replica")
+    ap.add_argument("--replica-cpus", type=float, default=None,
+                    help="CPUs (and torch threads) of the front replica (default: the machine's cores with local "
+                         "experts, as the in-process engine has; 1 with expert actors)")
     ap.add_argument("--actor-cpus", type=float, default=0.5, help="CPU share of each expert actor")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="cuda: transformers, the engine and the front replica on GPU 0, expert actors on GPUs")
     ap.add_argument("--replica-gpus", type=float, default=1.0, help="with --device cuda: GPU share of the front")
     ap.add_argument("--expert-gpus", type=float, default=1.0, help="with --device cuda: GPU share of each actor")
-    ap.add_argument("--repeats", type=int, default=3, help="runs per cell; the fastest is reported")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per cell; the median and the spread are reported")
     ap.add_argument("--plot", default="bench/out/serving.png")
     ap.add_argument("--by-process", action="store_true", help="per served run, the processes that used the CPU")
     args = ap.parse_args(argv)
@@ -205,14 +225,20 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, dict[int, Result]] = {}
     print(f"{ckpt}: {cfg.num_parameters() / 1e6:.0f}M parameters, {cfg.num_hidden_layers} layers, "
           f"{cfg.num_local_experts} experts top-{cfg.num_experts_per_tok}, {dtype}; {n} new tokens, prompt "
-          f"{args.prompt_len}; {os.cpu_count()} CPUs; torch threads {torch.get_num_threads()}", flush=True)
+          f"{args.prompt_len}; {os.cpu_count()} CPUs; torch threads {torch.get_num_threads()}; "
+          f"loadavg {loadavg()}", flush=True)
 
     def measure(name, fn):
         fn(prompts[levels[0]][:1], 4)  # warm-up
         results[name] = {}
-        for c in levels:  # best of --repeats: this shared machine's speed varies from run to run
-            results[name][c] = r = max((fn(prompts[c], n) for _ in range(args.repeats)), key=lambda x: x.tok_s)
-            print(f"  {name:<14} {c:>4} streams: {r.tok_s:8.1f} tok/s", flush=True)
+        for c in levels:  # the median of --repeats: this shared machine's speed varies from run to run
+            runs = sorted((fn(prompts[c], n) for _ in range(max(1, args.repeats))), key=lambda x: x.tok_s)
+            r = runs[len(runs) // 2]
+            r.repeats, r.load = runs, loadavg()
+            results[name][c] = r
+            lo, hi = r.spread
+            print(f"  {name:<14} {c:>4} streams: {r.tok_s:8.1f} tok/s (runs {lo:.1f}–{hi:.1f}), "
+                  f"{r.cpu_ms_per_token:.2f} CPU ms/token; loadavg {r.load}", flush=True)
 
     if "transformers" in paths:
         from transformers import MixtralForCausalLM
@@ -233,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         base = ServeSettings(checkpoint=ckpt, expert_actors=args.expert_actors, max_running=max(levels),
                              expert_device="gpu" if gpu else "cpu", expert_num_gpus=args.expert_gpus,
                              replica_num_gpus=args.replica_gpus if gpu else 0.0,
-                             micro_batches=args.micro_batches, replica_num_cpus=args.replica_cpus,
+                             micro_batches=args.micro_batches, replica_num_cpus=args.replica_cpus or 1.0,
                              expert_num_cpus=args.actor_cpus,
                              **({} if args.stream_interval_ms is None else {"stream_interval_ms": args.stream_interval_ms}))
         with ray_connection(None, base.local_ray_cpus()):
@@ -248,7 +274,10 @@ def main(argv: list[str] | None = None) -> None:
             for name in [p for p in paths if p.startswith("served")]:
                 settings = dataclasses.replace(
                     base, grpc_port=free_port(), http_port=free_port(), expert_actors=0 if name == "served-local" else args.expert_actors,
-                    expert_transport="ray" if name == "served-ray" else "direct")
+                    expert_transport="ray" if name == "served-ray" else "direct",
+                    # with local experts the replica is the whole model: it gets the cores the engine has
+                    replica_num_cpus=args.replica_cpus or float(os.cpu_count() or 1) if name == "served-local"
+                    else args.replica_cpus or 1.0)
                 serve_one(name, settings, measure)
     report(results, levels, args)
     tmp.cleanup()
@@ -274,21 +303,24 @@ def serve_one(name: str, settings, measure) -> None:
 def report(results: dict[str, dict[int, Result]], levels: list[int], args) -> None:
     ref = results.get("engine")
     hf = results.get("transformers")
-    print(f"\n{'path':<14} {'streams':>7} {'tok/s':>8} {'vs hf':>6} {'ttft p50':>9} {'p99':>7} {'itl p50':>8} "
-          f"{'p99':>7} {'CPU ms/tok':>10} {'vs hf':>6} {'layer ms':>9} {'compute':>8} {'msg/tok':>7} {'same':>7}")
+    print(f"\nmedian of {args.repeats} runs per cell; spread = slowest–fastest run's tok/s\n"
+          f"{'path':<14} {'streams':>7} {'tok/s':>8} {'spread':>15} {'vs hf':>6} {'ttft p50':>9} {'p99':>7} "
+          f"{'itl p50':>8} {'p99':>7} {'CPU ms/tok':>10} {'vs hf':>6} {'layer ms':>9} {'compute':>8} {'msg/tok':>7} "
+          f"{'same':>7} {'loadavg':>16}")
     for name, by_level in results.items():
         for c in levels:
             r = by_level[c]
             ms = lambda xs, q: f"{1e3 * pct(xs, q):.1f}" if xs else "-"  # noqa: E731
             vs = f"{r.tok_s / hf[c].tok_s:.2f}x" if hf else "-"
-            cpu_tok = 1e3 * r.cpu / r.tokens
-            cpu_vs = f"{cpu_tok / (1e3 * hf[c].cpu / hf[c].tokens):.2f}x" if hf else "-"
+            cpu_tok = r.cpu_ms_per_token
+            cpu_vs = f"{cpu_tok / hf[c].cpu_ms_per_token:.2f}x" if hf else "-"
+            lo, hi = r.spread
             layer = f"{r.layer_ms:.2f}" if r.layer_ms is not None else "-"
             compute = f"{r.compute_ms:.2f}" if r.compute_ms is not None else "-"
             same = f"{sum(a == b for a, b in zip(r.outputs, ref[c].outputs))}/{c}" if ref else "-"
-            print(f"{name:<14} {c:>7} {r.tok_s:>8.1f} {vs:>6} {ms(r.ttft, 0.5):>9} {ms(r.ttft, 0.99):>7} "
+            print(f"{name:<14} {c:>7} {r.tok_s:>8.1f} {f'{lo:.0f}–{hi:.0f}':>15} {vs:>6} {ms(r.ttft, 0.5):>9} {ms(r.ttft, 0.99):>7} "
                   f"{ms(r.itl, 0.5):>8} {ms(r.itl, 0.99):>7} {cpu_tok:>10.2f} {cpu_vs:>6} {layer:>9} {compute:>8} "
-                  f"{r.messages / r.tokens if r.messages else 1:>7.2f} {same:>7}")
+                  f"{r.messages / r.tokens if r.messages else 1:>7.2f} {same:>7} {r.load:>16}")
     plot(results, levels, args)
 
 
@@ -304,7 +336,7 @@ def plot(results: dict[str, dict[int, Result]], levels: list[int], args) -> None
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for name, by_level in results.items():
         a.plot(levels, [by_level[c].tok_s for c in levels], marker="o", label=name)
-        b.plot(levels, [1e3 * by_level[c].cpu / by_level[c].tokens for c in levels], marker="o", label=name)
+        b.plot(levels, [by_level[c].cpu_ms_per_token for c in levels], marker="o", label=name)
     for ax, label in ((a, "output tokens / s"), (b, "CPU ms per generated token")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent streams")

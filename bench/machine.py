@@ -21,18 +21,54 @@ def self_cpu_seconds() -> float:
     return t.user + t.system
 
 
+def descendants_cpu_seconds(root: int | None = None) -> float:
+    """CPU seconds so far of every live process below `root` (default: this one), not `root` itself:
+    the Ray instance a benchmark started (raylet, GCS, Serve's proxy and replicas, expert actors)."""
+    root = os.getpid() if root is None else root
+    children: dict[int, list[int]] = {}
+    cpu: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(pid))
+        cpu[int(pid)] = (int(fields[11]) + int(fields[12])) / tick
+    total, todo = 0.0, list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        total += cpu.get(pid, 0.0)
+        todo += children.get(pid, [])
+    return total
+
+
 class CpuWindow:
-    """Machine CPU seconds during a window, minus this process's own (the load generator)."""
+    """CPU seconds during a window. `own`: this process (the load generator of the served paths, the
+    whole work of the in-process ones); `tree`: the processes it started (its Ray instance);
+    `machine`: the whole machine, which on a machine shared with others counts their work too —
+    the benchmarks report own + tree (in-process paths) or tree (served paths) instead."""
 
     def __enter__(self) -> "CpuWindow":
         self.t0, self.busy0, self.self0 = time.perf_counter(), busy_cpu_seconds(), self_cpu_seconds()
+        self.tree0 = descendants_cpu_seconds()
         return self
 
     def __exit__(self, *exc) -> None:
         self.wall = time.perf_counter() - self.t0
         self.machine = busy_cpu_seconds() - self.busy0
         self.own = self_cpu_seconds() - self.self0
+        self.tree = max(0.0, descendants_cpu_seconds() - self.tree0)  # a process that ended takes its share along
         self.others = max(0.0, self.machine - self.own)
+
+
+def loadavg() -> str:
+    """/proc/loadavg's first three fields: how busy the (shared) machine was."""
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
 
 
 def process_cpu() -> dict[int, tuple[str, float]]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from pathlib import Path
 
 from .errors import UserError
 
@@ -59,8 +61,6 @@ def prompt_from_args(args: argparse.Namespace, tokenizer) -> list[int]:
 
 
 def load_tokenizer(directory, required: bool):
-    from pathlib import Path
-
     from raymoe.model.tokenizer import Tokenizer
 
     if not (Path(directory) / "tokenizer.model").exists() and not required:
@@ -128,8 +128,6 @@ def cmd_init_model(args: argparse.Namespace) -> int:
 
 
 def cmd_train_demo(args: argparse.Namespace) -> int:
-    import dataclasses
-
     import torch
 
     from raymoe.model.demo import TrainConfig, evaluate, train_demo

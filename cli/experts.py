@@ -43,7 +43,7 @@ def render_change(c) -> str:
 
 
 def _ids(ids) -> str:
-    from raymoe.actors.placement import ranges
+    from raymoe.actors.plan import ranges
 
     return f"[{ranges(list(ids))}]"
 

@@ -12,6 +12,9 @@ import sys
 from raymoe.actors import EXPERT_DEVICES, TRANSPORTS
 from raymoe.model.config import DTYPE_CHOICES, QUANTIZATIONS, SERVED_DTYPES
 
+from .commands import run_command
+from .serve_flags import add_serve_args, settings_from_args
+
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
@@ -77,8 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_expert_device(remote)
 
     srv = sub.add_parser("serve", help="serve the model (gRPC and OpenAI-compatible HTTP) on Ray")
-    from .serve_flags import add_serve_args
-
     add_serve_args(srv)
 
     gen = sub.add_parser("generate", help="send a request to a running server (gRPC client)")
@@ -91,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="resume a stream broken by the server's side (replica lost, connection dropped) up to "
                           "N times, within --timeout; 0 = never")
     _add_sampling(gen)
+    guided = gen.add_mutually_exclusive_group()
+    guided.add_argument("--json-schema", metavar="FILE", help="the output is JSON valid against this JSON schema file")
+    guided.add_argument("--regex", help="the output matches this regular expression")
+    guided.add_argument("--choice", action="append", help="the output is exactly one of these strings (repeatable)")
 
     st = sub.add_parser("status", help="expert actors, their health and load, and routing balance of a server")
     st.add_argument("--target", default="127.0.0.1:9000", help="HOST:PORT of the server")
@@ -157,16 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":  # check the settings, then say so at once, before the heavy imports
-        from .serve_flags import settings_from_args
-
         try:
             settings_from_args(args)
         except ValueError as e:
             print(f"raymoe: {e}", file=sys.stderr)
             return 2
         print("raymoe: starting the server", file=sys.stderr, flush=True)
-    from .commands import run_command
-
     return run_command(args)
 
 

@@ -14,6 +14,7 @@ what the actors load.
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -31,8 +32,6 @@ def available_bytes() -> int:
 
 
 def _read_ahead(files: list[Path], budget: int) -> None:
-    import os
-
     null = os.open(os.devnull, os.O_WRONLY)
     buf = None
     try:

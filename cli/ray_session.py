@@ -6,6 +6,9 @@ Used by `raymoe run --expert-actors N [--expert-replicas R] [--actor-cpus C] [--
 on the machine; `--address auto` joins that one instead) (token auth off unless RAY_AUTH_MODE is
 set, no dashboard, actor logs kept out of our stdout so --json output stays one object) and shut
 down at the end; with --address the command joins that cluster and leaves it running.
+
+Ray and the expert pool are imported where they are used: `raymoe run` without --expert-actors
+passes through here and needs neither (start-up time).
 """
 
 from __future__ import annotations
@@ -14,12 +17,15 @@ import argparse
 import contextlib
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
 from raymoe.model.transformer import ExpertsFactory
 
 from .errors import UserError
+from .prefetch import prefetch
+from .progress import PoolProgress, Ticker
 
 
 @contextlib.contextmanager
@@ -39,10 +45,6 @@ def ray_connection(address: str | None, num_cpus: int | None = None,
         except (ConnectionError, RuntimeError) as e:
             raise UserError(f"cannot join the Ray cluster at {address}: {e}") from None
     else:
-        import time
-
-        from .progress import Ticker
-
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private instance for this command
         t0 = time.monotonic()
         with Ticker(lambda: f"raymoe: starting a private Ray instance ({time.monotonic() - t0:.0f} s)"):
@@ -76,7 +78,8 @@ def experts_factory_from_args(args: argparse.Namespace, checkpoint: str | Path) 
             raise UserError("--address joins a Ray cluster for remote experts; also give --expert-actors N")
         yield None
         return
-    from raymoe.actors.pool import ExpertPool, ExpertsUnavailable, PoolConfig
+    from raymoe.actors.errors import ExpertsUnavailable
+    from raymoe.actors.pool import ExpertPool, PoolConfig
     from raymoe.actors.remote_experts import remote_experts_factory
 
     if num_actors < 1:
@@ -88,12 +91,8 @@ def experts_factory_from_args(args: argparse.Namespace, checkpoint: str | Path) 
                             transport=getattr(args, "expert_transport", "direct"),
                             call_timeout_s=getattr(args, "expert_timeout", None) or 60.0,
                             quantization=getattr(args, "quantization", None))
-        from .progress import PoolProgress, Ticker
-
         progress = PoolProgress(num_actors)
         if not getattr(args, "address", None):  # the actors run on this machine: read ahead meanwhile
-            from .prefetch import prefetch
-
             prefetch(checkpoint)
         with ray_connection(getattr(args, "address", None)) as started:
             check_expert_device(config.device, started)
@@ -116,7 +115,5 @@ class LoadingExperts:
         return self.factory(layer)
 
     def wait_loaded(self) -> None:
-        from .progress import Ticker
-
         with Ticker(self.progress.line):
             self.pool.wait_loaded(self.progress)

@@ -4,27 +4,39 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
+import time
+from pathlib import Path
 
+from raymoe.cluster.auth import ADMIN_KEY_ENV, ENV
 from raymoe.cluster.deploy import DeployFailed, deploy, release_pool
 from raymoe.cluster.settings import APP_NAME
+from raymoe.cluster.tenants import Tenants, TenantsError
+from raymoe.model.default import default_checkpoint
+from raymoe.model.errors import BackendUnavailable
 
 from .errors import UserError
+from .prefetch import prefetch
+from .progress import Ticker, serve_progress_line
+from .serve_flags import settings_from_args
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
-    from raymoe.cluster.auth import ENV
     from .ray_session import check_expert_device, ray_connection
-    from .serve_flags import settings_from_args
 
     settings = settings_from_args(args)
     _check_checkpoint(settings.checkpoint, joining=bool(args.address))
-    if args.api_key is not None:  # the replicas read it from their environment (see cluster/auth.py)
-        os.environ[ENV] = args.api_key
+    # the replicas read the keys from their environment (see cluster/auth.py)
+    for value, env in ((args.api_key, ENV), (args.admin_key, ADMIN_KEY_ENV)):
+        if value is not None:
+            os.environ[env] = value
+    try:  # the replicas check the same; here a mistake is one line before anything starts
+        keyed = not Tenants(settings.tenants_file).open
+    except TenantsError as e:
+        raise UserError(str(e)) from None
     stop, starting, signals = threading.Event(), threading.Event(), []
 
     def on_signal(signum, _frame) -> None:
@@ -39,15 +51,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     dashboard = None if args.address or args.no_dashboard else args.dashboard_port
     try:
         if not args.address:  # a private Ray on this machine: read the checkpoint ahead while it starts
-            from raymoe.model.default import default_checkpoint
-
-            from .prefetch import prefetch
-
             prefetch(settings.checkpoint or default_checkpoint())
         with ray_connection(args.address, settings.local_ray_cpus(), dashboard_port=dashboard) as started:
             if settings.expert_actors:
                 check_expert_device(settings.expert_device, started)
-            _serve_until_stopped(settings, args.address, dashboard, stop, starting)
+            _serve_until_stopped(settings, args.address, dashboard, stop, starting, keyed)
     except KeyboardInterrupt:  # stopped while starting (cleaned up above)
         return 128 + (signals[0] if signals else signal.SIGINT)
     finally:
@@ -57,19 +65,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _serve_until_stopped(settings, address: str | None, dashboard: int | None, stop: threading.Event,
-                         starting: threading.Event) -> None:
+                         starting: threading.Event, keyed: bool) -> None:
     """Deploy, print where it serves, wait for a signal, take down what this command owns: on a
     private Ray all of Serve; on a shared cluster its application and expert pool, unless it was
     replacing a running one and that failed (deploy rolled it back to its settings)."""
-    import os
-    import time
-
     from ray import serve
-
-    from raymoe.cluster.auth import ENV
-    from raymoe.model.errors import BackendUnavailable
-
-    from .progress import Ticker, serve_progress_line
 
     replacing = bool(address) and settings.app_name in serve.status().applications
     owned = not replacing
@@ -77,14 +77,15 @@ def _serve_until_stopped(settings, address: str | None, dashboard: int | None, s
         t0 = time.monotonic()
         try:
             with Ticker(lambda: serve_progress_line(settings.app_name, t0)):  # on stderr, like every progress line
-                ports = deploy(settings, api_key=os.environ.get(ENV) if address else None)
+                ports = deploy(settings, api_key=os.environ.get(ENV) if address else None,
+                               admin_key=os.environ.get(ADMIN_KEY_ENV) if address else None)
         except (BackendUnavailable, DeployFailed) as e:  # e.g. the checkpoint, or the experts, could not load
             kept = (f"; the application {settings.app_name!r} that was running runs on with its settings"
                     if replacing else "")
             raise UserError(f"cannot serve: {e}{kept}") from None
         owned = True
         starting.clear()
-        print(_banner(settings, ports, dashboard), flush=True)
+        print(_banner(settings, ports, dashboard, keyed), flush=True)
         stop.wait()
     finally:
         starting.clear()
@@ -100,14 +101,10 @@ def _serve_until_stopped(settings, address: str | None, dashboard: int | None, s
             release_pool(settings)
 
 
-def _banner(settings, ports, dashboard: int | None) -> str:
-    import os
-
-    from raymoe.cluster.auth import ENV
-
+def _banner(settings, ports, dashboard: int | None, keyed: bool) -> str:
     grpc_at = f"127.0.0.1:{ports.grpc_port}"
     http_at = f"http://{settings.http_host}:{ports.http_port}{settings.http_route_prefix().rstrip('/')}"
-    key = " (API key required)" if os.environ.get(ENV) else ""
+    key = " (API key required)" if keyed else ""
     app = "" if settings.app_name == APP_NAME else f" --app-name {settings.app_name}"
     lines = [f"raymoe: serving {settings.checkpoint or 'the default model'}{key} as application "
              f"{settings.app_name!r}; Ctrl-C stops",
@@ -125,13 +122,24 @@ def _check_checkpoint(path: str | None, joining: bool) -> None:
     the one-line message); joining a cluster, a path only its nodes have is left to them."""
     if path is None:
         return
-    from pathlib import Path
-
     if joining and not Path(path).exists():
         return
     from raymoe.model.weights import Checkpoint
 
     Checkpoint(path).close()
+
+
+def _guided_args(request, args: argparse.Namespace) -> None:
+    """--json-schema FILE, --regex, --choice → GenerateRequest.guided_decoding (the server checks them)."""
+    if args.json_schema:
+        try:
+            request.guided_decoding.json_schema = Path(args.json_schema).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--json-schema: cannot read {args.json_schema} ({e})") from None
+    elif args.regex is not None:
+        request.guided_decoding.regex = args.regex
+    elif args.choice:
+        request.guided_decoding.choice.choice.extend(args.choice)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -153,6 +161,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise UserError(f"--prompt-ids must be comma-separated integers (got {args.prompt_ids!r})") from None
     else:
         request.prompt = args.prompt
+    _guided_args(request, args)
     with Client(args.target, api_key=args.api_key, app=args.app_name) as client:
         try:
             if args.wait_ready:

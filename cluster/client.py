@@ -19,6 +19,7 @@ UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ...) and a passed deadline are ra
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import AsyncIterator, Iterator
 
@@ -94,8 +95,6 @@ class Resumer:
 
 def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     """The metadata carrying the server's API key (the argument, else $RAYMOE_API_KEY; none: empty)."""
-    import os
-
     key = api_key if api_key is not None else os.environ.get("RAYMOE_API_KEY", "")
     return (("authorization", f"Bearer {key}"),) if key else ()
 
@@ -222,6 +221,10 @@ def completion_json(responses: list[pb.GenerateResponse]) -> dict:
            "logprobs": [lp for r in responses for lp in r.logprobs],
            "text": "".join(r.text for r in responses),
            "finish_reason": responses[-1].finish_reason if responses else None}
+    calls = [c for r in responses for c in r.tool_calls]
+    if calls:
+        out["tool_calls"] = [{"id": c.id, "type": c.type, "function": {"name": c.name, "arguments": c.arguments}}
+                             for c in calls]
     top = [row for r in responses for row in r.top_logprobs]
     if top:
         out["top_logprobs"] = [[{"token_id": a.token_id, "logprob": a.logprob} for a in row.alternatives]

@@ -12,6 +12,7 @@ import threading
 import time
 
 import torch
+from ray.util.metrics import Counter, Gauge, Histogram
 
 from raymoe.actors.metrics import LATENCY_BUCKETS
 
@@ -20,8 +21,6 @@ SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 
 class ServingMetrics:
     def __init__(self, num_layers: int, num_experts: int, flush_every_s: float = 1.0) -> None:
-        from ray.util.metrics import Counter, Gauge, Histogram
-
         self.routed = Counter("raymoe_routed_tokens", "Tokens routed to each expert (one per token and top-k slot)",
                               tag_keys=("layer", "expert"))
         self.requests = Counter("raymoe_requests", "Finished requests by final status", tag_keys=("status",))
@@ -37,6 +36,10 @@ class ServingMetrics:
         self.preemptions = Counter("raymoe_preemptions", "Running sequences preempted (memory freed, recomputed "
                                    "later) because the KV cache ran out")
         self._preemptions = 0
+        # Per tenant name (never per key: a key in a label would be in every scrape and dashboard)
+        self.tenant_requests = Counter("raymoe_tenant_requests", "Requests per tenant: all (requests) and those "
+                                       "refused by its quota (refused)", tag_keys=("tenant", "outcome"))
+        self.tenant_tokens = Counter("raymoe_tenant_tokens", "Tokens generated per tenant", tag_keys=("tenant",))
         self.ttft = Histogram("raymoe_time_to_first_token_seconds", "Request arrival to its first token",
                               boundaries=LATENCY_BUCKETS)
         self.itl = Histogram("raymoe_inter_token_latency_seconds", "Time between a stream's tokens",

@@ -9,7 +9,8 @@ the same limits either way. Every error is OpenAI-shaped JSON, {"error": {"messa
 Where raymoe differs from OpenAI, on purpose: `temperature` defaults to 0 (greedy), as in raymoe's
 gRPC API; `best_of`, `echo`, `suffix`, penalties, `logit_bias`, tools and response formats other
 than their neutral values are refused with a 400 naming the field rather than ignored. Extra
-fields raymoe understands: `top_k`, `ignore_eos`, `stop_token_ids`.
+fields raymoe understands: `top_k`, `ignore_eos`, `stop_token_ids`. Structured output
+(`response_format`, `tools`, `tool_choice`, `parallel_tool_calls`): cluster/openai_guided.py.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from .failures import classify
+from .openai_guided import parse_chat_tools, parse_response_format, plain_messages
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "n", "user",
           "presence_penalty", "frequency_penalty", "logit_bias", "top_k", "ignore_eos", "stop_token_ids"}
@@ -27,20 +29,19 @@ CHAT_FIELDS = COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_
                         "tools", "tool_choice", "parallel_tool_calls"}
 MAX_CHOICES = 64  # prompts × n in one request (each is a sequence of the engine)
 NEUTRAL = {"best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
-           "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
-           "tools": (None, []), "tool_choice": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
-           "response_format": (None, {"type": "text"})}
+           "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {})}
 
 
 class HttpError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers  # e.g. Retry-After
 
     def response(self) -> JSONResponse:
         return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+                                       "code": self.code}}, status_code=self.status, headers=self.headers)
 
 
 # build_request's field names (the gRPC API's) that an OpenAI endpoint spells otherwise, or lacks (None).
@@ -57,7 +58,9 @@ def http_error_for(error: BaseException, names: dict[str | None, str | None] = C
     param, message = names.get(failure.field, failure.field), failure.message
     if failure.field and param and param != failure.field and message.startswith(failure.field + " "):
         message = param + message[len(failure.field):]
-    return HttpError(failure.http_status, message, failure.http_type, param=param, code=failure.http_code)
+    headers = None if failure.retry_after_s is None else {"Retry-After": str(failure.retry_after_s)}
+    return HttpError(failure.http_status, message, failure.http_type, param=param, code=failure.http_code,
+                     headers=headers)
 
 
 # --- parsing -----------------------------------------------------------------------------------
@@ -141,22 +144,9 @@ def parse_chat(body: dict) -> tuple[dict, list[dict], bool, bool, bool]:
     kw = _common(body, CHAT_FIELDS)
     if body.get("max_completion_tokens") is not None:
         kw["max_tokens"] = _typed(body, "max_completion_tokens", (int,), "an integer")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise HttpError(400, "messages must be a non-empty list", param="messages")
-    plain = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise HttpError(400, f"messages[{i}] must be an object with a string role", param="messages")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: text only
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise HttpError(400, f"messages[{i}].content: only text parts are supported", param="messages")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise HttpError(400, f"messages[{i}].content must be a string", param="messages")
-        plain.append({**{k: v for k, v in m.items() if k != "content"}, "content": content})
+    plain = plain_messages(body.get("messages"))
+    kw["guided"] = parse_response_format(body)
+    kw["tools"] = parse_chat_tools(body)
     want_logprobs = _typed(body, "logprobs", (bool,), "a boolean")
     top = _typed(body, "top_logprobs", (int,), "an integer")
     if top and not want_logprobs:

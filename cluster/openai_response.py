@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from .openai_guided import ToolCallStream, chat_message
 from .openai_request import CHAT_NAMES, COMPLETION_NAMES, http_error_for
 
 
@@ -26,8 +27,10 @@ class CompletionView:
     (prompt, k < n), each its own sequence of the engine."""
 
     def __init__(self, owner, reqs: list, n: int, obj: str, prefix: str, chat: bool = False,
-                 logprobs: bool = False) -> None:
+                 logprobs: bool = False, tools=None, share=None) -> None:
         self.owner, self.reqs, self.n, self.obj, self.chat, self.logprobs = owner, reqs, n, obj, chat, logprobs
+        self.share = share  # the tenant's Owner of every choice's sequence (cluster/engine_loop.py)
+        self.tools = tools if tools is not None and tools.active else None  # the answers may be tool calls
         self.names = CHAT_NAMES if chat else COMPLETION_NAMES  # the endpoint's spelling of the fields in errors
         self.id, self.created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
         self.choices = [(r, k) for r in reqs for k in range(n)]  # index p·n + k
@@ -38,7 +41,7 @@ class CompletionView:
         params = r.params
         if k and params.seed is not None:  # choice k samples with its own seed (without one: random each)
             params = dataclasses.replace(params, seed=(params.seed + k) % 2**64)
-        return self.owner.loop.generate(r.prompt_ids, params, r.stop)
+        return self.owner.loop.generate(r.prompt_ids, params, r.stop, owner=self.share)
 
     def _usage(self, completion_tokens: int) -> dict:
         n = sum(len(r.prompt_ids) for r in self.reqs)
@@ -81,6 +84,9 @@ class CompletionView:
         if delta:
             d = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
             return {"index": index, "delta": d, "logprobs": lp, "finish_reason": finish}
+        if self.tools is not None:
+            message, finish = chat_message(text, self.tools, finish)
+            return {"index": index, "message": message, "logprobs": lp, "finish_reason": finish}
         return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": lp,
                 "finish_reason": finish}
 
@@ -128,11 +134,17 @@ class CompletionView:
 
     async def _events(self, firsts: list, gens: list, usage_in_stream: bool) -> AsyncIterator[str]:
         done = [0] * len(gens)
+        calls = [ToolCallStream() for _ in gens] if self.tools is not None else None
         try:
             async with contextlib.aclosing(_merge(firsts, gens)) as merged:  # a client gone mid-stream aborts now
                 async for i, c, is_first in merged:
                     done[i] = c.completion_tokens
                     choice = self._choice(i, c.text, [c], c.finish_reason, delta=True, first=is_first)
+                    if calls is not None:  # text, or tool calls held to their end
+                        delta, _, was_call = calls[i].push(c.text, c.finish_reason is not None)
+                        choice["delta"] = {**({"role": "assistant"} if is_first else {}), **(delta or {})}
+                        if was_call and c.finish_reason == "stop":
+                            choice["finish_reason"] = "tool_calls"
                     yield f"data: {json.dumps(self._envelope([choice], None, True, usage_field=usage_in_stream))}\n\n"
             if usage_in_stream:
                 yield f"data: {json.dumps(self._envelope([], self._usage(sum(done)), True))}\n\n"

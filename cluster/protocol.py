@@ -6,23 +6,67 @@ raise InvalidRequest naming the field; the ingress turns that into INVALID_ARGUM
 
 from __future__ import annotations
 
+import json
+
 from raymoe.protos import generator_pb2 as pb
 from raymoe.model.config import ModelConfig
+from raymoe.model.errors import InvalidRequest
+from raymoe.model.guided import GrammarCache, GuidedSpec
 from raymoe.model.tokenizer import Tokenizer
 
 from .engine_loop import Chunk
-from .requests import Request, RequestLimits, build_request
+from .requests import Request, RequestLimits, build_request, check_counts
+from .tools import parse_tools
+
+
+def guided_spec(req: pb.GenerateRequest) -> GuidedSpec | None:
+    """GenerateRequest.guided_decoding as a spec (None when unset); InvalidRequest names the field."""
+    if not req.HasField("guided_decoding"):
+        return None
+    g = req.guided_decoding
+    kind = g.WhichOneof("kind")
+    field = f"guided_decoding.{kind}"
+    if kind is None:
+        raise InvalidRequest("guided_decoding is set but empty: set one of json_schema, json_object, regex, "
+                             "choice, grammar", "guided_decoding")
+    if kind == "json_object":
+        return GuidedSpec("json_object", "", field) if g.json_object else None
+    if kind == "choice":
+        return GuidedSpec("choice", json.dumps(list(g.choice.choice)), field)
+    text = getattr(g, kind)
+    if not text:
+        raise InvalidRequest(f"{field} is empty", field)
+    return GuidedSpec(kind, text, field)
+
+
+def _tools(req: pb.GenerateRequest):
+    tools = []
+    for i, t in enumerate(req.tools):
+        try:
+            params = json.loads(t.parameters) if t.parameters else None
+        except json.JSONDecodeError as e:
+            raise InvalidRequest(f"tools[{i}].parameters is not JSON ({e})", "tools") from None
+        tools.append({"type": "function", "function": {"name": t.name, "description": t.description,
+                                                       "parameters": params}})
+    names = {t.name for t in req.tools}
+    choice = req.tool_choice or None
+    if choice not in (None, "none", "auto", "required"):
+        choice = {"type": "function", "function": {"name": choice}} if choice in names else choice
+    return parse_tools(tools, choice, req.parallel_tool_calls if req.HasField("parallel_tool_calls") else None)
+
 
 def parse_request(req: pb.GenerateRequest, cfg: ModelConfig, limits: RequestLimits,
-                  tokenizer: Tokenizer | None) -> Request:
+                  tokenizer: Tokenizer | None, grammars: GrammarCache | None = None) -> Request:
     """A GenerateRequest as the engine's request; InvalidRequest names the field at fault."""
+    check_counts(cfg, limits, prompt_ids=len(req.prompt_token_ids), stop=len(req.stop),
+                 stop_token_ids=len(req.stop_token_ids), resume_ids=len(req.resume_token_ids))
     return build_request(
         cfg, limits, tokenizer, prompt=req.prompt or None, prompt_ids=list(req.prompt_token_ids),
         max_tokens=req.max_tokens or None, temperature=req.temperature if req.HasField("temperature") else None,
         top_p=req.top_p if req.HasField("top_p") else None, top_k=req.top_k,
         seed=req.seed if req.HasField("seed") else None, logprobs=req.logprobs, stop=list(req.stop),
         stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, resume_ids=req.resume_token_ids,
-        resume_text_bytes=req.resume_text_bytes)
+        resume_text_bytes=req.resume_text_bytes, guided=guided_spec(req), grammars=grammars, tools=_tools(req))
 
 
 def _top(rows: list[list[tuple[int, float]]]) -> list[pb.TopLogprobs]:
@@ -30,13 +74,17 @@ def _top(rows: list[list[tuple[int, float]]]) -> list[pb.TopLogprobs]:
 
 
 def chunk_response(chunk: Chunk, prompt_ids: list[int] | None, with_top: bool,
-                   seed: int | None = None) -> pb.GenerateResponse:
-    """prompt_ids and seed go on the first chunk of a stream (and on a unary response)."""
+                   seed: int | None = None, tool_calls: list[dict] | None = None) -> pb.GenerateResponse:
+    """prompt_ids and seed go on the first chunk of a stream (and on a unary response); tool_calls
+    (read_calls of the whole text) on the last, whose finish_reason becomes "tool_calls"."""
+    finish = "tool_calls" if tool_calls and chunk.finish_reason == "stop" else chunk.finish_reason or ""
+    calls = [pb.ToolCall(id=c["id"], type=c["type"], name=c["function"]["name"],
+                         arguments=c["function"]["arguments"]) for c in tool_calls or ()]
     return pb.GenerateResponse(
         text=chunk.text, token_ids=chunk.token_ids, logprobs=chunk.logprobs,
-        top_logprobs=_top(chunk.top) if with_top else [], finish_reason=chunk.finish_reason or "",
+        top_logprobs=_top(chunk.top) if with_top else [], finish_reason=finish,
         usage=pb.Usage(prompt_tokens=len(prompt_ids or ()), completion_tokens=chunk.completion_tokens),
-        prompt_token_ids=prompt_ids or [], seed=seed,
+        prompt_token_ids=prompt_ids or [], seed=seed, tool_calls=calls,
     )
 
 

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
+import time
 from typing import Any
 
+import ray
 import torch
 
+from raymoe.actors.pool import named_pools
+from raymoe.actors.pool_host import request_shared_pool, shared_pool
+from raymoe.actors.remote_experts import remote_experts_factory
 from raymoe.model.config import resolve_dtype
 from raymoe.model.default import default_checkpoint
 from raymoe.model.engine import Engine
+from raymoe.model.progress import progress_line
 from raymoe.model.tokenizer import Tokenizer
 from raymoe.model.weights import Checkpoint, load_model
 
@@ -24,11 +32,6 @@ ACTOR_STATE = {"READY": "ALIVE"}  # an actor's load state as ModelInfo names it 
 
 def _progress_logger(every_s: float = 2.0):
     """An on_progress callback writing a line to the replica's log at most every `every_s`."""
-    import logging
-    import time
-
-    from raymoe.model.progress import progress_line
-
     last = [0.0]
 
     def log(snapshots: list[dict]) -> None:
@@ -62,8 +65,6 @@ def prestart_pool(s: ServeSettings) -> None:
     finally:
         ckpt.close()
     if request is not None:
-        from raymoe.actors.pool_host import request_shared_pool
-
         request_shared_pool(*request, s.app_name)
 
 
@@ -77,10 +78,6 @@ def build_engine_loop(s: ServeSettings) -> tuple[EngineLoop, dict[str, Any]]:
     tokenizer = Tokenizer(ckpt.dir) if (ckpt.dir / "tokenizer.model").exists() else None
     factory, pool, request, replacing = None, None, pool_request(s, ckpt), False
     if request is not None:
-        from raymoe.actors.pool import named_pools
-        from raymoe.actors.pool_host import shared_pool
-        from raymoe.actors.remote_experts import remote_experts_factory
-
         pool = shared_pool(*request, s.app_name)
         factory = remote_experts_factory(pool)
         # Another pool of this server still serves: a redeploy with other settings, whose old
@@ -138,9 +135,6 @@ class PoolHealth:
     tolerated). Without a pool, always healthy."""
 
     def __init__(self, pool, stale_s: float = 15.0) -> None:
-        import threading
-        import time
-
         every_s = stale_s / 5
         self.pool, self.stale_s, self._clock = pool, stale_s, time.monotonic
         self.last_ok: dict[int, float] = {}  # actor id → when it last answered (first seen: now)
@@ -163,8 +157,6 @@ class PoolHealth:
         return [self.pool.actor_name(i) for i, t in self._current().items() if now - t >= self.stale_s]
 
     def _run(self, every_s: float) -> None:
-        import ray
-
         while not self._stop.wait(every_s):
             ids = list(self._current())
             refs = [self.pool.actors[i].ping.remote() for i in ids]

@@ -14,8 +14,11 @@ from typing import Sequence
 
 from raymoe.model.config import ModelConfig
 from raymoe.model.errors import InvalidRequest
+from raymoe.model.guided import GrammarCache, GuidedSpec
 from raymoe.model.sampling import GREEDY_BELOW, MAX_TEMPERATURE, SamplingParams, default_max_tokens
 from raymoe.model.tokenizer import Tokenizer
+
+from .tools import ToolRequest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +46,26 @@ class Request:
     stop: list[str]
     resume_ids: list[int] = dataclasses.field(default_factory=list)  # tokens already delivered
     resume_text_bytes: int = 0  # UTF-8 bytes of text already delivered for them
+    tools: ToolRequest = ToolRequest((), "none")  # the answer is read back as tool calls when active
+
+
+def check_counts(cfg: ModelConfig, limits: RequestLimits, *, prompt_ids: int = 0, stop: int = 0,
+                 stop_token_ids: int = 0, resume_ids: int = 0) -> None:
+    """The lengths of a request's lists, checked before they are copied or looked at (a hostile
+    message may carry millions of entries): the same limits build_request applies."""
+    ctx = cfg.max_position_embeddings
+    max_prompt = limits.max_prompt_tokens or ctx - 1
+    if prompt_ids > max_prompt:
+        raise InvalidRequest(f"prompt has {prompt_ids} tokens; the limit is {max_prompt}", "prompt")
+    if stop > limits.max_stop_strings:
+        raise InvalidRequest(f"at most {limits.max_stop_strings} stop strings are allowed (got {stop})", "stop")
+    if stop_token_ids > limits.max_stop_token_ids:
+        raise InvalidRequest(f"at most {limits.max_stop_token_ids} stop_token_ids are allowed "
+                             f"(got {stop_token_ids})", "stop_token_ids")
+    most = min(limits.max_tokens or ctx, ctx - 1)
+    if resume_ids > most:
+        raise InvalidRequest(f"resume_token_ids has {resume_ids} tokens; at most {most} can have been generated",
+                             "resume_token_ids")
 
 
 def build_request(cfg: ModelConfig, limits: RequestLimits, tokenizer: Tokenizer | None, *,
@@ -50,8 +73,11 @@ def build_request(cfg: ModelConfig, limits: RequestLimits, tokenizer: Tokenizer 
                   max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
                   top_k: int | None = None, seed: int | None = None, logprobs: int | None = None,
                   stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
-                  add_bos: bool = True, resume_ids: Sequence[int] = (), resume_text_bytes: int = 0) -> Request:
-    """Check every field against the model and the limits; None means "not set" (the default)."""
+                  add_bos: bool = True, resume_ids: Sequence[int] = (), resume_text_bytes: int = 0,
+                  guided: GuidedSpec | None = None, grammars: GrammarCache | None = None,
+                  tools: ToolRequest | None = None) -> Request:
+    """Check every field against the model and the limits; None means "not set" (the default).
+    `guided` is compiled here (through the replica's grammar cache), before any work is queued."""
     if (prompt is not None and prompt != "") == bool(prompt_ids):
         raise InvalidRequest("give exactly one of prompt and prompt_token_ids" if prompt
                              else "the prompt is empty: set prompt or prompt_token_ids", "prompt")
@@ -65,6 +91,7 @@ def build_request(cfg: ModelConfig, limits: RequestLimits, tokenizer: Tokenizer 
                                  f"{max_prompt} tokens)", "prompt")
         ids = tokenizer.encode(prompt, bos=add_bos)
     else:
+        check_counts(cfg, limits, prompt_ids=len(prompt_ids))  # type: ignore[arg-type]
         ids = [int(t) for t in prompt_ids]  # type: ignore[union-attr]
     if len(ids) > max_prompt:
         raise InvalidRequest(f"prompt has {len(ids)} tokens; the limit is {max_prompt}", "prompt")
@@ -103,6 +130,7 @@ def build_request(cfg: ModelConfig, limits: RequestLimits, tokenizer: Tokenizer 
     if not 0 <= lp <= limits.max_logprobs:
         raise InvalidRequest(f"logprobs must be between 0 and {limits.max_logprobs} (got {lp})", "logprobs")
 
+    check_counts(cfg, limits, stop=len(stop), stop_token_ids=len(stop_token_ids))
     stop = list(stop)
     if len(stop) > limits.max_stop_strings:
         raise InvalidRequest(f"at most {limits.max_stop_strings} stop strings are allowed (got {len(stop)})", "stop")
@@ -118,7 +146,11 @@ def build_request(cfg: ModelConfig, limits: RequestLimits, tokenizer: Tokenizer 
     if bad is not None:
         raise InvalidRequest(f"stop token id {bad} is outside the vocabulary [0, {cfg.vocab_size})", "stop_token_ids")
 
+    check_counts(cfg, limits, resume_ids=len(resume_ids))
     resumed = [int(r) for r in resume_ids]
+    if len(ids) + len(resumed) > ctx:  # implied by the checks of max_tokens below; said first, plainly
+        raise InvalidRequest(f"prompt ({len(ids)} tokens) + resume_token_ids ({len(resumed)}) exceed the "
+                             f"model's {ctx}-token context", "resume_token_ids")
     if len(resumed) > n:
         raise InvalidRequest(f"resume_token_ids has {len(resumed)} tokens, more than max_tokens ({n})",
                              "resume_token_ids")
@@ -130,8 +162,24 @@ def build_request(cfg: ModelConfig, limits: RequestLimits, tokenizer: Tokenizer 
         raise InvalidRequest("resume_text_bytes needs resume_token_ids", "resume_text_bytes")
     if resumed and t > 0 and seed is None:
         raise InvalidRequest("resuming a sampled generation needs its seed (the first response's `seed`)", "seed")
+    compiled = None
+    tools = tools or ToolRequest((), "none")
+    if tools.active:
+        if guided is not None:
+            raise InvalidRequest(f"{guided.field} cannot be combined with tool calls (set tool_choice to none)",
+                                 guided.field)
+        guided = tools.spec()
+    if guided is not None:
+        if grammars is None:
+            raise InvalidRequest("guided decoding needs the model's tokenizer, and this model has none", guided.field)
+        if ignore_eos:
+            raise InvalidRequest("ignore_eos cannot be combined with guided decoding (the grammar decides where "
+                                 "the answer ends)", "ignore_eos")
+        compiled = grammars.compile(guided)
+        if resume_ids:  # resumed tokens that leave the grammar: refused now, not once queued
+            compiled.guide().replay([int(r) for r in resume_ids])
     params = SamplingParams(max_tokens=n, temperature=t, top_p=p, top_k=k, seed=None if seed is None else int(seed),
-                            logprobs=lp, stop_token_ids=stops, ignore_eos=bool(ignore_eos))
+                            logprobs=lp, stop_token_ids=stops, ignore_eos=bool(ignore_eos), guided=compiled)
     # The seed is fixed here, so the first response can tell the client which one to resume with.
     params = dataclasses.replace(params, seed=params.effective_seed())
-    return Request(ids, params, stop, resumed, int(resume_text_bytes))
+    return Request(ids, params, stop, resumed, int(resume_text_bytes), tools)

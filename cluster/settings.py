@@ -13,8 +13,7 @@ import re
 from typing import Any
 
 from raymoe.actors import EXPERT_DEVICES, TRANSPORTS
-from raymoe.model.config import DTYPE_CHOICES
-from raymoe.model.quant import check_quantization
+from raymoe.model.config import DTYPE_CHOICES, check_quantization
 
 APP_NAME = "raymoe"  # the default application name (each server in one Ray cluster needs its own)
 DEPLOYMENT_NAME = "Generator"
@@ -75,6 +74,11 @@ class ServeSettings:
     max_stop_chars: int = 256  # per stop string
     max_stop_token_ids: int = 64
     max_logprobs: int = 20  # top alternatives per token (gRPC logprobs, OpenAI logprobs / top_logprobs)
+    # Guided decoding (response_format, tools, GenerateRequest.guided_decoding): a larger spec, or one
+    # slower to compile, is refused with INVALID_ARGUMENT / 400; compiled grammars kept per replica.
+    guided_max_spec_bytes: int = 65536
+    guided_compile_timeout_s: float = 10.0
+    guided_cache_size: int = 256
     replica_num_cpus: float = 1.0
     replica_num_gpus: float = 0.0  # > 0: the front replica (attention, KV cache, dense layers) runs on a GPU
     replica_resources: dict[str, float] = dataclasses.field(default_factory=dict)  # custom Ray resources per replica
@@ -91,6 +95,17 @@ class ServeSettings:
     # old replicas keep the traffic until the new ones can serve), nor with True: up only once the
     # experts are loaded (a RayService upgrade then moves traffic only to a cluster that serves).
     ready_when_loaded: bool = False
+    # What /v1/models and ModelInfo call the model ("" → the checkpoint directory's name); requests
+    # naming another model get 404. Never the path: clients learn nothing of the server's files.
+    served_model_name: str = ""
+    # YAML of tenants (keys, admin role, quotas, weights; cluster/tenants.py), read by every replica
+    # (the path must exist on its node: a mounted Secret in Kubernetes) and reloaded when it changes.
+    tenants_file: str = ""
+    # Bound on ScaleExperts' `actors` (0 → the model's experts per layer × expert_replicas, and at
+    # least expert_actors and the autoscaling maximum: more actors than that would hold nothing).
+    max_expert_actors: int = 0
+    # The largest gRPC message Serve's proxy accepts (RESOURCE_EXHAUSTED beyond it, before parsing).
+    max_message_bytes: int = 8 << 20
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", self.app_name):
@@ -128,7 +143,16 @@ class ServeSettings:
             raise ValueError(f"stream_messages_per_s must be >= 0 (got {self.stream_messages_per_s})")
         if not 0 <= self.stream_interval_ms <= 10_000:
             raise ValueError(f"stream_interval_ms must be between 0 and 10000 (got {self.stream_interval_ms})")
+        if not 1 << 16 <= self.max_message_bytes < 1 << 31:
+            raise ValueError(f"max_message_bytes must be between 64 KiB and 2 GiB (got {self.max_message_bytes})")
+        if self.served_model_name != self.served_model_name.strip() or len(self.served_model_name) > 256:
+            raise ValueError(f"served_model_name must be at most 256 characters without surrounding spaces "
+                             f"(got {self.served_model_name!r})")
+        if self.max_expert_actors < 0:
+            raise ValueError(f"max_expert_actors must be >= 0 (got {self.max_expert_actors})")
         self.request_limits()  # validates the limits
+        if self.guided_max_spec_bytes < 1 or self.guided_compile_timeout_s <= 0 or self.guided_cache_size < 1:
+            raise ValueError("guided_max_spec_bytes, guided_compile_timeout_s and guided_cache_size must be positive")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "ServeSettings":
@@ -151,8 +175,14 @@ class ServeSettings:
         needed = self.replicas * self.replica_num_cpus + self.expert_actors * self.expert_num_cpus
         return max(os.cpu_count() or 1, math.ceil(needed) + 1)
 
+    def guided_limits(self):
+        from raymoe.model.guided import GuidedLimits  # here: model.guided imports torch
+
+        return GuidedLimits(max_spec_bytes=self.guided_max_spec_bytes,
+                            compile_timeout_s=self.guided_compile_timeout_s, cache_size=self.guided_cache_size)
+
     def request_limits(self):
-        from .requests import RequestLimits
+        from .requests import RequestLimits  # here: it imports torch, and settings load at CLI start-up
 
         return RequestLimits(max_prompt_tokens=self.max_prompt_tokens, max_tokens=self.max_tokens_limit,
                              max_stop_strings=self.max_stop_strings, max_stop_chars=self.max_stop_chars,
@@ -170,7 +200,7 @@ class ServeSettings:
         each front replica), quantized as asked here or by the checkpoint (`quantization`)."""
         if not self.expert_actors:
             return None
-        from raymoe.actors.pool import PoolConfig
+        from raymoe.actors.pool import PoolConfig  # here: it imports Ray (settings load at CLI start-up)
 
         return PoolConfig(num_actors=self.expert_actors, replicas=self.expert_replicas, num_cpus=self.expert_num_cpus,
                           resources=dict(self.expert_resources), dtype=dtype,
@@ -205,9 +235,16 @@ class ServeSettings:
             opts["num_replicas"] = self.replicas
         return opts
 
+    def proxy_env(self) -> dict[str, str]:
+        """Environment of Serve's controller, which its proxies inherit: Serve's proxy reads its
+        gRPC message bound from RAY_SERVE_GRPC_MAX_MESSAGE_SIZE (ray.serve._private.constants),
+        applied as grpc.max_receive_message_length (the proxy answers RESOURCE_EXHAUSTED beyond it)."""
+        return {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(self.max_message_bytes)}
+
     def serve_config(self) -> dict[str, Any]:
         """A Serve config (the `serveConfigV2` of a RayService) deploying exactly this."""
         return {
+            "controller_options": {"runtime_env": {"env_vars": self.proxy_env()}},
             "grpc_options": {"port": self.grpc_port, "grpc_servicer_functions": SERVICER_FUNCTIONS,
                              "request_timeout_s": self.request_timeout_s},
             "http_options": {"host": self.http_host, "port": self.http_port,

@@ -19,6 +19,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from .tokenizer import Tokenizer
 
 
@@ -34,10 +38,6 @@ def _token_text(value: Any) -> str | None:
 
 class ChatTemplate:
     def __init__(self, template: str, special_tokens: dict[str, str], added: dict[str, int]) -> None:
-        import jinja2
-        import jinja2.ext
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
         def raise_exception(message: str):
             raise jinja2.exceptions.TemplateError(message)
 
@@ -53,6 +53,8 @@ class ChatTemplate:
             self.template = env.from_string(template)
         except jinja2.exceptions.TemplateError as e:
             raise ChatError(f"the checkpoint's chat template does not compile: {e}") from None
+        # A template that reads `tools` renders them itself (Mistral's [AVAILABLE_TOOLS] ...).
+        self.uses_tools = "tools" in template
         self.special_tokens = special_tokens  # bos_token, eos_token, ... → their text
         self.added = added  # special token text → id, from added_tokens_decoder
         self._jinja = jinja2
@@ -82,14 +84,15 @@ class ChatTemplate:
                 added[_token_text(info)] = int(token_id)
         return cls(template, specials, added)
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+               tools: list[dict] | None = None) -> str:
         if not isinstance(messages, list) or not messages:
             raise ChatError("messages must be a non-empty list")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise ChatError(f"messages[{i}] must be an object with a string role")
-        try:  # tools and documents as transformers passes them when there are none
-            return self.template.render(messages=messages, tools=None, documents=None,
+        try:  # tools and documents as transformers passes them (None when there are none)
+            return self.template.render(messages=messages, tools=tools, documents=None,
                                         add_generation_prompt=add_generation_prompt, **self.special_tokens)
         except self._jinja.exceptions.TemplateError as e:
             raise ChatError(f"the chat template refused the conversation: {e}") from None
@@ -116,5 +119,6 @@ class ChatTemplate:
             ids += tokenizer.encode(text[start:], bos=False)
         return ids
 
-    def prompt_ids(self, tokenizer: Tokenizer, messages: list[dict[str, Any]]) -> list[int]:
-        return self.encode(tokenizer, self.render(messages))
+    def prompt_ids(self, tokenizer: Tokenizer, messages: list[dict[str, Any]],
+                   tools: list[dict] | None = None) -> list[int]:
+        return self.encode(tokenizer, self.render(messages, tools=tools))

@@ -54,13 +54,8 @@ class ModelConfig:
             if not ok:
                 raise ConfigError(message)
 
-    # Derived sizes, used for memory accounting and reports.
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Elements of K and V for one token across all layers (multiply by the dtype size)."""
-        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
-
     def num_parameters(self) -> int:
+        """For reports (the demo's summary, the benchmarks)."""
         d, f, e = self.hidden_size, self.intermediate_size, self.num_local_experts
         attn = d * self.num_attention_heads * self.head_dim * 2 + d * self.num_key_value_heads * self.head_dim * 2
         per_layer = attn + e * 3 * d * f + e * d + 2 * d
@@ -142,9 +137,19 @@ class ModelConfig:
 
 
 SERVED_DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_CHOICES = ("auto", *SERVED_DTYPES)  # what --dtype and ServeSettings.dtype take (auto: resolve_dtype)
 # how experts may be stored (model/quant.py): int8 weight-only per output channel, vLLM's name
 QUANTIZATIONS = ("experts_int8",)
-DTYPE_CHOICES = ("auto", *SERVED_DTYPES)  # what --dtype and ServeSettings.dtype take (auto: resolve_dtype)
+
+
+def check_quantization(name: str | None) -> str | None:
+    """None (or "" / "none") for unquantized, else a known name; anything else is a ValueError.
+    Here, beside the names, so that the settings check it without importing torch (CLI start-up)."""
+    if name in (None, "", "none"):
+        return None
+    if name not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (got {name!r})")
+    return name
 
 
 def _dtype_name(value: Any) -> str:

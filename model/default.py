@@ -19,7 +19,7 @@ def default_checkpoint() -> Path:
         return PACKAGED
     target = cache_dir() / "default-tiny"
     if not target.exists():  # created under a temporary name and renamed, so it is complete or absent
-        from .presets import init_checkpoint
+        from .presets import init_checkpoint  # only here: it imports torch, and this module stays light
 
         tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
         init_checkpoint("tiny", tmp)

@@ -25,14 +25,19 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from .completion import complete
 from .config import ModelConfig
+from .default import default_checkpoint
+from .engine import Engine
 from .export import save_checkpoint
 from .moe import MoEBlock
 from .presets import random_model
+from .sampling import SamplingParams
 from .step import build_layout
 from .synthetic import addition
 from .tokenizer import Tokenizer, train_tokenizer
 from .transformer import Mixtral
+from .weights import load_model
 
 MAX_DIGITS = 3
 HOLDOUT_BUCKETS = 20  # one pair in 20 is held out for evaluation
@@ -323,10 +328,6 @@ def local_generate(checkpoint: str | Path, *, batch_size: int = 64, max_tokens: 
                    quantization: str | None = None) -> GenerateFn:
     """Greedy answers from the engine in this process (as `raymoe run`); experts_factory and
     quantization (of local experts) as in load_model."""
-    from .completion import complete
-    from .engine import Engine
-    from .sampling import SamplingParams
-    from .weights import load_model
 
     model = load_model(checkpoint, dtype=dtype, experts_factory=experts_factory, quantization=quantization)
     tok = Tokenizer(checkpoint)
@@ -351,8 +352,6 @@ def evaluate(checkpoint: str | Path | None = None, n: int = 500, seed: int = EVA
     `generate` (prompts → answers) replaces the in-process model, e.g. with remote experts or a server."""
     if generate is None:
         if checkpoint is None:
-            from .default import default_checkpoint
-
             checkpoint = default_checkpoint()
         generate = local_generate(checkpoint, batch_size=batch_size, quantization=quantization)
     problems = eval_problems(n, seed)

@@ -18,18 +18,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import QUANTIZATIONS
+from .config import check_quantization  # noqa: F401 — callers import it from here too
 
 QUANT_CHUNK_ROWS = 1024  # rows quantized at once: bounds the float32 temporary to 1024 × D
-
-
-def check_quantization(name: str | None) -> str | None:
-    """None (or "" / "none") for unquantized, else a known name; anything else is a ValueError."""
-    if name in (None, "", "none"):
-        return None
-    if name not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (got {name!r})")
-    return name
 
 
 class Int8Stack:

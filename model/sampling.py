@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from typing import Any
 
 import torch
 
@@ -42,6 +43,9 @@ class SamplingParams:
     logprobs: int = 0  # number of top alternatives to report per token
     stop_token_ids: frozenset[int] | tuple[int, ...] = frozenset()
     ignore_eos: bool = False
+    # A CompiledGuide (model/guided.py): every token is sampled under its grammar's mask. Not part of
+    # equality: the spec's hash identifies it.
+    guided: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.stop_token_ids, frozenset):  # membership is tested once per token
@@ -93,12 +97,17 @@ class Sampled:
     failed: list[int] = dataclasses.field(default_factory=list)  # rows whose logits were not finite
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], positions: list[int]) -> Sampled:
-    """logits [B, V] float32 → one token per row; row b draws uniform(seeds[b], positions[b])."""
+def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], positions: list[int],
+           allowed: torch.Tensor | None = None) -> Sampled:
+    """logits [B, V] float32 → one token per row; row b draws uniform(seeds[b], positions[b]).
+    allowed [B, V] bool (guided decoding): only those tokens can be drawn, and the logprobs are of
+    the distribution renormalised over them (what was really sampled from)."""
     finite = torch.isfinite(logits).all(dim=-1)
     failed = [] if bool(finite.all()) else torch.nonzero(~finite).squeeze(1).tolist()
     if failed:  # keep the bad rows from producing NaNs anywhere; their results are discarded
         logits = logits.masked_fill(~finite[:, None], 0.0)
+    if allowed is not None:  # after the finiteness check: masked tokens are -inf on purpose
+        logits = logits.masked_fill(~allowed, float("-inf"))
     logp = torch.log_softmax(logits, dim=-1)  # [B, V]
     chosen = torch.argmax(logits, dim=-1)
     rows = [b for b, p in enumerate(params) if not p.greedy]

@@ -15,6 +15,7 @@ from typing import Iterable
 import torch
 
 from .config import ModelConfig
+from .moe import Int8LocalExperts
 from .progress import LoadProgress
 from .quant import Int8Stack, check_quantization, quantize_rows_into
 from .safetensors_file import SafetensorsError, SafetensorsFile
@@ -260,8 +261,6 @@ def _load(ckpt: Checkpoint, dtype: torch.dtype, experts_factory: ExpertsFactory 
     cfg = ckpt.config
     int8 = experts_factory is None and bool(quantization or ckpt.quantization)
     if int8:
-        from .moe import Int8LocalExperts
-
         experts_factory = lambda layer: Int8LocalExperts(  # noqa: E731 — filled from the state below
             cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size, dtype)
     if progress is not None:

@@ -1,7 +1,8 @@
 """Shared fixtures: small checkpoints and models, and a cache-free reference decoder.
 
-Everything here is tiny (hidden 64, 2 layers) so the whole suite runs in well under a minute on
-two CPU cores. Session-scoped fixtures are read-only: tests that modify a checkpoint copy it first.
+Everything here is tiny (hidden 64, 2 layers) so that the model's own tests take seconds on two CPU
+cores; the suite's time goes to starting Ray, Serve and expert actors (see the README for the
+fast loop and the full run). Session-scoped fixtures are read-only: tests that modify a checkpoint copy it first.
 """
 
 from __future__ import annotations
@@ -82,3 +83,15 @@ def ref():
         greedy = staticmethod(greedy_reference)
         make_model = staticmethod(make_model)
     return Ref
+
+
+@pytest.fixture(scope="session")
+def small_preset(tmp_path_factory):
+    """(model, tokenizer) of the `small` preset exactly as `raymoe init-model --preset small` makes them
+    (seed 0), kept in memory (writing the 95M parameters out and back would only add time)."""
+    from raymoe.model.synthetic import corpus
+    from raymoe.model.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(corpus(0, 4000), tmp_path_factory.mktemp("small") / "tokenizer.model",
+                          PRESETS["small"].vocab_size)
+    return random_model(PRESETS["small"], 0), tok

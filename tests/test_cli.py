@@ -79,6 +79,15 @@ def test_run_streams_text(capsys, tiny_dir):
     assert capsys.readouterr().out.endswith("\n")
 
 
+def test_the_command_line_starts_without_torch_ray_or_grpc():
+    """Parsing (and a bad flag's message) needs none of the heavy modules: the CLI imports them in the
+    commands that use them (the one reason for function-local imports there)."""
+    probe = ("import sys, raymoe.cli.main, raymoe.cli.commands, raymoe.cli.serve_flags; "
+             "print(sorted(m for m in ('torch', 'ray', 'grpc', 'jinja2') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_run_without_max_tokens_takes_the_default_of_every_door(capsys, tiny_dir, tiny_model):
     """One default for a request without max_tokens: `raymoe run`, the gRPC and HTTP doors
     (build_request) and SamplingParams; near the end of the context it shrinks instead of failing."""

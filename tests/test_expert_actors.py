@@ -13,7 +13,8 @@ import torch
 ray = pytest.importorskip("ray")
 
 from raymoe.actors.expert_actor import ExpertActor, from_wire, pack, unpack  # noqa: E402
-from raymoe.actors.pool import ExpertPool, ExpertsUnavailable, PoolConfig  # noqa: E402
+from raymoe.actors.errors import ExpertsUnavailable  # noqa: E402
+from raymoe.actors.pool import ExpertPool, PoolConfig  # noqa: E402
 from raymoe.actors.remote_experts import RemoteExperts, remote_experts_factory  # noqa: E402
 from expert_helpers import assert_same_generation, generate, reference, write_checkpoint  # noqa: E402
 from raymoe.model.moe import LocalExperts, route  # noqa: E402
@@ -117,9 +118,10 @@ def test_stats_report_hosting_bytes_and_tokens(pool):
     RemoteExperts(1, pool)(*routed(cfg, 11, seed=7))
     after = pool.stats()
     per_expert = 3 * cfg.hidden_size * cfg.intermediate_size * 4  # w1, w3, w2 in fp32
-    for spec, s in zip(pool.placement.actors, after):
-        assert s["name"] == spec.name and s["experts"] == list(spec.experts) and s["layers"] == [0, 1]
-        assert s["weight_bytes"] == per_expert * len(spec.experts) * cfg.num_hidden_layers
+    for spec, s in zip(pool.plan.actors, after):
+        assert s["name"] == spec.label and s["experts"] == list(spec.experts[0]) and s["layers"] == [0, 1]
+        assert spec.experts[1] == spec.experts[0]  # the startup plan: the same experts in every layer
+        assert s["weight_bytes"] == per_expert * len(spec.experts[0]) * cfg.num_hidden_layers
         assert s["device"] == "cpu" and s["threads"] == 1 and s["node_id"]
     # every (token, expert) pair is computed exactly once, by one of its expert's replicas
     assert sum(a["tokens"] - b["tokens"] for a, b in zip(after, before)) == 11 * cfg.num_experts_per_tok
@@ -194,9 +196,9 @@ def test_a_dead_copy_fails_over_and_an_expert_without_copies_is_named(pool, ckpt
     the other copies at once; with actor 2 dead too, experts 6 and 7 have no copy left and are named."""
     cfg = pool.model_config
     deadline = time.monotonic() + 60
-    while pool._down and time.monotonic() < deadline:  # an actor restarted by an earlier test is back
+    while pool.failover.down and time.monotonic() < deadline:  # an actor restarted by an earlier test is back
         time.sleep(0.2)
-    assert not pool._down
+    assert not pool.failover.down
     ray.kill(pool.actors[1], no_restart=True)
     t0 = time.monotonic()
     for seed in range(6):
@@ -210,7 +212,7 @@ def test_a_dead_copy_fails_over_and_an_expert_without_copies_is_named(pool, ckpt
             RemoteExperts(0, pool)(*routed(cfg, 16, seed=seed))
     assert time.monotonic() - t0 < 30
     assert err.value.layer == 0 and err.value.experts == [6, 7]
-    assert pool.placement.actors[2].name in str(err.value)
+    assert pool.plan.actors[2].label in str(err.value)
 
 @pytest.mark.parametrize("transport", ["direct", "ray"])
 def test_a_copy_only_suspected_takes_the_pairs_when_the_other_dies(cluster, ckpt, transport):
@@ -253,3 +255,31 @@ def wait_dead(actor, timeout_s: float = 30) -> None:
             break
         time.sleep(0.05)
     raise AssertionError(f"{actor} still answers {timeout_s:g} s after ray.kill")
+
+
+def test_forged_payloads_are_refused_before_any_kernel_and_the_actor_serves_on(ckpt):
+    """Over the direct transport, as any peer holding the token could send them: a wrong size, a
+    row or expert id out of range, a non-finite weight → the call's error; the next call is fine."""
+    from raymoe.actors.direct import DirectChannel
+
+    cfg = Checkpoint(ckpt).config
+    actor = ExpertActor(str(ckpt), list(range(cfg.num_local_experts)), [1])
+    x, w, idx = routed(cfg, 3, seed=2)
+    rows, experts, weights = torch.arange(3).repeat_interleave(2), idx.reshape(-1), w.reshape(-1)
+    good = pack(x, rows, experts, weights)
+    forged = {"rows": pack(x, rows + 100, experts, weights),
+              "expert id": pack(x, rows, experts - 100, weights),
+              "weight": pack(x, rows, experts, weights * float("nan")),
+              "does not hold": good[:-4]}
+    channel = DirectChannel(actor.direct.endpoint(), timeout_s=5)
+    try:
+        for call_id, (what, payload) in enumerate(forged.items()):
+            channel.send(call_id, 1, payload)
+            with pytest.raises(RuntimeError, match="ValueError") as err:
+                channel.recv(call_id, timeout_s=5)
+            assert ("row" if what == "rows" else what) in str(err.value)
+        channel.send(99, 1, good)
+        got = from_wire(channel.recv(99, timeout_s=5)[0], torch.float32).view(3, -1)
+        torch.testing.assert_close(got, local_layer(ckpt, 1)(x, w, idx), atol=1e-6, rtol=1e-5)
+    finally:
+        channel.close()

@@ -107,7 +107,7 @@ def test_only_the_requests_own_faults_are_invalid_argument():
     Both doors classify with the one function, so each case is checked for both."""
     from ray.exceptions import RayTaskError
 
-    from raymoe.actors.pool import ExpertsUnavailable
+    from raymoe.actors.errors import ExpertsUnavailable
     from raymoe.cluster.failures import classify
     from raymoe.cluster.openai_request import http_error_for
     from raymoe.model.errors import InvalidRequest

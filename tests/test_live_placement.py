@@ -144,9 +144,9 @@ def test_a_killed_copy_fails_over_at_once_and_comes_back(cluster, ckpt):
                 time.sleep(0.05)
             assert pool.metrics.failovers >= 1
             deadline = time.monotonic() + 60
-            while pool._down and time.monotonic() < deadline:  # restarted and reloaded: a copy again
+            while pool.failover.down and time.monotonic() < deadline:  # restarted and reloaded: a copy again
                 time.sleep(0.2)
-            assert not pool._down
+            assert not pool.failover.down
             calls = traffic.calls
             time.sleep(0.5)
             assert traffic.calls > calls

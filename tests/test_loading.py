@@ -68,7 +68,8 @@ def test_progress_line_names_what_is_still_loading():
 
 def test_actors_load_in_the_background_and_a_failed_load_is_named(tiny_dir, tmp_path):
     ray = pytest.importorskip("ray")
-    from raymoe.actors.pool import ExpertPool, ExpertsUnavailable, PoolConfig
+    from raymoe.actors.errors import ExpertsUnavailable
+    from raymoe.actors.pool import ExpertPool, PoolConfig
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

@@ -21,7 +21,8 @@ ray = pytest.importorskip("ray")
 
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from raymoe.actors.pool import ExpertPool, ExpertsUnavailable, PoolConfig  # noqa: E402
+from raymoe.actors.errors import ExpertsUnavailable  # noqa: E402
+from raymoe.actors.pool import ExpertPool, PoolConfig  # noqa: E402
 from raymoe.actors.remote_experts import RemoteExperts, remote_experts_factory  # noqa: E402
 from expert_helpers import PROMPTS, assert_same_generation, generate, reference, write_checkpoint  # noqa: E402
 from raymoe.model.weights import load_model  # noqa: E402
@@ -88,9 +89,9 @@ def test_generation_over_worker_nodes_equals_in_process(cluster, ckpt, want, num
         model = load_model(ckpt, experts_factory=remote_experts_factory(pool))
         assert_same_generation(generate(model), want)
         if pin:  # the two copies of every expert live on different nodes
-            for owners in pool.placement.owners(0):
+            for owners in pool.plan.owners(0):
                 assert len({nodes[a] for a in owners}) == 2
-            assert list(pool.nodes) == nodes
+            assert list(pool.group.nodes) == nodes
 
 
 @pytest.mark.parametrize("transport", ["direct", "ray"])
@@ -168,5 +169,5 @@ def test_lost_node_names_its_experts_in_bounded_time(cluster, ckpt, want):
         with pytest.raises(ExpertsUnavailable) as err:
             generate(model)
         assert time.monotonic() - t0 < 60
-        assert err.value.experts == list(pool.placement.actors[1].experts)  # only the lost node's experts
-        assert pool.placement.actors[1].name in str(err.value)
+        assert err.value.experts == list(pool.plan.actors[1].experts[err.value.layer])  # only the lost node's experts
+        assert pool.plan.actors[1].label in str(err.value)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import shutil
 import urllib.error
 import urllib.request
@@ -242,6 +243,7 @@ BAD_BODIES = [
 
 
 def test_bad_bodies_are_400_naming_the_field_while_streams_run(base_url, server):
+    """Also bad guided-decoding specs (response_format, tools; gRPC guided_decoding): refused at once."""
     streams = [dict(prompt_token_ids=[1, 260 + i, 266], max_tokens=200, ignore_eos=True) for i in range(6)]
     alone = [completion_json(list(server.stream(pb.GenerateRequest(**kw)))) for kw in streams]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -257,7 +259,140 @@ def test_bad_bodies_are_400_naming_the_field_while_streams_run(base_url, server)
         assert status == 404 and answer["error"]["code"] == "model_not_found"
         status, answer = post(f"{base_url}/chat/completions", {"messages": [{"role": "user"}]})
         assert status == 400 and answer["error"]["param"] == "messages"
+        for extra, field in BAD_GUIDED_BODIES:
+            body = {"messages": [{"role": "user", "content": "1+1="}], "max_tokens": 4, **extra}
+            status, answer = post(f"{base_url}/chat/completions", body)
+            assert status == 400 and answer["error"]["param"] == field, (extra, answer)
+        for guided, field in [(pb.GuidedDecoding(regex="([a-"), "guided_decoding.regex"),
+                              (pb.GuidedDecoding(grammar='root ::= "a" |'), "guided_decoding.grammar"),
+                              (pb.GuidedDecoding(json_schema="{nope"), "guided_decoding.json_schema"),
+                              (pb.GuidedDecoding(choice=pb.Choices()), "guided_decoding.choice")]:
+            with pytest.raises(grpc.RpcError) as err:
+                server.generate(pb.GenerateRequest(prompt="1+1=", guided_decoding=guided), retries=0)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details()
         for future, want in zip(running, alone):
             got = future.result()
             assert got["token_ids"] == want["token_ids"]
     assert post(f"{base_url}/completions", {"prompt": "123+456=", "max_tokens": 8})[1]["choices"][0]["text"] == "579"
+
+
+# --- structured output: response_format, tools, gRPC guided_decoding --------------------------------
+
+# Small: the demo model's context is 512 tokens, and its tokenizer spells most words letter by letter.
+WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {
+    "city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["C", "F"]}}, "required": ["city", "unit"]}}}
+ADD = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {
+    "a": {"type": "integer", "maximum": 999}, "b": {"type": "integer", "minimum": 0}}}}}
+
+
+def _arguments_valid(call, tools=(WEATHER, ADD)) -> None:
+    import jsonschema
+
+    fn = next(t["function"] for t in tools if t["function"]["name"] == call.function.name)
+    jsonschema.validate(json.loads(call.function.arguments), fn["parameters"])
+    assert call.type == "function" and len(call.id) == 9 and call.id.isalnum()  # as Mistral's templates need
+
+
+def test_chat_completions_parse_with_a_pydantic_model_and_streamed_json(api):
+    from typing import Literal
+
+    import jsonschema
+    from pydantic import BaseModel, Field
+
+    class Sum(BaseModel):
+        a: int
+        b: int = Field(ge=0, le=999)
+        total: int
+        size: Literal["small", "large"]
+        note: str | None = Field(max_length=8)
+
+    msgs = [{"role": "user", "content": "123+456="}]
+    for temperature in (0.0, 1.0):
+        done = api.chat.completions.parse(model=model_id(api), messages=msgs, response_format=Sum, max_tokens=150,
+                                          temperature=temperature, seed=5)
+        assert isinstance(done.choices[0].message.parsed, Sum) and done.choices[0].finish_reason == "stop"
+    schema = {"type": "object", "properties": {"digits": {"type": "array", "items": {"type": "integer", "minimum": 0,
+                                                                                      "maximum": 9}, "maxItems": 4}},
+              "required": ["digits"]}
+    parts = list(api.chat.completions.create(model=model_id(api), messages=msgs, max_tokens=60, stream=True,
+                                             response_format={"type": "json_schema", "json_schema": {
+                                                 "name": "digits", "schema": schema, "strict": False}}))
+    jsonschema.validate(json.loads("".join(p.choices[0].delta.content or "" for p in parts)), schema)
+
+
+def test_tool_calls_required_named_streamed_and_in_the_history(api):
+    m, msgs = model_id(api), [{"role": "user", "content": "Oslo?"}]
+    required = api.chat.completions.create(model=m, messages=msgs, tools=[WEATHER, ADD], tool_choice="required",
+                                           parallel_tool_calls=False, max_tokens=80, n=3, temperature=1.0, seed=2)
+    for choice in required.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert len(choice.message.tool_calls) == 1
+        _arguments_valid(choice.message.tool_calls[0])
+    named = api.chat.completions.create(model=m, messages=msgs, tools=[WEATHER, ADD], max_tokens=80,
+                                        tool_choice={"type": "function", "function": {"name": "add"}})
+    calls = named.choices[0].message.tool_calls
+    assert len(calls) == 1 and calls[0].function.name == "add" and named.choices[0].finish_reason == "tool_calls"
+    _arguments_valid(calls[0])
+    parts = list(api.chat.completions.create(model=m, messages=msgs, tools=[WEATHER], tool_choice="required",
+                                             parallel_tool_calls=False, max_tokens=80, stream=True))
+    deltas = [d for p in parts for d in (p.choices[0].delta.tool_calls or [])]
+    assert deltas and parts[-1].choices[0].finish_reason == "tool_calls"
+    assert [(d.index, d.function.name, d.function.arguments) for d in deltas] == \
+        [(k, c.function.name, c.function.arguments)
+         for k, c in enumerate(api.chat.completions.create(model=m, messages=msgs, tools=[WEATHER], max_tokens=80,
+                                                           tool_choice="required", parallel_tool_calls=False
+                                                           ).choices[0].message.tool_calls)]
+    history = msgs + [{"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in calls]},
+                      {"role": "tool", "tool_call_id": calls[0].id, "content": "12 degrees"}]
+    after = api.chat.completions.create(model=m, messages=history, tools=[WEATHER, ADD], tool_choice="none",
+                                        max_tokens=8)
+    assert after.choices[0].finish_reason in ("stop", "length") and after.choices[0].message.tool_calls is None
+
+
+def test_grpc_guided_decoding_and_tool_calls(server, tmp_path, capsys):
+    import jsonschema
+
+    from raymoe.cli.main import main
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 1,
+                                                                                "maximum": 20}},
+              "required": ["ok", "n"]}
+    req = pb.GenerateRequest(prompt="12+34=", max_tokens=40, guided_decoding=pb.GuidedDecoding(
+        json_schema=json.dumps(schema)))
+    jsonschema.validate(json.loads(server.generate(req).text), schema)
+    streamed = "".join(c.text for c in server.stream(req))
+    jsonschema.validate(json.loads(streamed), schema)
+    (tmp_path / "schema.json").write_text(json.dumps(schema))  # raymoe generate --json-schema FILE
+    assert main(["generate", "--target", server.target, "--api-key", KEY, "--prompt", "12+34=", "--json",
+                 "--max-tokens", "40", "--json-schema", str(tmp_path / "schema.json"), "--temperature", "1",
+                 "--seed", "3"]) == 0
+    jsonschema.validate(json.loads(json.loads(capsys.readouterr().out)["text"]), schema)
+    assert main(["generate", "--target", server.target, "--api-key", KEY, "--prompt", "1+1=", "--regex", "([a-"]) == 1
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err
+    choice = server.generate(pb.GenerateRequest(prompt="1+1=", max_tokens=8, temperature=1.0, guided_decoding=
+                                                pb.GuidedDecoding(choice=pb.Choices(choice=["two", "three"]))))
+    assert choice.text in ("two", "three") and choice.finish_reason == "stop"
+    regex = server.generate(pb.GenerateRequest(prompt="1+1=", max_tokens=12, guided_decoding=pb.GuidedDecoding(
+        regex=r"[0-9]{3}\.[0-9]")))
+    assert re.fullmatch(r"[0-9]{3}\.[0-9]", regex.text)
+    fn = ADD["function"]
+    call = server.generate(pb.GenerateRequest(prompt="1+1=", max_tokens=60, tool_choice="add", tools=[
+        pb.Tool(name=fn["name"], parameters=json.dumps(fn["parameters"]))]))
+    assert call.finish_reason == "tool_calls" and len(call.tool_calls) == 1 and call.tool_calls[0].name == "add"
+    import jsonschema as js
+    js.validate(json.loads(call.tool_calls[0].arguments), fn["parameters"])
+
+
+BAD_GUIDED_BODIES = [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}},
+     "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "response_format"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "big", "schema": {
+        "enum": ["x" * 1000] * 100}}}}, "response_format"),  # over guided_max_spec_bytes
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"parameters": {}}}]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
+]

@@ -1,4 +1,4 @@
-"""actors.placement (pure) and the replica split of RemoteExperts.assign, without Ray."""
+"""actors.placement (the startup plan, pure) and the replica split of RemoteExperts.assign, without Ray."""
 
 from __future__ import annotations
 
@@ -8,13 +8,21 @@ import types
 import pytest
 import torch
 
-from raymoe.actors.pool import layer_route
+from raymoe.actors.live_plan import layer_route
+from raymoe.actors.placement import assign_nodes, plan_placement
+from raymoe.actors.plan import ranges
 from raymoe.actors.remote_experts import RemoteExperts, split_by_load
-from raymoe.actors.placement import assign_nodes, plan_placement, ranges
+
+
+def held(a):
+    """The experts a startup actor holds, the same in every layer it serves."""
+    assert len({a.experts[layer] for layer in a.layers}) == 1
+    assert all(not ex for layer, ex in enumerate(a.experts) if layer not in a.layers)
+    return a.experts[a.layers[0]]
 
 
 def copies(p, layer=0):
-    return collections.Counter(e for a in p.actors_for_layer(layer) for e in a.experts)
+    return collections.Counter(e for a in p.serving(layer) for e in held(a))
 
 
 @pytest.mark.parametrize("experts,actors,replicas", [(8, 1, 1), (8, 2, 1), (8, 3, 1), (8, 5, 1), (8, 8, 1),
@@ -24,26 +32,26 @@ def test_every_expert_has_replicas_copies_on_distinct_actors(experts, actors, re
     assert len(p.actors) == actors
     assert copies(p) == {e: replicas for e in range(experts)}
     for a in p.actors:
-        assert len(set(a.experts)) == len(a.experts) > 0  # never the same expert twice on one actor
+        assert len(set(held(a))) == len(held(a)) > 0  # never the same expert twice on one actor
         assert a.layers == (0, 1, 2, 3)
-    sizes = [len(a.experts) for a in p.actors]
+    sizes = [len(held(a)) for a in p.actors]
     assert max(sizes) - min(sizes) <= 1  # balanced even when actors do not divide experts
     for e, owners in enumerate(p.owners(2)):
-        assert len(set(owners)) == replicas and all(e in p.actors[o].experts for o in owners)
+        assert len(set(owners)) == replicas and all(e in held(p.actors[o]) for o in owners)
 
 
 def test_non_dividing_split_and_names():
     p = plan_placement(8, 32, 3)
-    assert [a.experts for a in p.actors] == [(0, 1, 2), (3, 4, 5), (6, 7)]
-    assert [a.name for a in p.actors] == ["experts[0-2]@layers[0-31]", "experts[3-5]@layers[0-31]",
+    assert [held(a) for a in p.actors] == [(0, 1, 2), (3, 4, 5), (6, 7)]
+    assert [a.label for a in p.actors] == ["experts[0-2]@layers[0-31]", "experts[3-5]@layers[0-31]",
                                           "experts[6-7]@layers[0-31]"]
-    assert plan_placement(8, 4, 3, replicas=2).actors[1].name == "experts[0-2,6-7]@layers[0-3]"
+    assert plan_placement(8, 4, 3, replicas=2).actors[1].label == "experts[0-2,6-7]@layers[0-3]"
     assert ranges([5, 0, 1, 2, 7, 8]) == "0-2,5,7-8" and ranges([3]) == "3"
 
 
 def test_experts_per_actor_derives_or_checks_the_actor_count():
     p = plan_placement(8, 2, experts_per_actor=3)
-    assert [len(a.experts) for a in p.actors] == [3, 3, 2]
+    assert [len(held(a)) for a in p.actors] == [3, 3, 2]
     assert len(plan_placement(8, 2, experts_per_actor=4, replicas=2).actors) == 4
     assert len(plan_placement(8, 2, 5, experts_per_actor=2).actors) == 5
     with pytest.raises(ValueError, match="cannot hold"):
@@ -52,9 +60,9 @@ def test_experts_per_actor_derives_or_checks_the_actor_count():
 
 def test_layer_groups_give_each_group_its_own_actors():
     p = plan_placement(8, 5, 2, layer_groups=2)
-    assert [(a.experts, a.layers) for a in p.actors] == [
+    assert [(held(a), a.layers) for a in p.actors] == [
         ((0, 1, 2, 3), (0, 1, 2)), ((4, 5, 6, 7), (0, 1, 2)), ((0, 1, 2, 3), (3, 4)), ((4, 5, 6, 7), (3, 4))]
-    assert [a.index for a in p.actors_for_layer(3)] == [2, 3]
+    assert [a.id for a in p.serving(3)] == [2, 3]
     assert p.owners(4)[5] == (3,)
 
 
@@ -91,7 +99,7 @@ def test_replicated_expert_pairs_are_split_between_copies_by_load():
     idx = torch.tensor([[0, 1], [0, 2], [0, 1], [3, 0], [1, 2]])
     actor = fake_layer(p).assign(idx).reshape(idx.shape)
     for e, a in zip(idx.reshape(-1).tolist(), actor.reshape(-1).tolist()):
-        assert e in p.actors[a].experts
+        assert e in held(p.actors[a])
     assert sorted(torch.bincount(actor.reshape(-1), minlength=2).tolist()) == [5, 5]  # 10 pairs, evenly
     per_expert = {e: actor.reshape(-1)[idx.reshape(-1) == e].tolist() for e in range(4)}
     assert sorted(per_expert[0]) == [0, 0, 1, 1]  # the hottest expert: half on each copy
@@ -118,4 +126,4 @@ def test_unreplicated_experts_go_to_their_only_owner():
     idx = torch.randint(0, 8, (50, 2))
     actor = fake_layer(p, 1).assign(idx)
     for e, a in zip(idx.reshape(-1).tolist(), actor.tolist()):
-        assert e in p.actors[a].experts
+        assert e in held(p.actors[a])

@@ -6,13 +6,15 @@ import random
 import pytest
 
 from raymoe.actors.placement import plan_placement
-from raymoe.actors.plan import ActorSlots, Plan, diff, from_placement, imbalance, layer_loads
+from raymoe.actors.plan import ActorSlots, Plan, diff, imbalance, layer_loads, with_nodes
 from raymoe.actors.planner import copy_counts, rebalance, replace, scale
 
 
 def static(num_experts=8, num_layers=2, actors=4, slots=None, nodes=None):
     """Today's startup placement as a plan, optionally with more slots per actor than it fills."""
-    plan = from_placement(plan_placement(num_experts, num_layers, actors), nodes)
+    plan = plan_placement(num_experts, num_layers, actors)
+    if nodes is not None:
+        plan = with_nodes(plan, dict(enumerate(nodes)))
     if slots:
         plan = Plan(plan.num_layers, plan.num_experts,
                     tuple(ActorSlots(a.id, a.node, slots, a.layers, a.experts) for a in plan.actors))
@@ -94,7 +96,7 @@ def test_a_dead_actor_is_replaced_by_a_new_one_holding_its_experts():
         assert new.actor(i).experts == plan.actor(i).experts
     d = diff(plan, new)
     assert d.started == (4,) and d.stopped == (1,) and d.moves == 2 * 2
-    grouped = from_placement(plan_placement(8, 4, 4, layer_groups=2))  # layer groups: same layers, own group
+    grouped = plan_placement(8, 4, 4, layer_groups=2)  # layer groups: same layers, own group
     dead = grouped.actors[0]
     again = replace(grouped, [dead.id])
     assert again.actors[-1].layers == dead.layers and again.actors[-1].experts == dead.experts
@@ -169,7 +171,7 @@ def test_degenerate_inputs():
         rebalance(static(), [[1.0] * 7] * 2)
     with pytest.raises(ValueError, match="at least one actor"):
         scale(static(), 0)
-    grouped = from_placement(plan_placement(8, 2, 2, layer_groups=2))
+    grouped = plan_placement(8, 2, 2, layer_groups=2)
     with pytest.raises(ValueError, match="layer groups"):
         scale(grouped, 3)
     assert rebalance(grouped, skewed(factor=5.0)).missing() == ()

@@ -132,7 +132,7 @@ def test_expert_actors_hold_int8_and_copies_load_int8(cluster, ckpt, int8_want):
                                      quantization="experts_int8")) as pool:
         model = load_model(ckpt, experts_factory=remote_experts_factory(pool))
         assert_same_generation(generate(model), int8_want)
-        stats = ray.get([a.stats.remote() for a in pool.live_actors()])
+        stats = ray.get([a.stats.remote() for a in pool.group.live_actors()])
         c = ckpt_config = Checkpoint(ckpt).config
         per_expert = 3 * c.hidden_size * c.intermediate_size + (2 * c.intermediate_size + c.hidden_size) * 4
         assert sum(s["weight_bytes"] for s in stats) == per_expert * c.num_local_experts * c.num_hidden_layers
