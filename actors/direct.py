@@ -39,8 +39,12 @@ TOKEN_BYTES = 16
 FAILED, NOT_LOADED = -1, -2  # reply statuses: the call raised; the actor could not load its experts
 FRAME_TIMEOUT_S = 30.0  # for the rest of a frame once its first bytes arrived
 MAX_FRAME = 1 << 30  # a layer call's payload is tens of MB at most (2048 tokens × 4096 × 2 bytes)
-HANDSHAKE_TIMEOUT_S = 5.0
+HANDSHAKE_TIMEOUT_S = 5.0  # from accept to the whole token, however slowly its bytes trickle in
 MAX_CONNECTIONS = 512  # per actor: front replica threads, each with one connection
+# Connections that have not sent their token yet: a caller of ours sends it at once, so a few are
+# plenty, and a stranger opening sockets can hold at most these (each for HANDSHAKE_TIMEOUT_S),
+# never a slot of an authenticated caller.
+MAX_UNAUTHENTICATED = 16
 
 
 class ExpertsNotLoaded(RuntimeError):
@@ -62,6 +66,22 @@ def recv_exactly(sock: socket.socket, n: int) -> np.ndarray:
             raise ConnectionLost("connection closed by peer")
         got += k
     return buf
+
+
+def recv_by(sock: socket.socket, n: int, deadline: float) -> bytes:
+    """n bytes, all of them by `deadline` (time.monotonic()): one bound for the whole read, not
+    per recv, so a peer sending a byte at a time cannot stretch it."""
+    buf = bytearray()
+    while len(buf) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ConnectionLost("handshake took too long")
+        sock.settimeout(left)
+        got = sock.recv(n - len(buf))
+        if not got:
+            raise ConnectionLost("connection closed by peer")
+        buf += got
+    return bytes(buf)
 
 
 def send_frame(sock: socket.socket, a: int, b: int, body: np.ndarray | bytes) -> None:
@@ -90,7 +110,8 @@ class DirectServer:
 
     def __init__(self, handler: Handler, host: str) -> None:
         self.handler, self.token = handler, os.urandom(TOKEN_BYTES)
-        self.connections = 0
+        self.connections = 0  # authenticated
+        self.unauthenticated = 0  # accepted, token not yet received
         self.queued_s = 0.0  # summed over calls: from the frame's arrival to its computation's start
         self._lock = threading.Lock()
         self.sock = socket.create_server((host, 0), backlog=64)
@@ -110,20 +131,25 @@ class DirectServer:
 
     def _serve(self, conn: socket.socket) -> None:
         with self._lock:
-            if self.connections >= MAX_CONNECTIONS:
+            if self.unauthenticated >= MAX_UNAUTHENTICATED:
                 conn.close()
                 return
-            self.connections += 1
+            self.unauthenticated += 1
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # a vanished peer is noticed
-            conn.settimeout(HANDSHAKE_TIMEOUT_S)  # a peer that sends no token holds nothing for long
-            if not hmac.compare_digest(recv_exactly(conn, TOKEN_BYTES).tobytes(), self.token):
-                raise ConnectionLost("wrong token")
-            conn.settimeout(None)
+            token = recv_by(conn, TOKEN_BYTES, time.monotonic() + HANDSHAKE_TIMEOUT_S)
+            authenticated = hmac.compare_digest(token, self.token)
         except (OSError, ConnectionLost):
-            self._closed(conn)
+            authenticated = False
+        with self._lock:
+            self.unauthenticated -= 1
+            admitted = authenticated and self.connections < MAX_CONNECTIONS
+            self.connections += admitted
+        if not admitted:
+            conn.close()
             return
+        conn.settimeout(None)
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._work, args=(conn, inbox), name="raymoe-direct-work", daemon=True).start()
         try:

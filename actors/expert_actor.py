@@ -73,13 +73,31 @@ def pack(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, weights: to
     return buf.numpy()
 
 
-def unpack(payload: np.ndarray, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """Inverse of pack, zero-copy: x [n, D], rows [P] int32, experts [P] int32, weights [P] float32."""
+def unpack(payload: np.ndarray, dtype: torch.dtype, hidden: int | None = None,
+           num_experts: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Inverse of pack, zero-copy: x [n, D], rows [P] int32, experts [P] int32, weights [P] float32.
+    With `hidden` and `num_experts`, every size and index is checked first (ValueError): a forged
+    or corrupt payload must never reach a kernel, where an index out of range is a crash (on a GPU
+    a device-side assert that takes the process with it) or a read of other memory."""
     buf = from_wire(payload, torch.uint8)
+    if buf.numel() < 8:
+        raise ValueError(f"payload of {buf.numel()} bytes has no header")
     n, p = buf[:8].view(torch.int32).tolist()
+    if hidden is not None:
+        item = torch.empty(0, dtype=dtype).element_size()
+        if n < 0 or p < 0 or buf.numel() != 8 + 12 * p + n * hidden * item:
+            raise ValueError(f"payload of {buf.numel()} bytes does not hold {n} rows × {hidden} and {p} pairs")
     route = buf[8:8 + 12 * p].view(torch.int32).view(3, p)
     x = buf[8 + 12 * p:].view(dtype).view(n, -1) if n else torch.empty(0, 0, dtype=dtype)
-    return x, route[0], route[1], route[2].view(torch.float32)
+    rows, experts, weights = route[0], route[1], route[2].view(torch.float32)
+    if num_experts is not None and p:
+        if int(rows.min()) < 0 or int(rows.max()) >= n:
+            raise ValueError(f"a pair's row is outside [0, {n})")
+        if int(experts.min()) < 0 or int(experts.max()) >= num_experts:
+            raise ValueError(f"a pair's expert id is outside [0, {num_experts})")
+        if not bool(torch.isfinite(weights).all()):
+            raise ValueError("a pair's router weight is not finite")
+    return x, rows, experts, weights
 
 
 class ExpertActor:
@@ -97,7 +115,7 @@ class ExpertActor:
         # "experts_int8": every copy this actor reads (at start, on hold) is quantized as it is read
         self.quantization = check_quantization(quantization)
         config = ModelConfig.from_file(Path(checkpoint) / "config.json")
-        self.num_experts = config.num_local_experts
+        self.num_experts, self.hidden_size = config.num_local_experts, config.hidden_size
         # A restarted actor serves what it held last (hold() records it), not what it started with.
         held = _recorded_assignment() or assignment or {layer: experts for layer in layers}
         self.assignment = {int(layer): tuple(sorted(int(e) for e in ex)) for layer, ex in held.items()}
@@ -223,7 +241,7 @@ class ExpertActor:
         if self.load.state == "FAILED":
             raise ExpertsNotLoaded(f"{self.name}: loading the experts failed: {self.load.error}")
         t0 = time.perf_counter()
-        x, rows, experts, weights = unpack(payload, self.dtype)
+        x, rows, experts, weights = unpack(payload, self.dtype, self.hidden_size, self.num_experts)
         out = to_wire(self.compute(layer, x, rows, experts, weights))
         self.tokens += int(rows.shape[0])
         self.calls += 1

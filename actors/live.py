@@ -100,11 +100,16 @@ def apply(pool: "ExpertPool", new: Plan, kind: str = "apply", load: Any = None,
                 group.actors[i].hold.remote(holding(old.actor(i)))
             except Exception:  # noqa: BLE001
                 pass
+        # The details (free resources, node addresses, Ray's text) go to the host's log; the
+        # exception reaches clients, so it says only what failed and what serves.
         if isinstance(e, ray.exceptions.GetTimeoutError):
-            raise PlacementFailed(f"placement v{new.version} could not load within {timeout:g} s (free in the "
-                                  f"cluster: {ray.available_resources()}); v{old.version} keeps serving") from None
-        raise PlacementFailed(f"placement v{new.version} failed to load ({brief(e)}); v{old.version} keeps "
-                              f"serving") from None
+            print(f"raymoe: placement v{new.version} could not load within {timeout:g} s; free in the cluster: "
+                  f"{ray.available_resources()}", flush=True)
+            raise PlacementFailed(f"placement v{new.version} could not load within {timeout:g} s (the cluster "
+                                  f"lacks room for its actors?); v{old.version} keeps serving") from None
+        print(f"raymoe: placement v{new.version} failed to load: {brief(e)}", flush=True)
+        raise PlacementFailed(f"placement v{new.version} failed to load ({type(e).__name__}); v{old.version} "
+                              f"keeps serving") from None
     # 2. switch
     pool.live.install(new)
     _record(pool, entry)

@@ -25,11 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Any, Sequence
 
 from .plan import ActorSlots, Plan, as_load
 
 MIN_GAIN = 0.05  # a step must lower the maximum by 5% of the mean actor load per copy it moves
+# Step 4 of every layer together stops improving after this long: the plan is complete after step
+# 3, so a bound keeps a change (which holds the pool host's change lock) from running for minutes.
+IMPROVE_BUDGET_S = 5.0
 
 
 def rebalance(plan: Plan, load: Any, *, min_copies: int = 1, min_gain: float = MIN_GAIN) -> Plan:
@@ -85,12 +89,13 @@ def _replan(plan: Plan, actors: list[ActorSlots], load: Any, min_copies: int, mi
     if min_copies < 1:
         raise ValueError(f"min_copies must be at least 1 (got {min_copies})")
     rows = as_load(load, plan.num_layers, plan.num_experts)
+    deadline = time.monotonic() + IMPROVE_BUDGET_S
     held: dict[int, list[tuple[int, ...]]] = {a.id: list(a.experts) for a in actors}
     for layer in range(plan.num_layers):
         mine = [a for a in actors if layer in a.layers]
         if not mine:
             continue
-        placed = _place_layer(mine, rows[layer], plan.num_experts, min_copies, min_gain, layer)
+        placed = _place_layer(mine, rows[layer], plan.num_experts, min_copies, min_gain, layer, deadline)
         for a in mine:
             held[a.id][layer] = tuple(sorted(placed[a.id]))
     new = tuple(dataclasses.replace(a, experts=tuple(held[a.id])) for a in actors)
@@ -125,23 +130,23 @@ def copy_counts(weights: Sequence[float], slots: Sequence[int], min_copies: int 
 
 
 def _place_layer(actors: list[ActorSlots], raw: Sequence[float], num_experts: int, min_copies: int,
-                 min_gain: float, layer: int) -> dict[int, set[int]]:
+                 min_gain: float, layer: int, deadline: float) -> dict[int, set[int]]:
     total = sum(raw)
     prior = total / num_experts * 0.01 if total > 0 else 1.0  # no expert is ever free; zero load is uniform
     w = [x + prior for x in raw]
     slots = [a.slots for a in actors]
     counts = copy_counts(w, slots, min_copies)
-    best = _assign(actors, w, counts, min_gain, layer)
+    best = _assign(actors, w, counts, min_gain, layer, deadline)
     mean = sum(w) / len(actors)
     spare = sum(slots) - sum(counts)
     for _ in range(min(spare, 2 * num_experts)):  # one more copy of the hottest expert, while that pays
         hot = max((e for e in range(num_experts) if counts[e] < len(actors)),
                   key=lambda e: (w[e] / counts[e], -e), default=None)
-        if hot is None:
+        if hot is None or time.monotonic() > deadline:
             break
         counts = counts.copy()
         counts[hot] += 1
-        holds = _assign(actors, w, counts, min_gain, layer)
+        holds = _assign(actors, w, counts, min_gain, layer, deadline)
         if _peak(holds, w) < _peak(best, w) - min_gain * mean:
             best = holds
     # Today's placement, if it still covers every expert and keeps every actor busy, stays unless the
@@ -163,8 +168,9 @@ def _peak(holds: dict[int, set[int]], w: Sequence[float]) -> float:
 
 
 def _assign(actors: list[ActorSlots], w: Sequence[float], counts: list[int], min_gain: float,
-            layer: int) -> dict[int, set[int]]:
-    """Steps 2–4 for one layer: which actor holds each of counts[e] copies of every expert e."""
+            layer: int, deadline: float = math.inf) -> dict[int, set[int]]:
+    """Steps 2–4 for one layer: which actor holds each of counts[e] copies of every expert e
+    (step 4 only until `deadline`, a time.monotonic())."""
     num_experts = len(w)
     per_copy = [w[e] / counts[e] for e in range(num_experts)]
     node = {a.id: a.node for a in actors}
@@ -201,6 +207,8 @@ def _assign(actors: list[ActorSlots], w: Sequence[float], counts: list[int], min
     # 4. improve: give away or swap one copy of the most loaded actor while that pays
     mean = sum(load_of(a) for a in ids) / len(ids)
     for _ in range(4 * num_experts * len(ids)):
+        if time.monotonic() > deadline:
+            break
         loads = {a: load_of(a) for a in ids}
         top = max(ids, key=lambda a: (loads[a], -a))
         best_step, best_peak = None, loads[top] - min_gain * mean

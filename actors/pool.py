@@ -5,9 +5,9 @@ It composes three parts, one concern each:
 - actors/live_plan.py    `live`: the plan layer calls route by, its version and the calls in flight
                          under each, and (in a copy of a named pool) the thread following the creator;
 - actors/failover.py     `failover`: actors suspected dead, routed around while they have copies.
-Placement changes (actors/live.py) work on those parts through their methods; RemoteExperts and the
-transports use the methods here. Every wait has a timeout, after which `ExpertsUnavailable` names
-the experts that are missing.
+Placement changes (actors/live.py) work on those parts through their methods; RemoteExperts uses
+the methods here, and the transports (actors/transport.py) the group's actor handles. Every wait has a timeout, after which `ExpertsUnavailable`
+(actors/errors.py) names the experts that are missing.
 
 A pool pickles (handles, plan, config), so other processes such as Serve replicas can build
 RemoteExperts on it; only its creator should call `shutdown()`. Without a `name`, actors live as
@@ -132,6 +132,8 @@ def remove_named_pool(name: str) -> None:
 
 
 class ExpertPool:
+    """The expert actors of one model checkpoint, laid out by PoolConfig: what RemoteExperts calls."""
+
     def __init__(self, checkpoint: str | Path, config: PoolConfig | None = None, name: str | None = None,
                  on_progress: Callable[[list[dict]], None] | None = None, wait: bool = True) -> None:
         """on_progress(snapshots) is called about every second while the actors load their experts
@@ -187,7 +189,7 @@ class ExpertPool:
         self.__dict__.update(state)
         self.failover = Failover(self.group, self.metrics)
 
-    # --- what RemoteExperts and the transports use ------------------------------------------
+    # --- what RemoteExperts uses ---------------------------------------------------------------
 
     @property
     def plan(self) -> Plan:

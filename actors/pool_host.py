@@ -18,6 +18,7 @@ Surviving faults and redeploys:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import threading
@@ -36,6 +37,13 @@ NAMESPACE = "raymoe"
 RETIRE_AFTER_S = 120.0  # how long an old pool serves the replicas of the previous deployment
 AUTOSCALE_SAMPLE_S = 2.0  # how often expert autoscaling samples the actors' busy time
 DEAD_CHECK_S = 5.0  # how often the host looks for expert actors dead for good (and replaces them)
+# A placement change waits this long for the one running before it, then gives up: a caller must
+# not hold one of the host's few threads (max_concurrency) while another change takes minutes.
+CHANGE_LOCK_WAIT_S = 5.0
+
+
+class ChangeBusy(RuntimeError):
+    """Another placement change is running; try again when it has finished."""
 
 
 class PoolHost:
@@ -101,14 +109,24 @@ class PoolHost:
 
     def scale(self, num_actors: int) -> dict[str, Any]:
         pool = self._pool()
-        with self._changing:
+        with self._change():
             return live.scale_pool(pool, num_actors)
 
     def rebalance(self) -> dict[str, Any]:
         pool = self._pool()
-        with self._changing:
+        with self._change():
             self._last_rebalance = time.monotonic()
             return live.rebalance_pool(pool)
+
+    @contextlib.contextmanager
+    def _change(self):
+        if not self._changing.acquire(timeout=CHANGE_LOCK_WAIT_S):
+            raise ChangeBusy(f"another placement change is running (waited {CHANGE_LOCK_WAIT_S:g} s); retry when "
+                             f"it has finished")
+        try:
+            yield
+        finally:
+            self._changing.release()
 
     def _maybe_rebalance(self) -> None:
         try:

@@ -11,9 +11,10 @@ import threading
 import time
 from pathlib import Path
 
-from raymoe.cluster.auth import ENV
+from raymoe.cluster.auth import ADMIN_KEY_ENV, ENV
 from raymoe.cluster.deploy import DeployFailed, deploy, release_pool
 from raymoe.cluster.settings import APP_NAME
+from raymoe.cluster.tenants import Tenants, TenantsError
 from raymoe.model.default import default_checkpoint
 from raymoe.model.errors import BackendUnavailable
 
@@ -28,8 +29,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     _check_checkpoint(settings.checkpoint, joining=bool(args.address))
-    if args.api_key is not None:  # the replicas read it from their environment (see cluster/auth.py)
-        os.environ[ENV] = args.api_key
+    # the replicas read the keys from their environment (see cluster/auth.py)
+    for value, env in ((args.api_key, ENV), (args.admin_key, ADMIN_KEY_ENV)):
+        if value is not None:
+            os.environ[env] = value
+    try:  # the replicas check the same; here a mistake is one line before anything starts
+        keyed = not Tenants(settings.tenants_file).open
+    except TenantsError as e:
+        raise UserError(str(e)) from None
     stop, starting, signals = threading.Event(), threading.Event(), []
 
     def on_signal(signum, _frame) -> None:
@@ -48,7 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         with ray_connection(args.address, settings.local_ray_cpus(), dashboard_port=dashboard) as started:
             if settings.expert_actors:
                 check_expert_device(settings.expert_device, started)
-            _serve_until_stopped(settings, args.address, dashboard, stop, starting)
+            _serve_until_stopped(settings, args.address, dashboard, stop, starting, keyed)
     except KeyboardInterrupt:  # stopped while starting (cleaned up above)
         return 128 + (signals[0] if signals else signal.SIGINT)
     finally:
@@ -58,7 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _serve_until_stopped(settings, address: str | None, dashboard: int | None, stop: threading.Event,
-                         starting: threading.Event) -> None:
+                         starting: threading.Event, keyed: bool) -> None:
     """Deploy, print where it serves, wait for a signal, take down what this command owns: on a
     private Ray all of Serve; on a shared cluster its application and expert pool, unless it was
     replacing a running one and that failed (deploy rolled it back to its settings)."""
@@ -70,14 +77,15 @@ def _serve_until_stopped(settings, address: str | None, dashboard: int | None, s
         t0 = time.monotonic()
         try:
             with Ticker(lambda: serve_progress_line(settings.app_name, t0)):  # on stderr, like every progress line
-                ports = deploy(settings, api_key=os.environ.get(ENV) if address else None)
+                ports = deploy(settings, api_key=os.environ.get(ENV) if address else None,
+                               admin_key=os.environ.get(ADMIN_KEY_ENV) if address else None)
         except (BackendUnavailable, DeployFailed) as e:  # e.g. the checkpoint, or the experts, could not load
             kept = (f"; the application {settings.app_name!r} that was running runs on with its settings"
                     if replacing else "")
             raise UserError(f"cannot serve: {e}{kept}") from None
         owned = True
         starting.clear()
-        print(_banner(settings, ports, dashboard), flush=True)
+        print(_banner(settings, ports, dashboard, keyed), flush=True)
         stop.wait()
     finally:
         starting.clear()
@@ -93,10 +101,10 @@ def _serve_until_stopped(settings, address: str | None, dashboard: int | None, s
             release_pool(settings)
 
 
-def _banner(settings, ports, dashboard: int | None) -> str:
+def _banner(settings, ports, dashboard: int | None, keyed: bool) -> str:
     grpc_at = f"127.0.0.1:{ports.grpc_port}"
     http_at = f"http://{settings.http_host}:{ports.http_port}{settings.http_route_prefix().rstrip('/')}"
-    key = " (API key required)" if os.environ.get(ENV) else ""
+    key = " (API key required)" if keyed else ""
     app = "" if settings.app_name == APP_NAME else f" --app-name {settings.app_name}"
     lines = [f"raymoe: serving {settings.checkpoint or 'the default model'}{key} as application "
              f"{settings.app_name!r}; Ctrl-C stops",

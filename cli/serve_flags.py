@@ -66,6 +66,15 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--max-stop-chars", "max_stop_chars", int, "limit on characters per stop string"),
     ("--max-stop-token-ids", "max_stop_token_ids", int, "limit on stop_token_ids per request"),
     ("--max-logprobs", "max_logprobs", int, "limit on top alternatives per token"),
+    ("--served-model-name", "served_model_name", str, "the model's name in /v1/models, ModelInfo and requests "
+                                                      "(default: the checkpoint directory's name, never its path)"),
+    ("--max-message-bytes", "max_message_bytes", int, "largest gRPC message Serve's proxy accepts "
+                                                      "(RESOURCE_EXHAUSTED beyond)"),
+    ("--tenants", "tenants_file", str, "YAML of tenants: `tenants:` a list of {name, key | key_sha256, admin, "
+                                       "max_concurrent, tokens_per_minute, weight, priority}; reloaded when it "
+                                       "changes (see docs/tenants.md)"),
+    ("--max-expert-actors", "max_expert_actors", int, "bound on `raymoe experts scale` (0: the model's experts per "
+                                                      "layer × --expert-replicas, at least --expert-actors)"),
     ("--guided-max-spec-bytes", "guided_max_spec_bytes", int, "limit on a JSON schema, regex, grammar or choice list"),
     ("--guided-compile-timeout-s", "guided_compile_timeout_s", float, "refuse a guided-decoding spec that takes "
                                                                       "longer to compile"),
@@ -95,7 +104,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML (or JSON) of ServeSettings fields; flags override it")
     p.add_argument("--address", help="join this Ray cluster instead of starting a private one (e.g. auto)")
     p.add_argument("--api-key", default=None,
-                   help="require 'authorization: Bearer KEY' on every call (default: $RAYMOE_API_KEY; none: open)")
+                   help="require 'authorization: Bearer KEY' on every call: the tenant 'default', also the admin "
+                        "when no admin is configured otherwise (default: $RAYMOE_API_KEY, which keeps the key out "
+                        "of `ps`; no key at all: open)")
+    p.add_argument("--admin-key", default=None,
+                   help="the key of the tenant 'admin', which alone may use the Experts service "
+                        "(default: $RAYMOE_ADMIN_KEY)")
     p.add_argument("--dashboard-port", type=int, default=8265, help="the Ray dashboard of a private instance (127.0.0.1)")
     p.add_argument("--no-dashboard", action="store_true", help="start a private Ray instance without its dashboard")
 
@@ -111,6 +125,8 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
             raw[field] = value
     if args.autoscale:
         raw["replicas"], raw["autoscale_max_replicas"] = _min_max("--autoscale", args.autoscale)
+    if raw.get("tenants_file"):  # the replicas read it from their own working directory
+        raw["tenants_file"] = str(Path(raw["tenants_file"]).expanduser().resolve())
     if args.expert_autoscale:
         low, high = _min_max("--expert-autoscale", args.expert_autoscale)
         raw["expert_autoscale_min"], raw["expert_autoscale_max"] = low, high

@@ -11,18 +11,18 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from .auth import ENV
 from .ingress import Generator
 from .openai_api import app as openai_app
 from .settings import DEPLOYMENT_NAME, ServeSettings
 
 
-def build_app(args: dict[str, Any], api_key: str | None = None) -> Application:
-    """api_key (when given) travels in the replicas' runtime environment as RAYMOE_API_KEY."""
+def build_app(args: dict[str, Any], env: dict[str, str] | None = None) -> Application:
+    """env (e.g. the API keys, RAYMOE_API_KEY and RAYMOE_ADMIN_KEY) travels in the replicas' runtime
+    environment."""
     settings = ServeSettings.from_dict(dict(args))
     options = settings.deployment_options()
-    if api_key:
-        options["ray_actor_options"] = {**options["ray_actor_options"], "runtime_env": {"env_vars": {ENV: api_key}}}
+    if env:
+        options["ray_actor_options"] = {**options["ray_actor_options"], "runtime_env": {"env_vars": dict(env)}}
     # One deployment, two doors: the gRPC methods (named as the RPCs) and the OpenAI HTTP routes.
     front = serve.ingress(openai_app)(Generator)
     deployment = serve.deployment(name=DEPLOYMENT_NAME)(front).options(**options)

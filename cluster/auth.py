@@ -1,37 +1,36 @@
-"""The optional API key: every Generator call and every HTTP route but /health needs
-`authorization: Bearer KEY` (gRPC metadata or HTTP header), compared in constant time.
+"""Who is calling: every Generator call and every HTTP route but /health carries
+`authorization: Bearer KEY` (gRPC metadata or HTTP header), which names a tenant
+(cluster/tenants.py); the raymoe.v1.Experts service needs an admin tenant.
 
-The key reaches a front replica as the environment variable RAYMOE_API_KEY: `raymoe serve --api-key`
-puts it in the environment of the Ray instance it starts (or, joining a cluster, in the replicas'
-runtime environment), and the Kubernetes manifests take it from a Secret. Without a key, everyone
-who can reach the ports may generate: see the README's "What is exposed".
+The keys reach a front replica as RAYMOE_API_KEY / RAYMOE_ADMIN_KEY in its environment (`raymoe
+serve` puts them in the environment of the Ray instance it starts, or, joining a cluster, in the
+replicas' runtime environment; Kubernetes takes them from a Secret) and from the tenants file.
+Without any key, everyone who can reach the ports may generate and change the placement: see the
+README's "What is exposed".
 """
 
 from __future__ import annotations
 
-import hmac
-import os
+from .failures import GRPC_KEY_HINT, HTTP_KEY_HINT, PermissionDenied, Unauthenticated
+from .tenants import ADMIN_KEY_ENV, API_KEY_ENV, Tenant, Tenants
 
-ENV = "RAYMOE_API_KEY"
+ENV = API_KEY_ENV
+__all__ = ["ENV", "ADMIN_KEY_ENV", "Unauthenticated", "PermissionDenied", "grpc_tenant", "http_tenant"]
 
 
-class ApiKey:
-    def __init__(self, key: str | None = None) -> None:
-        self.key = (key if key is not None else os.environ.get(ENV, "")).strip()
+def _checked(tenant: Tenant | None, admin: bool, how: str) -> Tenant:
+    if tenant is None:
+        raise Unauthenticated(how)
+    if admin and not tenant.admin:
+        raise PermissionDenied(f"tenant {tenant.name!r} is not an admin: the Experts service (placement, scale, "
+                               f"rebalance) needs an admin tenant's key")
+    return tenant
 
-    @property
-    def required(self) -> bool:
-        return bool(self.key)
 
-    def allows(self, authorization: str | None) -> bool:
-        """Whether an `authorization` value (header or metadata) carries the key."""
-        if not self.key:
-            return True
-        scheme, _, token = (authorization or "").strip().partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.key.encode())
+def grpc_tenant(tenants: Tenants, grpc_context, admin: bool = False) -> Tenant:
+    metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
+    return _checked(tenants.identify(metadata.get("authorization")), admin, GRPC_KEY_HINT)
 
-    def allows_grpc(self, context) -> bool:
-        if not self.key:
-            return True
-        metadata = dict(context.invocation_metadata()) if context is not None else {}
-        return self.allows(metadata.get("authorization"))
+
+def http_tenant(tenants: Tenants, request, admin: bool = False) -> Tenant:
+    return _checked(tenants.identify(request.headers.get("authorization")), admin, HTTP_KEY_HINT)

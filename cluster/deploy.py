@@ -24,44 +24,48 @@ class ServePorts:
     grpc_port: int
 
 
-def deploy(settings: ServeSettings, proxy_location: str | None = None, api_key: str | None = None) -> ServePorts:
+def deploy(settings: ServeSettings, proxy_location: str | None = None, api_key: str | None = None,
+           admin_key: str | None = None) -> ServePorts:
     """Start Serve's proxies (on every node by default; "HeadOnly" where several Ray nodes share one
     machine and so one port) and deploy the application; return once it serves (its expert actors
-    loaded, or the error that stopped them), with the ports it is served on. api_key: put the key in
-    the replicas' runtime environment (when joining a cluster whose processes do not have it in theirs)."""
+    loaded, or the error that stopped them), with the ports it is served on. api_key, admin_key: put
+    the keys in the replicas' runtime environment (when joining a cluster whose processes do not have it in theirs)."""
     from ray import serve
     from ray.serve.config import gRPCOptions
 
     from .replica import prestart_pool
 
+    from .tenants import ADMIN_KEY_ENV, API_KEY_ENV
+
+    keys = {env: key for env, key in ((API_KEY_ENV, api_key), (ADMIN_KEY_ENV, admin_key)) if key}
     prestart_pool(settings)  # the expert actors load while Serve starts
     ports = _running_serve(settings)
     previous = _running_settings(settings.app_name) if ports is not None else None
-    serve.start(proxy_location=proxy_location,
+    serve.start(proxy_location=proxy_location, controller_options={"runtime_env": {"env_vars": settings.proxy_env()}},
                 http_options={"host": settings.http_host, "port": settings.http_port,
                               "request_timeout_s": settings.request_timeout_s},
                 grpc_options=gRPCOptions(port=settings.grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS,
                                          request_timeout_s=settings.request_timeout_s))
     try:
-        _run(settings, api_key)
+        _run(settings, keys)
     except Exception as e:  # noqa: BLE001 — Ray's wrappers carry remote tracebacks; keep the reason
         error = _why_not(settings, e)  # read before a roll-back replaces what Serve reports
         if previous is not None and previous != settings.to_dict():  # Serve stops serving a failed update
-            _roll_back(previous, api_key)
+            _roll_back(previous, keys)
         if error is not None:
             raise error from None
         raise
     return ports or ServePorts(settings.http_port, settings.grpc_port)
 
 
-def _run(settings: ServeSettings, api_key: str | None) -> None:
+def _run(settings: ServeSettings, keys: dict[str, str]) -> None:
     """serve.run the application; return once it serves (a replica is up once its dense part is,
     and the experts may still be loading: wait_loaded waits for them)."""
     from ray import serve
 
     from .app import build_app
 
-    handle = serve.run(build_app(settings.to_dict(), api_key=api_key), name=settings.app_name,
+    handle = serve.run(build_app(settings.to_dict(), env=keys), name=settings.app_name,
                        route_prefix=settings.http_route_prefix())
     handle.wait_loaded.remote().result()
 
@@ -94,13 +98,13 @@ def _running_settings(app: str) -> dict | None:
         return None
 
 
-def _roll_back(previous: dict, api_key: str | None) -> None:
+def _roll_back(previous: dict, keys: dict[str, str]) -> None:
     """Deploy the application again with the settings it ran with (its pool is still there)."""
     settings = ServeSettings.from_dict(previous)
     print(f"raymoe: the new deployment of {settings.app_name!r} failed; deploying it again with the settings "
           "it ran with", file=sys.stderr, flush=True)
     try:
-        _run(settings, api_key)
+        _run(settings, keys)
     except Exception as e:  # noqa: BLE001 — the reason of the new deployment's failure matters more
         print(f"raymoe: rolling back failed too: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
 
@@ -159,7 +163,11 @@ def _pool_progress(settings: ServeSettings) -> list[dict]:
 
 
 def release_pool(settings: ServeSettings) -> None:
-    """Stop the expert actors the deployment started (they outlive replicas by design)."""
+    """Stop the expert actors the deployment started (they outlive replicas by design), and the
+    tenants' quota ledger (cluster/quota.py)."""
+    from .quota import remove_ledger
+
+    remove_ledger(settings.app_name)
     if settings.expert_actors:
         from raymoe.actors.pool_host import release_shared_pool
 

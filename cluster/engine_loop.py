@@ -11,13 +11,14 @@ and the loop itself keep going.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from raymoe.model.completion import CompletionTracker
 from raymoe.model.engine import Engine
@@ -63,11 +64,29 @@ def _put_all(batch: list) -> None:
         req._put(item)  # noqa: SLF001 — the event loop's half of _Request.send
 
 
+@dataclasses.dataclass
+class Owner:
+    """Whose sequences these are (shared by a request's choices): the tenant's name, weight and
+    priority class (its share of the engine, model/fair.py) and its quota lease (cluster/quota.py:
+    `finished(generated)` once per sequence)."""
+
+    tenant: str = ""
+    weight: float = 1.0
+    priority: int = 0
+    lease: Any = None
+
+    def finished(self, generated: int, metrics: "ServingMetrics | None") -> None:
+        if self.lease is not None:
+            self.lease.finished(generated)
+        if metrics is not None and self.tenant and generated > 0:
+            metrics.tenant_tokens.inc(generated, tags={"tenant": self.tenant})
+
+
 class _Request:
     def __init__(self, loop: asyncio.AbstractEventLoop, prompt_ids: list[int], params: SamplingParams,
-                 tracker: CompletionTracker, resume_ids: list[int]) -> None:
+                 tracker: CompletionTracker, resume_ids: list[int], owner: Owner) -> None:
         self.loop, self.prompt_ids, self.params, self.tracker = loop, prompt_ids, params, tracker
-        self.resume_ids = resume_ids
+        self.resume_ids, self.owner = resume_ids, owner
         self.out: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
         self.ended = asyncio.Event()  # its last chunk or its error has arrived
         self.t_last = time.perf_counter()  # arrival, then each token's time (TTFT / ITL)
@@ -120,11 +139,27 @@ class EngineLoop:
         self._thread.start()
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, stop: list[str],
-                       resume_ids: list[int] = (), resume_text_bytes: int = 0) -> AsyncIterator[Chunk]:
+                       resume_ids: list[int] = (), resume_text_bytes: int = 0,
+                       owner: Owner | None = None) -> AsyncIterator[Chunk]:
         """Yield chunks of new tokens; the last carries finish_reason. resume_ids continues a
         generation whose first tokens (and resume_text_bytes of their text) were delivered already:
         only what follows is yielded. Raises InvalidRequest for a bad request, QueueFull when too
-        many are waiting, or the error that ended the sequence."""
+        many are waiting, or the error that ended the sequence. owner: the tenant's share of the
+        engine, and its quota lease, told how many tokens the sequence generated however it ends."""
+        tracker = None
+        try:
+            async with contextlib.aclosing(self._generate(prompt_ids, params, stop, resume_ids, resume_text_bytes,
+                                                          owner or Owner())) as chunks:
+                async for tracker, chunk in chunks:
+                    yield chunk
+        finally:
+            if owner is not None:
+                generated = len(tracker.completion.token_ids) - len(resume_ids) if tracker is not None else 0
+                owner.finished(generated, self.metrics)
+
+    async def _generate(self, prompt_ids: list[int], params: SamplingParams, stop: list[str],
+                        resume_ids: list[int], resume_text_bytes: int, owner: Owner):
+        """generate's body: (its tracker, each chunk)."""
         if self.load_error is not None:
             raise self.load_error
         if not self.alive:
@@ -132,18 +167,20 @@ class EngineLoop:
         tracker = CompletionTracker(prompt_ids, self.tokenizer, stop)
         if resume_ids:
             try:
-                done = tracker.resume(list(resume_ids), resume_text_bytes, params, self.engine.cfg.eos_token_ids)
+                # The replay decodes every resumed token: on a thread, never on the event loop
+                done = await asyncio.to_thread(tracker.resume, list(resume_ids), resume_text_bytes, params,
+                                               self.engine.cfg.eos_token_ids)
             except ValueError as e:
                 raise InvalidRequest(str(e), "resume_text_bytes") from None
             if done:  # the broken stream had in fact ended: say so, generate nothing
-                yield Chunk("", [], [], [], done, len(resume_ids))
+                yield tracker, Chunk("", [], [], [], done, len(resume_ids))
                 return
         self.engine.check(prompt_ids, params, resume_ids)
         free_slots = self.engine.max_running - self.num_running  # requests that can start right away
         if self.num_waiting + self._inbox.qsize() >= self.max_queue + max(0, free_slots):
             raise QueueFull(f"server busy: {self.max_queue} requests already waiting; retry later")
         seq_id = next(self._ids)
-        req = _Request(asyncio.get_running_loop(), prompt_ids, params, tracker, list(resume_ids))
+        req = _Request(asyncio.get_running_loop(), prompt_ids, params, tracker, list(resume_ids), owner)
         self._post(("add", seq_id, req))
         if self.load_error is not None:  # loading failed while this request was being posted
             raise self.load_error
@@ -160,7 +197,7 @@ class EngineLoop:
                     finished = True
                     raise item
                 finished = item.finish_reason is not None
-                yield item
+                yield tracker, item
                 if finished:
                     return
                 interval = self.stream_interval()
@@ -270,7 +307,9 @@ class EngineLoop:
         for kind, seq_id, req in self._take_inbox():
             if kind == "add":
                 try:
-                    self.engine.add(seq_id, req.prompt_ids, req.params, req.resume_ids)
+                    o = req.owner
+                    self.engine.add(seq_id, req.prompt_ids, req.params, req.resume_ids, tenant=o.tenant,
+                                    weight=o.weight, priority=o.priority)
                     self._requests[seq_id] = req
                 except Exception as e:  # noqa: BLE001 — InvalidRequest (checked again here), or a bug
                     req.send(e)

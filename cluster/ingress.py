@@ -21,12 +21,14 @@ from raymoe.model.guided import GrammarCache
 from raymoe.protos import generator_pb2 as pb
 
 from . import protocol
-from .auth import ApiKey
-from .failures import GRPC_KEY_HINT, Unauthenticated, classify
+from .auth import grpc_tenant
+from .failures import Unauthenticated, classify
 from .openai_api import OpenAIRoutes
 from .placement_api import ExpertsRoutes
+from .quota import QuotaGate, close_lease
 from .replica import PoolHealth, actor_infos, build_engine_loop
 from .settings import ServeSettings
+from .tenants import Tenants
 
 
 def _calls(req, text: str) -> list[dict] | None:
@@ -40,6 +42,15 @@ class StreamFailed(Exception):
     """Ends a stream whose status code has been set on the gRPC context."""
 
 
+def _client_text(error: BaseException) -> str:
+    """An error's first line without file paths or addresses (the whole is in the replica's log)."""
+    import re
+
+    line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    line = re.sub(r"(?:/[\w.@+-]+){2,}/?", "<path>", line)
+    return re.sub(r"\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b", "<address>", line)
+
+
 class Generator(OpenAIRoutes, ExpertsRoutes):
     """The front deployment: these gRPC methods, the Experts service's and the OpenAI-compatible
     HTTP routes it inherits."""
@@ -47,8 +58,10 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
     def __init__(self, settings: dict) -> None:
         self.settings = ServeSettings.from_dict(settings)
         self.limits = self.settings.request_limits()
-        self.api_key = ApiKey()
+        self.tenants = Tenants(self.settings.tenants_file)  # a bad file or key: the replica fails to start
         self.loop, self.info = build_engine_loop(self.settings)
+        self.quota = QuotaGate(self.settings.app_name, lease_s=self.settings.request_timeout_s + 60,
+                               metrics=self.loop.metrics)
         if self.settings.ready_when_loaded or self.info["replacing"]:  # up for Serve only once it serves
             self.loop.wait_loaded()  # raises why the experts could not load: the replica fails to start
         # An actor that misses pings for this long (restarts take a few seconds) makes Check NOT_SERVING.
@@ -58,25 +71,26 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
         self.chat = ChatTemplate.from_dir(self.info["checkpoint"]) if self.tokenizer is not None else None
         self.grammars = None if self.tokenizer is None else GrammarCache(
             self.tokenizer, self.cfg.vocab_size, self.cfg.eos_token_ids, self.settings.guided_limits())
-        self.model_id = Path(self.info["checkpoint"]).name  # what /v1/models lists and requests name
+        # what /v1/models and ModelInfo show and requests name: never the checkpoint's path
+        self.model_id = self.settings.served_model_name or Path(self.info["checkpoint"]).name
         self.created = int(time.time())
 
     async def _parse(self, request: pb.GenerateRequest, grpc_context):
-        self._authorize(grpc_context)
+        """(the request, its Owner: the tenant's share and quota lease, which the caller closes)."""
+        tenant = grpc_tenant(self.tenants, grpc_context)
         # Tokenizing a long prompt takes a while: never on the event loop other streams share.
-        return await asyncio.to_thread(protocol.parse_request, request, self.cfg, self.limits, self.tokenizer,
-                                       self.grammars)
-
-    def _authorize(self, grpc_context) -> None:
-        if not self.api_key.allows_grpc(grpc_context):
-            raise Unauthenticated(GRPC_KEY_HINT)
+        req = await asyncio.to_thread(protocol.parse_request, request, self.cfg, self.limits, self.tokenizer,
+                                      self.grammars)
+        left = req.params.max_tokens - len(req.resume_ids)  # a resumed request pays for what is left
+        owner = await self.quota.owner(tenant, 1, len(req.prompt_ids) + left, left)
+        return req, owner
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
-        chunks = []
+        chunks, owner = [], None
         try:
-            req = await self._parse(request, grpc_context)
+            req, owner = await self._parse(request, grpc_context)
             async with contextlib.aclosing(self.loop.generate(req.prompt_ids, req.params, req.stop, req.resume_ids,
-                                                              req.resume_text_bytes)) as stream:
+                                                              req.resume_text_bytes, owner)) as stream:
                 async for chunk in stream:
                     chunks.append(chunk)
         except asyncio.CancelledError:
@@ -84,18 +98,21 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
             raise
         except Exception as e:  # noqa: BLE001 — every failure becomes a status
             return self._fail(grpc_context, e, pb.GenerateResponse())
+        finally:
+            close_lease(owner)
         self._count("ok")
         whole = protocol.merge_chunks(chunks)
         return protocol.chunk_response(whole, req.prompt_ids, req.params.logprobs > 0, req.params.seed,
                                        _calls(req, whole.text))
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator[pb.GenerateResponse]:
+        owner = None
         try:
-            req = await self._parse(request, grpc_context)
+            req, owner = await self._parse(request, grpc_context)
             first = True
             # aclosing: a client gone mid-stream aborts the sequence now, not when the GC gets to it
             async with contextlib.aclosing(self.loop.generate(req.prompt_ids, req.params, req.stop, req.resume_ids,
-                                                              req.resume_text_bytes)) as stream:
+                                                              req.resume_text_bytes, owner)) as stream:
                 text = []
                 async for chunk in stream:
                     text.append(chunk.text)
@@ -111,27 +128,36 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
             # A stream carries its status only when it ends in an exception; the code and details set
             # above are what the client sees (Serve keeps a status set before the raise).
             raise StreamFailed(str(grpc_context.details() if grpc_context else e)) from None
+        finally:
+            close_lease(owner)
         self._count("ok")
 
     async def Tokenize(self, request: pb.TokenizeRequest, grpc_context=None) -> pb.TokenizeResponse:
-        if not self.api_key.allows_grpc(grpc_context):
-            return self._fail(grpc_context, Unauthenticated(GRPC_KEY_HINT), pb.TokenizeResponse())
+        try:
+            grpc_tenant(self.tenants, grpc_context)
+        except Unauthenticated as e:
+            return self._fail(grpc_context, e, pb.TokenizeResponse())
         if self.tokenizer is None:
             return self._fail(grpc_context, InvalidRequest("this model has no tokenizer", "text"),
                               pb.TokenizeResponse())
         if len(request.text) > 64 * self.cfg.max_position_embeddings:
             return self._fail(grpc_context, InvalidRequest(f"text is too long ({len(request.text)} characters)",
                                                            "text"), pb.TokenizeResponse())
-        ids = await asyncio.to_thread(self.tokenizer.encode, request.text, bos=request.add_bos)
-        return pb.TokenizeResponse(token_ids=ids, pieces=[self.tokenizer.piece(i) for i in ids])
+        def tokenize() -> pb.TokenizeResponse:  # a long text's answer takes a while: off the event loop
+            ids = self.tokenizer.encode(request.text, bos=request.add_bos)
+            return pb.TokenizeResponse(token_ids=ids, pieces=[self.tokenizer.piece(i) for i in ids])
+
+        return await asyncio.to_thread(tokenize)
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context=None) -> pb.ModelInfoResponse:
-        if not self.api_key.allows_grpc(grpc_context):
-            return self._fail(grpc_context, Unauthenticated(GRPC_KEY_HINT), pb.ModelInfoResponse())
+        try:
+            grpc_tenant(self.tenants, grpc_context)
+        except Unauthenticated as e:
+            return self._fail(grpc_context, e, pb.ModelInfoResponse())
         engine = self.loop.engine
         actors = await actor_infos(self.info["pool"])
         return pb.ModelInfoResponse(
-            model=self.info["checkpoint"], config=protocol.config_message(engine.cfg, self.info["dtype"]),
+            model=self.model_id, config=protocol.config_message(engine.cfg, self.info["dtype"]),
             expert_actors=[pb.ExpertActorInfo(**a) for a in actors],
             max_batch_tokens=engine.max_batch_tokens, max_running=engine.max_running,
             kv_cache_tokens=engine.cache.capacity_tokens,
@@ -139,7 +165,7 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
                          kv_cache_used_tokens=engine.cache.used_blocks * engine.cache.block_size),
             routing=[pb.LayerRouting(layer=i, tokens_per_expert=row) for i, row in enumerate(self._routing())],
             expert_calls=self._expert_calls(), state=self._state(),
-            load_error="" if self.loop.load_error is None else str(self.loop.load_error),
+            load_error="" if self.loop.load_error is None else _client_text(self.loop.load_error),
             quantization=self.info.get("quantization", ""))
 
     def _state(self) -> str:
@@ -201,4 +227,6 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
         if grpc_context is not None:
             grpc_context.set_code(failure.grpc_code)
             grpc_context.set_details(failure.message)
+            if failure.retry_after_s is not None:
+                grpc_context.set_trailing_metadata([("retry-after", str(failure.retry_after_s))])
         return response

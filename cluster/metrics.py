@@ -36,6 +36,10 @@ class ServingMetrics:
         self.preemptions = Counter("raymoe_preemptions", "Running sequences preempted (memory freed, recomputed "
                                    "later) because the KV cache ran out")
         self._preemptions = 0
+        # Per tenant name (never per key: a key in a label would be in every scrape and dashboard)
+        self.tenant_requests = Counter("raymoe_tenant_requests", "Requests per tenant: all (requests) and those "
+                                       "refused by its quota (refused)", tag_keys=("tenant", "outcome"))
+        self.tenant_tokens = Counter("raymoe_tenant_tokens", "Tokens generated per tenant", tag_keys=("tenant",))
         self.ttft = Histogram("raymoe_time_to_first_token_seconds", "Request arrival to its first token",
                               boundaries=LATENCY_BUCKETS)
         self.itl = Histogram("raymoe_inter_token_latency_seconds", "Time between a stream's tokens",

@@ -8,24 +8,24 @@ parsed in cluster/openai_request.py and the answer shaped in cluster/openai_resp
 from __future__ import annotations
 
 import asyncio
-import json
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raymoe.model.chat import ChatError
 
-from .failures import HTTP_KEY_HINT, Unauthenticated
+from .auth import http_tenant
+from .failures import Unauthenticated
 from .openai_request import CHAT_NAMES, HttpError, http_error_for, parse_chat, parse_completion, wants_logprobs
 from .openai_response import CompletionView
+from .quota import close_lease
 from .requests import build_request
 from .tools import chat_messages
 
 app = FastAPI(title="raymoe", description="OpenAI-compatible API of a raymoe server", docs_url=None, redoc_url=None,
               openapi_url=None)
-MAX_BODY_BYTES = 8 << 20
 
 
 @app.exception_handler(HttpError)
@@ -71,7 +71,7 @@ async def chat_completions(request: Request):
 
 class OpenAIRoutes:
     """Mixed into the front deployment (cluster.ingress.Generator), which provides `loop`, `cfg`,
-    `limits`, `tokenizer`, `chat`, `model_id`, `api_key`, `pool_health` and `serving`."""
+    `limits`, `tokenizer`, `chat`, `model_id`, `tenants`, `quota`, `pool_health` and `serving`."""
 
     async def http_health(self) -> JSONResponse:
         ok = self.serving
@@ -88,20 +88,21 @@ class OpenAIRoutes:
 
     async def http_completions(self, request: Request):
         try:
-            self._http_auth(request)
+            tenant = self._http_auth(request)
             body = await self._json_body(request)
             kw, prompts, (stream, usage) = parse_completion(body)
             self._check_model(body)
             n = kw.pop("n")
             reqs = await asyncio.to_thread(lambda: [self._build({**kw, **p}) for p in prompts])  # off the event loop
+            share = await self._share(tenant, reqs, n)
         except Exception as e:  # noqa: BLE001
             return http_error_for(e).response()
-        view = CompletionView(self, reqs, n, "text_completion", "cmpl", logprobs=wants_logprobs(body))
-        return await view.respond(stream, usage)
+        view = CompletionView(self, reqs, n, "text_completion", "cmpl", logprobs=wants_logprobs(body), share=share)
+        return _closing(await view.respond(stream, usage), share)
 
     async def http_chat_completions(self, request: Request):
         try:
-            self._http_auth(request)
+            tenant = self._http_auth(request)
             body = await self._json_body(request)
             kw, messages, stream, usage, want_logprobs = parse_chat(body)
             self._check_model(body)
@@ -116,31 +117,31 @@ class OpenAIRoutes:
                 raise HttpError(400, str(e), param="messages") from None
             n = kw.pop("n")
             req = await asyncio.to_thread(self._build, kw)
+            share = await self._share(tenant, [req], n)
         except Exception as e:  # noqa: BLE001
             return http_error_for(e, CHAT_NAMES).response()
         view = CompletionView(self, [req], n, "chat.completion", "chatcmpl", chat=True, logprobs=want_logprobs,
-                              tools=req.tools)
-        return await view.respond(stream, usage)
+                              tools=req.tools, share=share)
+        return _closing(await view.respond(stream, usage), share)
 
     # --- helpers ---
 
-    def _http_auth(self, request: Request) -> None:
-        if not self.api_key.allows(request.headers.get("authorization")):
-            raise Unauthenticated(HTTP_KEY_HINT)
+    def _http_auth(self, request: Request):
+        """The caller's tenant (Unauthenticated for a missing or unknown key)."""
+        return http_tenant(self.tenants, request)
+
+    async def _share(self, tenant, reqs: list, n: int):
+        """The request's Owner (the tenant's share, its quota lease): every choice is a sequence."""
+        tokens = n * sum(len(r.prompt_ids) + r.params.max_tokens for r in reqs)
+        return await self.quota.owner(tenant, n * len(reqs), tokens, max(r.params.max_tokens for r in reqs))
 
     async def _json_body(self, request: Request) -> dict:
-        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-            raise HttpError(400, f"the body is larger than {MAX_BODY_BYTES} bytes")
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise HttpError(400, f"the body is larger than {MAX_BODY_BYTES} bytes")
+        from .http_body import BodyError, read_json_body
+
         try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise HttpError(400, f"the body is not JSON ({type(e).__name__})") from None
-        if not isinstance(body, dict):
-            raise HttpError(400, "the body must be a JSON object")
-        return body
+            return await read_json_body(request)
+        except BodyError as e:
+            raise HttpError(e.status, e.message, param=e.field) from None
 
     def _check_model(self, body: dict) -> None:
         model = body.get("model")
@@ -150,3 +151,22 @@ class OpenAIRoutes:
 
     def _build(self, kw: dict):
         return build_request(self.cfg, self.limits, self.tokenizer, grammars=self.grammars, **kw)
+
+
+def _closing(response, share):
+    """The response, returning the quota lease once it has been sent (a stream: at its end; a
+    choice cancelled before it started reports nothing itself)."""
+    if not isinstance(response, StreamingResponse):
+        close_lease(share)
+        return response
+    body = response.body_iterator
+
+    async def closing():
+        try:
+            async for part in body:
+                yield part
+        finally:
+            close_lease(share)
+
+    response.body_iterator = closing()
+    return response

@@ -34,13 +34,14 @@ NEUTRAL = {"best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
 
 class HttpError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers  # e.g. Retry-After
 
     def response(self) -> JSONResponse:
         return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+                                       "code": self.code}}, status_code=self.status, headers=self.headers)
 
 
 # build_request's field names (the gRPC API's) that an OpenAI endpoint spells otherwise, or lacks (None).
@@ -57,7 +58,9 @@ def http_error_for(error: BaseException, names: dict[str | None, str | None] = C
     param, message = names.get(failure.field, failure.field), failure.message
     if failure.field and param and param != failure.field and message.startswith(failure.field + " "):
         message = param + message[len(failure.field):]
-    return HttpError(failure.http_status, message, failure.http_type, param=param, code=failure.http_code)
+    headers = None if failure.retry_after_s is None else {"Retry-After": str(failure.retry_after_s)}
+    return HttpError(failure.http_status, message, failure.http_type, param=param, code=failure.http_code,
+                     headers=headers)
 
 
 # --- parsing -----------------------------------------------------------------------------------

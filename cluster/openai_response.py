@@ -27,8 +27,9 @@ class CompletionView:
     (prompt, k < n), each its own sequence of the engine."""
 
     def __init__(self, owner, reqs: list, n: int, obj: str, prefix: str, chat: bool = False,
-                 logprobs: bool = False, tools=None) -> None:
+                 logprobs: bool = False, tools=None, share=None) -> None:
         self.owner, self.reqs, self.n, self.obj, self.chat, self.logprobs = owner, reqs, n, obj, chat, logprobs
+        self.share = share  # the tenant's Owner of every choice's sequence (cluster/engine_loop.py)
         self.tools = tools if tools is not None and tools.active else None  # the answers may be tool calls
         self.names = CHAT_NAMES if chat else COMPLETION_NAMES  # the endpoint's spelling of the fields in errors
         self.id, self.created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
@@ -40,7 +41,7 @@ class CompletionView:
         params = r.params
         if k and params.seed is not None:  # choice k samples with its own seed (without one: random each)
             params = dataclasses.replace(params, seed=(params.seed + k) % 2**64)
-        return self.owner.loop.generate(r.prompt_ids, params, r.stop)
+        return self.owner.loop.generate(r.prompt_ids, params, r.stop, owner=self.share)
 
     def _usage(self, completion_tokens: int) -> dict:
         n = sum(len(r.prompt_ids) for r in self.reqs)

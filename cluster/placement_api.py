@@ -17,10 +17,11 @@ import ray
 
 from raymoe.actors.errors import remote_cause
 from raymoe.actors.live import PlacementFailed
-from raymoe.actors.pool_host import pool_host
+from raymoe.actors.pool_host import ChangeBusy, pool_host
 from raymoe.protos import generator_pb2 as pb
 
-from .failures import GRPC_KEY_HINT, Unauthenticated
+from .auth import grpc_tenant
+from .failures import PermissionDenied, Unauthenticated
 
 log = logging.getLogger("ray.serve")
 
@@ -31,26 +32,49 @@ class ExpertsRoutes:
     """GetPlacement, ScaleExperts, RebalanceExperts; mixed into the front deployment (Generator)."""
 
     async def GetPlacement(self, request: pb.PlacementRequest, grpc_context=None) -> pb.PlacementResponse:
+        if not self._admin(grpc_context):
+            return pb.PlacementResponse()
         report = await self._ask_host(grpc_context, "placement", timeout_s=30.0)
         if report is None:
             return pb.PlacementResponse()
         return placement_message(report)
 
     async def ScaleExperts(self, request: pb.ScaleExpertsRequest, grpc_context=None) -> pb.PlacementChange:
-        if request.actors < 1:
+        if not self._admin(grpc_context):
+            return pb.PlacementChange()
+        most = self.max_expert_actors()
+        if not 1 <= request.actors <= most:  # at once: a planner given a million actors works for minutes
             return self._refuse(grpc_context, grpc.StatusCode.INVALID_ARGUMENT,
-                                f"actors must be at least 1 (got {request.actors})", pb.PlacementChange())
+                                f"actors must be between 1 and {most} (got {request.actors}); the server's "
+                                f"bound is --max-expert-actors", pb.PlacementChange())
         entry = await self._ask_host(grpc_context, "scale", request.actors)
         return pb.PlacementChange() if entry is None else change_message(entry)
 
     async def RebalanceExperts(self, request: pb.RebalanceRequest, grpc_context=None) -> pb.PlacementChange:
+        if not self._admin(grpc_context):
+            return pb.PlacementChange()
         entry = await self._ask_host(grpc_context, "rebalance")
         return pb.PlacementChange() if entry is None else change_message(entry)
 
+    def max_expert_actors(self) -> int:
+        """--max-expert-actors, or by default the most actors that can all hold an expert."""
+        s = self.settings
+        return s.max_expert_actors or max(self.cfg.num_local_experts * max(1, s.expert_replicas), s.expert_actors,
+                                          s.expert_autoscale_max)
+
+    def _admin(self, grpc_context) -> bool:
+        """Whether the caller is an admin tenant; if not, its status is set (UNAUTHENTICATED or
+        PERMISSION_DENIED)."""
+        try:
+            grpc_tenant(self.tenants, grpc_context, admin=True)
+            return True
+        except (Unauthenticated, PermissionDenied) as e:
+            self._fail(grpc_context, e, None)  # the status every door answers
+            return False
+
     async def _ask_host(self, grpc_context, method: str, *args: Any, timeout_s: float = CHANGE_TIMEOUT_S):
-        if not self.api_key.allows_grpc(grpc_context):
-            return self._fail(grpc_context, Unauthenticated(GRPC_KEY_HINT), None)  # the status every door answers
-        host = pool_host(self.settings.app_name) if self.info["pool"] is not None else None
+        # looking the host up asks Ray's GCS: on a thread, never on the event loop streams share
+        host = await asyncio.to_thread(pool_host, self.settings.app_name) if self.info["pool"] is not None else None
         if host is None:
             return self._refuse(grpc_context, grpc.StatusCode.FAILED_PRECONDITION,
                                 "this server computes its experts inside the front replicas; start it with "
@@ -65,13 +89,14 @@ class ExpertsRoutes:
 
             if isinstance(cause, ValueError):  # the planner refused: e.g. too few actors for the copies
                 return self._refuse(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(cause).splitlines()[0], None)
-            if isinstance(cause, PlacementFailed):
+            if isinstance(cause, (PlacementFailed, ChangeBusy)):
                 return self._refuse(grpc_context, grpc.StatusCode.UNAVAILABLE, str(cause).splitlines()[0], None)
             log.error("placement %s failed", method, exc_info=e)
             return self._refuse(grpc_context, grpc.StatusCode.UNAVAILABLE,
                                 f"the placement {method} failed ({type(cause).__name__}); the previous placement "
                                 f"keeps serving; see the pool host's log", None)
         except ray.exceptions.RayError as e:
+            log.error("the pool host did not answer", exc_info=e)
             return self._refuse(grpc_context, grpc.StatusCode.UNAVAILABLE, f"the pool host did not answer: "
                                 f"{type(e).__name__}", None)
 

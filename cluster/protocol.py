@@ -15,7 +15,7 @@ from raymoe.model.guided import GrammarCache, GuidedSpec
 from raymoe.model.tokenizer import Tokenizer
 
 from .engine_loop import Chunk
-from .requests import Request, RequestLimits, build_request
+from .requests import Request, RequestLimits, build_request, check_counts
 from .tools import parse_tools
 
 
@@ -58,6 +58,8 @@ def _tools(req: pb.GenerateRequest):
 def parse_request(req: pb.GenerateRequest, cfg: ModelConfig, limits: RequestLimits,
                   tokenizer: Tokenizer | None, grammars: GrammarCache | None = None) -> Request:
     """A GenerateRequest as the engine's request; InvalidRequest names the field at fault."""
+    check_counts(cfg, limits, prompt_ids=len(req.prompt_token_ids), stop=len(req.stop),
+                 stop_token_ids=len(req.stop_token_ids), resume_ids=len(req.resume_token_ids))
     return build_request(
         cfg, limits, tokenizer, prompt=req.prompt or None, prompt_ids=list(req.prompt_token_ids),
         max_tokens=req.max_tokens or None, temperature=req.temperature if req.HasField("temperature") else None,

@@ -49,6 +49,25 @@ class Request:
     tools: ToolRequest = ToolRequest((), "none")  # the answer is read back as tool calls when active
 
 
+def check_counts(cfg: ModelConfig, limits: RequestLimits, *, prompt_ids: int = 0, stop: int = 0,
+                 stop_token_ids: int = 0, resume_ids: int = 0) -> None:
+    """The lengths of a request's lists, checked before they are copied or looked at (a hostile
+    message may carry millions of entries): the same limits build_request applies."""
+    ctx = cfg.max_position_embeddings
+    max_prompt = limits.max_prompt_tokens or ctx - 1
+    if prompt_ids > max_prompt:
+        raise InvalidRequest(f"prompt has {prompt_ids} tokens; the limit is {max_prompt}", "prompt")
+    if stop > limits.max_stop_strings:
+        raise InvalidRequest(f"at most {limits.max_stop_strings} stop strings are allowed (got {stop})", "stop")
+    if stop_token_ids > limits.max_stop_token_ids:
+        raise InvalidRequest(f"at most {limits.max_stop_token_ids} stop_token_ids are allowed "
+                             f"(got {stop_token_ids})", "stop_token_ids")
+    most = min(limits.max_tokens or ctx, ctx - 1)
+    if resume_ids > most:
+        raise InvalidRequest(f"resume_token_ids has {resume_ids} tokens; at most {most} can have been generated",
+                             "resume_token_ids")
+
+
 def build_request(cfg: ModelConfig, limits: RequestLimits, tokenizer: Tokenizer | None, *,
                   prompt: str | None = None, prompt_ids: Sequence[int] | None = None,
                   max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
@@ -72,6 +91,7 @@ def build_request(cfg: ModelConfig, limits: RequestLimits, tokenizer: Tokenizer 
                                  f"{max_prompt} tokens)", "prompt")
         ids = tokenizer.encode(prompt, bos=add_bos)
     else:
+        check_counts(cfg, limits, prompt_ids=len(prompt_ids))  # type: ignore[arg-type]
         ids = [int(t) for t in prompt_ids]  # type: ignore[union-attr]
     if len(ids) > max_prompt:
         raise InvalidRequest(f"prompt has {len(ids)} tokens; the limit is {max_prompt}", "prompt")
@@ -110,6 +130,7 @@ def build_request(cfg: ModelConfig, limits: RequestLimits, tokenizer: Tokenizer 
     if not 0 <= lp <= limits.max_logprobs:
         raise InvalidRequest(f"logprobs must be between 0 and {limits.max_logprobs} (got {lp})", "logprobs")
 
+    check_counts(cfg, limits, stop=len(stop), stop_token_ids=len(stop_token_ids))
     stop = list(stop)
     if len(stop) > limits.max_stop_strings:
         raise InvalidRequest(f"at most {limits.max_stop_strings} stop strings are allowed (got {len(stop)})", "stop")
@@ -125,7 +146,11 @@ def build_request(cfg: ModelConfig, limits: RequestLimits, tokenizer: Tokenizer 
     if bad is not None:
         raise InvalidRequest(f"stop token id {bad} is outside the vocabulary [0, {cfg.vocab_size})", "stop_token_ids")
 
+    check_counts(cfg, limits, resume_ids=len(resume_ids))
     resumed = [int(r) for r in resume_ids]
+    if len(ids) + len(resumed) > ctx:  # implied by the checks of max_tokens below; said first, plainly
+        raise InvalidRequest(f"prompt ({len(ids)} tokens) + resume_token_ids ({len(resumed)}) exceed the "
+                             f"model's {ctx}-token context", "resume_token_ids")
     if len(resumed) > n:
         raise InvalidRequest(f"resume_token_ids has {len(resumed)} tokens, more than max_tokens ({n})",
                              "resume_token_ids")

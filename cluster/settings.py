@@ -95,6 +95,17 @@ class ServeSettings:
     # old replicas keep the traffic until the new ones can serve), nor with True: up only once the
     # experts are loaded (a RayService upgrade then moves traffic only to a cluster that serves).
     ready_when_loaded: bool = False
+    # What /v1/models and ModelInfo call the model ("" → the checkpoint directory's name); requests
+    # naming another model get 404. Never the path: clients learn nothing of the server's files.
+    served_model_name: str = ""
+    # YAML of tenants (keys, admin role, quotas, weights; cluster/tenants.py), read by every replica
+    # (the path must exist on its node: a mounted Secret in Kubernetes) and reloaded when it changes.
+    tenants_file: str = ""
+    # Bound on ScaleExperts' `actors` (0 → the model's experts per layer × expert_replicas, and at
+    # least expert_actors and the autoscaling maximum: more actors than that would hold nothing).
+    max_expert_actors: int = 0
+    # The largest gRPC message Serve's proxy accepts (RESOURCE_EXHAUSTED beyond it, before parsing).
+    max_message_bytes: int = 8 << 20
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", self.app_name):
@@ -132,6 +143,13 @@ class ServeSettings:
             raise ValueError(f"stream_messages_per_s must be >= 0 (got {self.stream_messages_per_s})")
         if not 0 <= self.stream_interval_ms <= 10_000:
             raise ValueError(f"stream_interval_ms must be between 0 and 10000 (got {self.stream_interval_ms})")
+        if not 1 << 16 <= self.max_message_bytes < 1 << 31:
+            raise ValueError(f"max_message_bytes must be between 64 KiB and 2 GiB (got {self.max_message_bytes})")
+        if self.served_model_name != self.served_model_name.strip() or len(self.served_model_name) > 256:
+            raise ValueError(f"served_model_name must be at most 256 characters without surrounding spaces "
+                             f"(got {self.served_model_name!r})")
+        if self.max_expert_actors < 0:
+            raise ValueError(f"max_expert_actors must be >= 0 (got {self.max_expert_actors})")
         self.request_limits()  # validates the limits
         if self.guided_max_spec_bytes < 1 or self.guided_compile_timeout_s <= 0 or self.guided_cache_size < 1:
             raise ValueError("guided_max_spec_bytes, guided_compile_timeout_s and guided_cache_size must be positive")
@@ -217,9 +235,16 @@ class ServeSettings:
             opts["num_replicas"] = self.replicas
         return opts
 
+    def proxy_env(self) -> dict[str, str]:
+        """Environment of Serve's controller, which its proxies inherit: Serve's proxy reads its
+        gRPC message bound from RAY_SERVE_GRPC_MAX_MESSAGE_SIZE (ray.serve._private.constants),
+        applied as grpc.max_receive_message_length (the proxy answers RESOURCE_EXHAUSTED beyond it)."""
+        return {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(self.max_message_bytes)}
+
     def serve_config(self) -> dict[str, Any]:
         """A Serve config (the `serveConfigV2` of a RayService) deploying exactly this."""
         return {
+            "controller_options": {"runtime_env": {"env_vars": self.proxy_env()}},
             "grpc_options": {"port": self.grpc_port, "grpc_servicer_functions": SERVICER_FUNCTIONS,
                              "request_timeout_s": self.request_timeout_s},
             "http_options": {"host": self.http_host, "port": self.http_port,

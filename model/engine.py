@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 from typing import Hashable
 
 import torch
 
 from .errors import BackendUnavailable, InvalidRequest
+from .fair import FairShare
 from .guided import Guide, StepMasks, start_guide
 from .kv_cache import PagedKVCache
 from .sampling import SamplingParams, sample
@@ -52,6 +52,10 @@ class Sequence:
     arrival: int = 0  # order of arrival: the queue and preemption follow it
     preemptions: int = 0
     overtaken: int = 0  # admissions that went ahead of this sequence while it waited
+    # Whose it is (model/fair.py): its tenant's share of the engine and its priority class
+    tenant: Hashable = ""
+    weight: float = 1.0
+    priority: int = 0
     guide: Guide | None = None  # guided decoding: its place in the grammar (kept through preemption)
 
     @property
@@ -101,6 +105,7 @@ class Engine:
         # the steps waited for (the rest overlapped the forward)
         self.mask_seconds = self.mask_wait_seconds = 0.0
         self._eos = frozenset(self.cfg.eos_token_ids)
+        self.fair = FairShare()  # admission and preemption order between tenants (one tenant: arrival)
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -128,14 +133,17 @@ class Engine:
                                  f"({self.cache.capacity_tokens} tokens)", "max_tokens")
 
     def add(self, seq_id: Hashable, prompt_ids: list[int], params: SamplingParams,
-            output_ids: list[int] = ()) -> Sequence:
+            output_ids: list[int] = (), tenant: Hashable = "", weight: float = 1.0, priority: int = 0) -> Sequence:
         """Queue a sequence. `output_ids` continues a generation whose first tokens were already
-        produced (elsewhere): they are prefilled with the prompt and count towards max_tokens."""
+        produced (elsewhere): they are prefilled with the prompt and count towards max_tokens.
+        tenant, weight, priority: its share of the engine beside other tenants (model/fair.py)."""
         self.check(prompt_ids, params, output_ids)
         if seq_id in self.running or any(s.seq_id == seq_id for s in self.waiting):
             raise ValueError(f"sequence id {seq_id!r} is already in use")
+        self.fair.arrive(tenant, {s.tenant for s in (*self.waiting, *self.running.values())})
         seq = Sequence(seq_id, list(prompt_ids), params, params.effective_seed(), list(output_ids),
-                       arrival=self._arrivals, guide=start_guide(params, output_ids))
+                       arrival=self._arrivals, guide=start_guide(params, output_ids), tenant=tenant, weight=weight,
+                       priority=priority)
         self._arrivals += 1
         self.waiting.append(seq)
         return seq
@@ -171,7 +179,7 @@ class Engine:
         """Blocks for `num_tokens` of `seq`, preempting later-admitted sequences if needed.
         False if `seq` itself had to be preempted."""
         while not self.cache.allocate(seq.seq_id, num_tokens):
-            victim = max(self.running.values(), key=lambda s: s.arrival)  # the latest to arrive
+            victim = self.fair.victim(self.running.values())  # one tenant: the latest to arrive
             self._preempt(victim)
             if victim is seq:
                 return False
@@ -190,11 +198,14 @@ class Engine:
                 budget -= len(chunk)
         batch = [(s, c) for s, c in batch if s.seq_id in self.running]  # a later grow may have preempted it
         if self.waiting and budget > 0:
-            batch += self._admit(budget)
+            admitted = self._admit(budget)  # a better priority class may preempt some of `batch`
+            batch = [(s, c) for s, c in batch if s.seq_id in self.running] + admitted
         return batch
 
     def _admit(self, budget: int) -> list[tuple[Sequence, list[int]]]:
-        """Start waiting sequences that fit in the free blocks, oldest first. Fitting counts the
+        """Start waiting sequences that fit in the free blocks, in the fair order (model/fair.py:
+        priority class, the tenant's virtual counter, arrival; one tenant: oldest first). A sequence
+        of a better class that finds no room preempts running ones of worse classes. Fitting counts the
         token its prefill samples (the block the next step writes it into), so a sequence admitted
         into the last free blocks is not preempted at once at the next block boundary. One that
         does not fit may be overtaken by later ones, each waiting sequence at most `max_overtakes`
@@ -205,28 +216,44 @@ class Engine:
         # Blocks the next step will ask for and nobody holds yet: running sequences whose tokens end
         # on a block boundary (their next token opens a block). An admitted one takes its own at once.
         reserved = sum(1 for s in self.running.values() if s.num_cached == s.num_tokens - 1 and s.num_tokens % bs == 0)
+        order = self.fair.order(self.waiting)
         i = 0
-        while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_running:
-            seq = self.waiting[i]
+        while i < len(order) and budget > 0:
+            seq = order[i]
             need = self.cache.blocks_for(self._admission_tokens(seq))
-            if need > self.cache.free_blocks - reserved:
-                if seq.overtaken >= self.max_overtakes:
+            if not self._make_room(seq, need + reserved, admitted):
+                if seq.overtaken >= self.max_overtakes or len(self.running) >= self.max_running:
                     break  # strict order until it starts
                 i += 1
                 continue
             limit_reached = False
-            for passed in itertools.islice(self.waiting, i):  # each stays behind `seq`
+            for passed in order[:i]:  # each stays behind `seq`
                 passed.overtaken += 1
                 limit_reached |= passed.overtaken >= self.max_overtakes
-            del self.waiting[i]
+            del order[i]
+            self.waiting.remove(seq)
             self.cache.allocate(seq.seq_id, self._admission_tokens(seq))  # the whole prompt and its first token
             self.running[seq.seq_id] = seq
             chunk = seq.pending(budget)
             admitted.append((seq, chunk))
             budget -= len(chunk)
+            if seq.preemptions == 0:  # its service (VTC): the prompt at admission, each token as it comes
+                self.fair.charge(seq, prompt_tokens=len(seq.prompt_ids))
+                order[i:] = self.fair.order(order[i:])  # its tenant's counter moved
             if limit_reached:
                 break  # strict order until the one passed too often starts
         return admitted
+
+    def _make_room(self, seq: Sequence, blocks: int, admitted: list) -> bool:
+        """Whether `seq` can start now: a running slot and `blocks` free blocks, preempting running
+        sequences of worse priority classes (never one admitted in this step) if that is needed."""
+        while len(self.running) >= self.max_running or blocks > self.cache.free_blocks:
+            fresh = {s.seq_id for s, _ in admitted}
+            worse = [s for s in self.running.values() if s.priority > seq.priority and s.seq_id not in fresh]
+            if not worse:
+                return False
+            self._preempt(self.fair.victim(worse))
+        return True
 
     @staticmethod
     def _admission_tokens(seq: Sequence) -> int:
@@ -289,6 +316,7 @@ class Engine:
                 events.append(self._fail(seq, RuntimeError(f"token {token} was sampled outside the grammar")))
                 continue
             seq.output_ids.append(token)
+            self.fair.charge(seq, output_tokens=1)
             seq.logprobs.append(out.logprobs[i])
             seq.top_logprobs.append(out.top[i])
             seq.finish_reason = self._finish_reason(seq, token)

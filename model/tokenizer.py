@@ -15,6 +15,9 @@ from typing import Iterable
 import sentencepiece as spm
 
 CONTEXT_TOKENS = 6  # prompt tokens decoded before the first output token, for its leading space
+# A UTF-8 character has at most 4 bytes: more pending byte pieces than this that still end in an
+# incomplete character can never complete it (their text is emitted, with U+FFFD as decode gives).
+MAX_HELD_TOKENS = 4
 
 
 class TokenizerError(ValueError):
@@ -66,6 +69,10 @@ class IncrementalDecoder:
         self.read = len(self.ids)
 
     def push(self, token_id: int) -> str:
+        # Control tokens (<s>, </s>) decode to nothing in any context: kept, each would widen the
+        # window decoded per token, making a run of them quadratic (a resumed request replays them).
+        if self.tok.sp.IsControl(int(token_id)):
+            return ""
         self.ids.append(int(token_id))
         return self._advance(final=False)
 
@@ -77,9 +84,11 @@ class IncrementalDecoder:
             return ""
         before = self.tok.decode(self.ids[self.prefix:self.read])
         after = self.tok.decode(self.ids[self.prefix:])
-        if len(after) <= len(before) and not final:
+        # Held tokens are bounded (MAX_HELD_TOKENS), so each push decodes a window of bounded size.
+        holding = len(self.ids) - self.read < MAX_HELD_TOKENS
+        if len(after) <= len(before) and not final and holding:
             return ""
-        if after.endswith("\ufffd") and not final:  # an incomplete UTF-8 sequence: wait for its bytes
+        if after.endswith("\ufffd") and not final and holding:  # an incomplete UTF-8 sequence: wait for its bytes
             return ""
         self.prefix, self.read = self.read, len(self.ids)
         return after[len(before):]

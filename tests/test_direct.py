@@ -51,3 +51,38 @@ def test_an_abandoned_calls_reply_is_dropped_whenever_it_comes():
         assert channel.replies == {} and channel.abandoned == set()
     finally:
         channel.close()
+
+
+def test_strangers_sockets_hold_no_callers_slot_and_no_handshake_outlives_its_deadline(monkeypatch):
+    """Sockets that never send the token (or trickle it a byte at a time) take at most
+    MAX_UNAUTHENTICATED places, each only until the one handshake deadline; a caller with the
+    token connects and is served meanwhile."""
+    import socket
+
+    from raymoe.actors import direct
+
+    monkeypatch.setattr(direct, "HANDSHAKE_TIMEOUT_S", 1.5)
+    server = DirectServer(slow_double, "127.0.0.1")
+    host, port, _ = server.endpoint()
+    strangers = [socket.create_connection((host, port)) for _ in range(3 * direct.MAX_UNAUTHENTICATED)]
+    try:
+        time.sleep(0.3)
+        assert server.unauthenticated <= direct.MAX_UNAUTHENTICATED
+        trickler = strangers[0]
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3.0:  # one byte every 0.2 s: a per-recv timeout would never fire
+            try:
+                trickler.sendall(b"x")
+            except OSError:
+                break
+            time.sleep(0.2)
+        assert time.monotonic() - t0 < 2.9  # the server closed it at the deadline
+        channel = DirectChannel(server.endpoint(), timeout_s=5)
+        a = np.arange(8, dtype=np.uint8)
+        channel.send(1, 0, a)
+        assert channel.recv(1, timeout_s=5)[0].tolist() == (a * 2).tolist()
+        channel.close()
+        assert server.unauthenticated == 0
+    finally:
+        for s in strangers:
+            s.close()

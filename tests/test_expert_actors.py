@@ -255,3 +255,31 @@ def wait_dead(actor, timeout_s: float = 30) -> None:
             break
         time.sleep(0.05)
     raise AssertionError(f"{actor} still answers {timeout_s:g} s after ray.kill")
+
+
+def test_forged_payloads_are_refused_before_any_kernel_and_the_actor_serves_on(ckpt):
+    """Over the direct transport, as any peer holding the token could send them: a wrong size, a
+    row or expert id out of range, a non-finite weight → the call's error; the next call is fine."""
+    from raymoe.actors.direct import DirectChannel
+
+    cfg = Checkpoint(ckpt).config
+    actor = ExpertActor(str(ckpt), list(range(cfg.num_local_experts)), [1])
+    x, w, idx = routed(cfg, 3, seed=2)
+    rows, experts, weights = torch.arange(3).repeat_interleave(2), idx.reshape(-1), w.reshape(-1)
+    good = pack(x, rows, experts, weights)
+    forged = {"rows": pack(x, rows + 100, experts, weights),
+              "expert id": pack(x, rows, experts - 100, weights),
+              "weight": pack(x, rows, experts, weights * float("nan")),
+              "does not hold": good[:-4]}
+    channel = DirectChannel(actor.direct.endpoint(), timeout_s=5)
+    try:
+        for call_id, (what, payload) in enumerate(forged.items()):
+            channel.send(call_id, 1, payload)
+            with pytest.raises(RuntimeError, match="ValueError") as err:
+                channel.recv(call_id, timeout_s=5)
+            assert ("row" if what == "rows" else what) in str(err.value)
+        channel.send(99, 1, good)
+        got = from_wire(channel.recv(99, timeout_s=5)[0], torch.float32).view(3, -1)
+        torch.testing.assert_close(got, local_layer(ckpt, 1)(x, w, idx), atol=1e-6, rtol=1e-5)
+    finally:
+        channel.close()

@@ -170,3 +170,27 @@ def test_missing_tokenizer_file(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"not a model")
     with pytest.raises(TokenizerError, match="not a sentencepiece model"):
         Tokenizer(tmp_path)
+
+
+def test_tokens_that_decode_to_nothing_cost_linear_work(tok):
+    """A resumed request replays its tokens through the decoder: runs of control tokens and of
+    byte pieces that never complete a character must each cost a bounded window, and the text
+    must still equal decoding the whole (the byte pieces as U+FFFD, as decode gives them)."""
+    cont = tok.sp.PieceToId("<0x80>")  # a UTF-8 continuation byte: never completes a character
+    out = tok.encode("hi", bos=False) + [tok.bos_id] * 3000 + [cont] * 3000 + tok.encode(" there", bos=False)
+    decoded = []
+    original = tok.decode
+
+    def counting(ids):
+        ids = list(ids)
+        decoded.append(len(ids))
+        return original(ids)
+
+    tok.decode = counting
+    try:
+        dec = IncrementalDecoder(tok, [tok.bos_id])
+        text = "".join(dec.push(t) for t in out) + dec.flush()
+    finally:
+        del tok.decode
+    assert text == tok.decode(out)
+    assert max(decoded) <= 2 * 4 + 2 and sum(decoded) < 20 * len(out)
