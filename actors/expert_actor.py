@@ -170,6 +170,7 @@ class ExpertActor:
             for layer, experts in self.assignment.items():
                 self.state[layer] = self._stack(layer, experts, *ckpt.experts(layer, experts, self.dtype,
                                                                                self.quantization))
+            release_free_memory()
             self.load.done()
         except BaseException as e:  # noqa: BLE001 — reported by progress() and every call
             self.load.done(e)
@@ -222,6 +223,7 @@ class ExpertActor:
             self.experts = tuple(sorted({e for ex in self.assignment.values() for e in ex}))
             self.layers = tuple(sorted(self.assignment))
             _record_assignment(self.assignment)
+        release_free_memory()
         return {"bytes_read": read, "seconds": time.perf_counter() - t0}
 
     @ray.method(concurrency_group="control")
@@ -300,6 +302,19 @@ class ExpertActor:
     def direct_endpoint(self) -> tuple[str, int, bytes]:
         """(host, port, token) of this process's direct-transport listener; a restart changes the token."""
         return self.direct.endpoint()
+
+
+def release_free_memory() -> None:
+    """Hand the heap's freed pages back to the OS (glibc keeps them otherwise): loading frees its
+    read buffers and quantization temporaries, and the actor's resident memory should be its
+    weights, not their high-water mark. A no-op where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _assignment_key(actor_id: str | None = None) -> bytes:

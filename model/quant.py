@@ -74,10 +74,10 @@ def quantize_rows_into(w: torch.Tensor, q_out: torch.Tensor, scale_out: torch.Te
     The scale is rounded to scale_out's dtype before dividing, so q · scale (what the kernels
     compute) is the nearest int8 grid point under the scale actually stored."""
     for start in range(0, w.shape[0], QUANT_CHUNK_ROWS):
-        rows = w[start:start + QUANT_CHUNK_ROWS].to(torch.float32)
-        scale = (rows.abs().amax(dim=1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
-        scale = scale.to(scale_out.dtype)
-        q_out[start:start + rows.shape[0]] = torch.round(rows / scale.to(torch.float32)[:, None]).clamp_(-127, 127)
+        rows = w[start:start + QUANT_CHUNK_ROWS].to(torch.float32, copy=True)  # the one temporary, worked in place
+        low, high = torch.aminmax(rows, dim=1)
+        scale = (torch.maximum(-low, high) / 127.0).clamp_min(torch.finfo(torch.float32).tiny).to(scale_out.dtype)
+        q_out[start:start + rows.shape[0]] = rows.div_(scale.to(torch.float32)[:, None]).round_().clamp_(-127, 127)
         scale_out[start:start + rows.shape[0]] = scale
 
 

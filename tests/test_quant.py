@@ -164,3 +164,20 @@ def test_cli_quantize_then_run_implies_the_quantization(ckpt, tmp_path, capsys):
     assert s.quantization == "experts_int8" and s.pool_config("float32").quantization == "experts_int8"
     assert main(["quantize", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert "checkpoint directory not found" in capsys.readouterr().err
+
+
+def test_experts_and_status_show_the_quantization_and_weight_bytes():
+    from raymoe.cli.experts import render_placement
+    from raymoe.cli.status import render
+    from raymoe.protos import generator_pb2 as pb
+
+    actor = dict(name="experts[0-3]", state="ALIVE", device="cpu", weight_bytes=3 << 20)
+    placement = pb.PlacementResponse(version=1, actors=[pb.ExpertActorPlacement(
+        id=0, slots=4, layers=[pb.LayerExperts(layer=0, experts=[0, 1, 2, 3])], quantization="experts_int8",
+        **actor)])
+    row = render_placement(placement).splitlines()[3]
+    assert "3.0MB" in row and "experts_int8" in row
+    info = pb.ModelInfoResponse(model="m", quantization="experts_int8", config=pb.ModelConfig(dtype="bfloat16"),
+                                expert_actors=[pb.ExpertActorInfo(quantization="experts_int8", **actor)], state="READY")
+    text = render(info)
+    assert "bfloat16, experts experts_int8" in text and "3.0MB" in text
