@@ -246,8 +246,9 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
         own = {**cache_counters(self.loop.engine), "replica": self.replica_id}
         app = self.settings.app_name
         try:
-            await asyncio.to_thread(publish_counters, app, self.replica_id, own)
-            others = await asyncio.to_thread(published_counters, app)
+            # bounded: ModelInfo (raymoe status, health tooling) must answer even if the GCS is slow
+            await asyncio.wait_for(asyncio.to_thread(publish_counters, app, self.replica_id, own), 2.0)
+            others = await asyncio.wait_for(asyncio.to_thread(published_counters, app), 2.0)
         except Exception as e:  # noqa: BLE001 — the GCS unreachable: this replica's own numbers still answer
             logging.getLogger("ray.serve").warning("prefix cache stats: %s", e)
             others = [{**own, "age_seconds": 0.0}]
