@@ -53,6 +53,10 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--max-running", "max_running", int, "sequences decoded together per replica"),
     ("--max-batch-tokens", "max_batch_tokens", int, "tokens per engine step (decode + prompt chunks)"),
     ("--kv-cache-tokens", "kv_cache_tokens", int, "KV cache size per replica, in tokens"),
+    ("--no-prefix-cache", "prefix_cache", bool, "compute every prompt whole (default: reuse the KV blocks of "
+                                                "prompt prefixes seen before)"),
+    ("--prefix-routing", "prefix_routing", bool, "experimental: run each request on the front replica that holds "
+                                                 "its prefix, balanced against load (default: by load only)"),
     ("--max-queue", "max_queue", int, "waiting requests before RESOURCE_EXHAUSTED / 429"),
     ("--micro-batches", "micro_batches", int, "split each step in N parts (0: 2 when experts have GPUs, else 1)"),
     ("--stream-interval-ms", "stream_interval_ms", float, "send a stream's tokens at most this often; 0: every token"),
@@ -90,8 +94,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     for flag, field, kind, help_ in FLAGS:
         default = getattr(defaults, field)
         shown = f" (default: {default})" if default not in (None, "") else ""
-        if kind is bool:  # a switch: given → True
-            p.add_argument(flag, dest=field, action="store_const", const=True, default=None, help=help_)
+        if kind is bool:  # a switch: given → True (a --no-… switch: given → False)
+            p.add_argument(flag, dest=field, action="store_const", const=not flag.startswith("--no-"), default=None,
+                           help=help_)
         elif isinstance(kind, tuple):
             p.add_argument(flag, dest=field, choices=kind, default=None, help=help_ + shown)
         else:

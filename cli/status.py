@@ -20,6 +20,12 @@ def render(info) -> str:
              + (f", experts {info.quantization}" if info.quantization else ""),
              f"replica   running {info.load.running}/{info.max_running}, waiting {info.load.waiting}, "
              f"KV cache {info.load.kv_cache_used_tokens}/{info.kv_cache_tokens} tokens"]
+    caches = list(info.replica_prefix_caches) or ([info.prefix_cache] if info.HasField("prefix_cache") else [])
+    for c in caches:
+        rate = f"{c.hit_tokens / c.query_tokens:.1%}" if c.query_tokens else "-"
+        state = "" if c.enabled else " (off)"
+        lines.append(f"prefix    replica {c.replica[:12]:<12} hit rate {rate:>6} ({c.hit_tokens}/{c.query_tokens} "
+                     f"prompt tokens){state}, {c.cached_blocks} cached blocks, {c.evictions} evictions")
     if info.state == "LOADING":
         read = sum(a.load_bytes_read for a in info.expert_actors)
         total = sum(a.load_total_bytes for a in info.expert_actors)

@@ -220,7 +220,9 @@ def completion_json(responses: list[pb.GenerateResponse]) -> dict:
            "token_ids": [t for r in responses for t in r.token_ids],
            "logprobs": [lp for r in responses for lp in r.logprobs],
            "text": "".join(r.text for r in responses),
-           "finish_reason": responses[-1].finish_reason if responses else None}
+           "finish_reason": responses[-1].finish_reason if responses else None,
+           # prompt tokens the server found in its prefix cache (every chunk carries the count)
+           "cached_prompt_tokens": max((r.usage.cached_prompt_tokens for r in responses), default=0)}
     calls = [c for r in responses for c in r.tool_calls]
     if calls:
         out["tool_calls"] = [{"id": c.id, "type": c.type, "function": {"name": c.name, "arguments": c.arguments}}

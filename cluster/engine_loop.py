@@ -42,12 +42,13 @@ class Chunk:
     top: list[list[tuple[int, float]]]
     finish_reason: str | None
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens the prefix cache held when the sequence started
 
 
 def merge(a: Chunk, b: Chunk) -> Chunk:
     """Two consecutive chunks of one sequence as one."""
     return Chunk(a.text + b.text, a.token_ids + b.token_ids, a.logprobs + b.logprobs, a.top + b.top,
-                 b.finish_reason, b.completion_tokens)
+                 b.finish_reason, b.completion_tokens, b.cached_tokens)
 
 
 def _send_all(items: list[tuple["_Request", "Chunk | BaseException"]]) -> None:
@@ -84,9 +85,9 @@ class Owner:
 
 class _Request:
     def __init__(self, loop: asyncio.AbstractEventLoop, prompt_ids: list[int], params: SamplingParams,
-                 tracker: CompletionTracker, resume_ids: list[int], owner: Owner) -> None:
+                 tracker: CompletionTracker, resume_ids: list[int], owner: Owner, cache_salt: bytes = b"") -> None:
         self.loop, self.prompt_ids, self.params, self.tracker = loop, prompt_ids, params, tracker
-        self.resume_ids, self.owner = resume_ids, owner
+        self.resume_ids, self.owner, self.cache_salt = resume_ids, owner, cache_salt
         self.out: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
         self.ended = asyncio.Event()  # its last chunk or its error has arrived
         self.t_last = time.perf_counter()  # arrival, then each token's time (TTFT / ITL)
@@ -140,16 +141,17 @@ class EngineLoop:
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, stop: list[str],
                        resume_ids: list[int] = (), resume_text_bytes: int = 0,
-                       owner: Owner | None = None) -> AsyncIterator[Chunk]:
+                       owner: Owner | None = None, cache_salt: bytes = b"") -> AsyncIterator[Chunk]:
         """Yield chunks of new tokens; the last carries finish_reason. resume_ids continues a
         generation whose first tokens (and resume_text_bytes of their text) were delivered already:
         only what follows is yielded. Raises InvalidRequest for a bad request, QueueFull when too
         many are waiting, or the error that ended the sequence. owner: the tenant's share of the
-        engine, and its quota lease, told how many tokens the sequence generated however it ends."""
+        engine, and its quota lease, told how many tokens the sequence generated however it ends.
+        cache_salt: only sequences with the same salt share cached prompt blocks (Generator.cache_salt)."""
         tracker = None
         try:
             async with contextlib.aclosing(self._generate(prompt_ids, params, stop, resume_ids, resume_text_bytes,
-                                                          owner or Owner())) as chunks:
+                                                          owner or Owner(), cache_salt)) as chunks:
                 async for tracker, chunk in chunks:
                     yield chunk
         finally:
@@ -158,7 +160,7 @@ class EngineLoop:
                 owner.finished(generated, self.metrics)
 
     async def _generate(self, prompt_ids: list[int], params: SamplingParams, stop: list[str],
-                        resume_ids: list[int], resume_text_bytes: int, owner: Owner):
+                        resume_ids: list[int], resume_text_bytes: int, owner: Owner, cache_salt: bytes):
         """generate's body: (its tracker, each chunk)."""
         if self.load_error is not None:
             raise self.load_error
@@ -180,7 +182,7 @@ class EngineLoop:
         if self.num_waiting + self._inbox.qsize() >= self.max_queue + max(0, free_slots):
             raise QueueFull(f"server busy: {self.max_queue} requests already waiting; retry later")
         seq_id = next(self._ids)
-        req = _Request(asyncio.get_running_loop(), prompt_ids, params, tracker, list(resume_ids), owner)
+        req = _Request(asyncio.get_running_loop(), prompt_ids, params, tracker, list(resume_ids), owner, cache_salt)
         self._post(("add", seq_id, req))
         if self.load_error is not None:  # loading failed while this request was being posted
             raise self.load_error
@@ -291,7 +293,7 @@ class EngineLoop:
                 (self.metrics.ttft if req.first else self.metrics.itl).observe(now - req.t_last)
             req.first, req.t_last = False, now
             out.append((req, Chunk(text, [ev.token_id], [ev.logprob], [ev.top], c.finish_reason if done else None,
-                                   len(c.token_ids))))
+                                   len(c.token_ids), ev.cached_tokens)))
         _send_all(out)
         self._update_counts()
 
@@ -309,7 +311,7 @@ class EngineLoop:
                 try:
                     o = req.owner
                     self.engine.add(seq_id, req.prompt_ids, req.params, req.resume_ids, tenant=o.tenant,
-                                    weight=o.weight, priority=o.priority)
+                                    weight=o.weight, priority=o.priority, cache_salt=req.cache_salt)
                     self._requests[seq_id] = req
                 except Exception as e:  # noqa: BLE001 — InvalidRequest (checked again here), or a bug
                     req.send(e)
@@ -333,6 +335,8 @@ class EngineLoop:
             self.metrics.observe_step(*batch, step_seconds, len(self.engine.waiting),
                                       len(self.engine.running), cache.used_blocks * cache.block_size,
                                       cache.capacity_tokens, self.engine.preemptions)
+            pool = cache.pool
+            self.metrics.observe_prefix_cache(pool.queries_tokens, pool.hits_tokens, pool.evictions, pool.num_cached)
 
     def _update_counts(self) -> None:
         self.num_waiting, self.num_running = len(self.engine.waiting), len(self.engine.running)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from pathlib import Path
 from typing import AsyncIterator
@@ -27,7 +28,7 @@ from .openai_api import OpenAIRoutes
 from .placement_api import ExpertsRoutes
 from .quota import QuotaGate, close_lease
 from .replica import PoolHealth, actor_infos, build_engine_loop
-from .settings import ServeSettings
+from .settings import DEPLOYMENT_NAME, ServeSettings
 from .tenants import Tenants
 
 
@@ -74,6 +75,10 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
         # what /v1/models and ModelInfo show and requests name: never the checkpoint's path
         self.model_id = self.settings.served_model_name or Path(self.info["checkpoint"]).name
         self.created = int(time.time())
+        self._self_handle = None  # to this deployment, through the prefix-aware router (made on first use)
+        from ray import serve
+
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
 
     async def _parse(self, request: pb.GenerateRequest, grpc_context):
         """(the request, its Owner: the tenant's share and quota lease, which the caller closes)."""
@@ -85,12 +90,75 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
         owner = await self.quota.owner(tenant, 1, len(req.prompt_ids) + left, left)
         return req, owner
 
+    def generate(self, prompt_ids: list[int], params, stop: list[str], resume_ids: list[int] = (),
+                 resume_text_bytes: int = 0, owner=None, cache_salt: bytes = b"") -> AsyncIterator:
+        """Where every door runs a sequence (EngineLoop.generate's chunks): on this replica, or with
+        prefix routing on the replica that holds its prefix (cluster/prefix_router.py)."""
+        if not self.settings.routes_by_prefix():
+            return self.loop.generate(prompt_ids, params, stop, resume_ids, resume_text_bytes, owner, cache_salt)
+        from .prefix_router import RoutedRequest, route_hashes
+
+        tokens = list(prompt_ids) + list(resume_ids)
+        hashes = route_hashes(tokens[:len(tokens) - 1], self.loop.engine.cache.block_size, cache_salt)
+        return self._forward(RoutedRequest(list(prompt_ids), params, list(stop), list(resume_ids),
+                                           resume_text_bytes, cache_salt, hashes), owner)
+
+    async def _forward(self, routed, owner=None) -> AsyncIterator:
+        from ray import serve
+
+        from raymoe.actors.pool import remote_cause
+
+        if self._self_handle is None:
+            self._self_handle = serve.get_deployment_handle(DEPLOYMENT_NAME, self.settings.app_name).options(
+                method_name="routed_generate", stream=True)
+        response = self._self_handle.remote(routed)
+        finished, generated = False, 0
+        try:
+            async for chunk in response:
+                finished = chunk.finish_reason is not None
+                generated = chunk.completion_tokens - len(routed.resume_ids)
+                yield chunk
+        except Exception as e:  # noqa: BLE001 — the engine's own error, out of Ray's wrapper
+            finished = True
+            raise remote_cause(e) from None
+        finally:
+            if not finished:  # the client left: the sequence ends where it runs
+                response.cancel()
+            if owner is not None:  # the tenant's lease hears what the sequence generated, as locally
+                owner.finished(max(0, generated), self.loop.metrics)
+
+    async def routed_generate(self, routed) -> AsyncIterator:
+        """A sequence a door (maybe on another replica) sent here through the prefix-aware router."""
+        async with contextlib.aclosing(self.loop.generate(routed.prompt_ids, routed.params, routed.stop,
+                                                          routed.resume_ids, routed.resume_text_bytes,
+                                                          cache_salt=routed.cache_salt)) as stream:
+            async for chunk in stream:
+                yield chunk
+
+    async def record_routing_stats(self) -> dict:
+        """Polled by Serve's controller (request_router_config): the hashes of this replica's cached
+        blocks for the routers, and its counters, also published for `raymoe status`."""
+        from .prefix_router import publish_counters, routing_stats
+
+        stats = routing_stats(self.loop.engine)
+        await asyncio.to_thread(publish_counters, self.settings.app_name, self.replica_id, stats["prefix_cache"])
+        return stats
+
+    def cache_salt(self, tenant: str, request_salt: str) -> bytes:
+        """The prefix cache's salt of a request, the same through both doors: the caller's tenant
+        (named by its key: tenants never share cached blocks, so none can time another's prompts)
+        and the request's own cache_salt."""
+        from raymoe.model.prefix_cache import salt_bytes
+
+        return salt_bytes(tenant, request_salt)
+
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
         chunks, owner = [], None
         try:
             req, owner = await self._parse(request, grpc_context)
-            async with contextlib.aclosing(self.loop.generate(req.prompt_ids, req.params, req.stop, req.resume_ids,
-                                                              req.resume_text_bytes, owner)) as stream:
+            async with contextlib.aclosing(self.generate(req.prompt_ids, req.params, req.stop, req.resume_ids,
+                                                         req.resume_text_bytes, owner,
+                                                         self.cache_salt(owner.tenant, req.cache_salt))) as stream:
                 async for chunk in stream:
                     chunks.append(chunk)
         except asyncio.CancelledError:
@@ -111,8 +179,9 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
             req, owner = await self._parse(request, grpc_context)
             first = True
             # aclosing: a client gone mid-stream aborts the sequence now, not when the GC gets to it
-            async with contextlib.aclosing(self.loop.generate(req.prompt_ids, req.params, req.stop, req.resume_ids,
-                                                              req.resume_text_bytes, owner)) as stream:
+            async with contextlib.aclosing(self.generate(req.prompt_ids, req.params, req.stop, req.resume_ids,
+                                                         req.resume_text_bytes, owner,
+                                                         self.cache_salt(owner.tenant, req.cache_salt))) as stream:
                 text = []
                 async for chunk in stream:
                     text.append(chunk.text)
@@ -156,6 +225,7 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
             return self._fail(grpc_context, e, pb.ModelInfoResponse())
         engine = self.loop.engine
         actors = await actor_infos(self.info["pool"])
+        prefix_cache, replicas = await self._prefix_cache_stats()
         return pb.ModelInfoResponse(
             model=self.model_id, config=protocol.config_message(engine.cfg, self.info["dtype"]),
             expert_actors=[pb.ExpertActorInfo(**a) for a in actors],
@@ -166,7 +236,22 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
             routing=[pb.LayerRouting(layer=i, tokens_per_expert=row) for i, row in enumerate(self._routing())],
             expert_calls=self._expert_calls(), state=self._state(),
             load_error="" if self.loop.load_error is None else _client_text(self.loop.load_error),
-            quantization=self.info.get("quantization", ""))
+            quantization=self.info.get("quantization", ""), prefix_cache=prefix_cache,
+            replica_prefix_caches=replicas)
+
+    async def _prefix_cache_stats(self):
+        """(this replica's prefix cache counters, every replica's as last published)."""
+        from .prefix_router import cache_counters, publish_counters, published_counters
+
+        own = {**cache_counters(self.loop.engine), "replica": self.replica_id}
+        app = self.settings.app_name
+        try:
+            await asyncio.to_thread(publish_counters, app, self.replica_id, own)
+            others = await asyncio.to_thread(published_counters, app)
+        except Exception as e:  # noqa: BLE001 — the GCS unreachable: this replica's own numbers still answer
+            logging.getLogger("ray.serve").warning("prefix cache stats: %s", e)
+            others = [{**own, "age_seconds": 0.0}]
+        return pb.PrefixCacheStats(**own), [pb.PrefixCacheStats(**o) for o in others]
 
     def _state(self) -> str:
         return "FAILED" if self.loop.load_error is not None else "LOADING" if self.loop.loading else "READY"
@@ -220,6 +305,13 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
         health = getattr(self, "pool_health", None)
         if health is not None:
             health.stop()
+        if getattr(self, "replica_id", None):
+            import contextlib
+
+            from .prefix_router import unpublish_counters
+
+            with contextlib.suppress(Exception):  # a replica going away: its numbers leave raymoe status
+                unpublish_counters(self.settings.app_name, self.replica_id)
 
     def _fail(self, grpc_context, error: BaseException, response):
         failure = classify(error)

@@ -40,6 +40,16 @@ class ServingMetrics:
         self.tenant_requests = Counter("raymoe_tenant_requests", "Requests per tenant: all (requests) and those "
                                        "refused by its quota (refused)", tag_keys=("tenant", "outcome"))
         self.tenant_tokens = Counter("raymoe_tenant_tokens", "Tokens generated per tenant", tag_keys=("tenant",))
+        # The prefix cache, with vLLM's meanings: queries and hits count tokens looked up (and found)
+        # when sequences start; hits / queries is the hit rate.
+        self.prefix_queries = Counter("raymoe_prefix_cache_queries", "Prefix cache: tokens looked up when "
+                                      "sequences start")
+        self.prefix_hits = Counter("raymoe_prefix_cache_hits", "Prefix cache: tokens looked up and found cached")
+        self.prefix_evictions = Counter("raymoe_prefix_cache_evictions", "Prefix cache: cached blocks reused "
+                                        "for other content")
+        self.prefix_blocks = Gauge("raymoe_prefix_cache_blocks", "Prefix cache: KV blocks holding reusable "
+                                   "prefixes (held by sequences or not)")
+        self._prefix_counts = [0, 0, 0]  # queries, hits, evictions already counted
         self.ttft = Histogram("raymoe_time_to_first_token_seconds", "Request arrival to its first token",
                               boundaries=LATENCY_BUCKETS)
         self.itl = Histogram("raymoe_inter_token_latency_seconds", "Time between a stream's tokens",
@@ -68,6 +78,15 @@ class ServingMetrics:
             self._preemptions = preemptions
         if time.monotonic() - self._last_flush >= self._flush_every:
             self.flush()
+
+    def observe_prefix_cache(self, queries: int, hits: int, evictions: int, cached_blocks: int) -> None:
+        """Totals since the replica started; the counters grow by the difference."""
+        for i, (counter, total) in enumerate(((self.prefix_queries, queries), (self.prefix_hits, hits),
+                                              (self.prefix_evictions, evictions))):
+            if total > self._prefix_counts[i]:
+                counter.inc(total - self._prefix_counts[i])
+                self._prefix_counts[i] = total
+        self.prefix_blocks.set(cached_blocks)
 
     def flush(self) -> None:
         with self._lock:

@@ -71,7 +71,8 @@ async def chat_completions(request: Request):
 
 class OpenAIRoutes:
     """Mixed into the front deployment (cluster.ingress.Generator), which provides `loop`, `cfg`,
-    `limits`, `tokenizer`, `chat`, `model_id`, `tenants`, `quota`, `pool_health` and `serving`."""
+    `limits`, `tokenizer`, `chat`, `model_id`, `tenants`, `quota`, `pool_health`, `serving`, `generate`
+    (a sequence's chunks) and `cache_salt`."""
 
     async def http_health(self) -> JSONResponse:
         ok = self.serving

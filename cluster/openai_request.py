@@ -9,8 +9,10 @@ the same limits either way. Every error is OpenAI-shaped JSON, {"error": {"messa
 Where raymoe differs from OpenAI, on purpose: `temperature` defaults to 0 (greedy), as in raymoe's
 gRPC API; `best_of`, `echo`, `suffix`, penalties, `logit_bias`, tools and response formats other
 than their neutral values are refused with a 400 naming the field rather than ignored. Extra
-fields raymoe understands: `top_k`, `ignore_eos`, `stop_token_ids`. Structured output
-(`response_format`, `tools`, `tool_choice`, `parallel_tool_calls`): cluster/openai_guided.py.
+fields raymoe understands: `top_k`, `ignore_eos`, `stop_token_ids`, and vLLM's `cache_salt`.
+Usage reports `prompt_tokens_details.cached_tokens`: prompt tokens found in the prefix cache.
+Structured output (`response_format`, `tools`, `tool_choice`, `parallel_tool_calls`):
+cluster/openai_guided.py.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from .failures import classify
 from .openai_guided import parse_chat_tools, parse_response_format, plain_messages
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "n", "user",
-          "presence_penalty", "frequency_penalty", "logit_bias", "top_k", "ignore_eos", "stop_token_ids"}
+          "presence_penalty", "frequency_penalty", "logit_bias", "top_k", "ignore_eos", "stop_token_ids",
+          "cache_salt"}  # vLLM's: only requests with the same salt (and API key) share cached prompt blocks
 COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 CHAT_FIELDS = COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_tokens", "response_format",
                         "tools", "tool_choice", "parallel_tool_calls"}
@@ -107,6 +110,7 @@ def _common(body: dict, allowed: set[str]) -> dict[str, Any]:
                 top_k=_typed(body, "top_k", (int,), "an integer"),
                 seed=_typed(body, "seed", (int,), "an integer"),
                 stop=stop or [], stop_token_ids=stop_ids,
+                cache_salt=_typed(body, "cache_salt", (str,), "a string"),
                 ignore_eos=bool(_typed(body, "ignore_eos", (bool,), "a boolean")))
 
 

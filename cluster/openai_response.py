@@ -41,11 +41,15 @@ class CompletionView:
         params = r.params
         if k and params.seed is not None:  # choice k samples with its own seed (without one: random each)
             params = dataclasses.replace(params, seed=(params.seed + k) % 2**64)
-        return self.owner.loop.generate(r.prompt_ids, params, r.stop, owner=self.share)
+        tenant = self.share.tenant if self.share is not None else ""  # its name salts the prefix cache
+        return self.owner.generate(r.prompt_ids, params, r.stop, owner=self.share,
+                                   cache_salt=self.owner.cache_salt(tenant, r.cache_salt))
 
-    def _usage(self, completion_tokens: int) -> dict:
+    def _usage(self, completion_tokens: int, cached: list[int]) -> dict:
+        """cached: each choice's cached prompt tokens; a prompt counts once, as its first choice found it."""
         n = sum(len(r.prompt_ids) for r in self.reqs)
-        return {"prompt_tokens": n, "completion_tokens": completion_tokens, "total_tokens": n + completion_tokens}
+        return {"prompt_tokens": n, "completion_tokens": completion_tokens, "total_tokens": n + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": sum(cached[::self.n])}}
 
     def _token(self, token_id: int) -> tuple[str, list[int]]:
         """A token's text and UTF-8 bytes as it stands in the output (a byte piece is its byte)."""
@@ -125,20 +129,21 @@ class CompletionView:
             return http_error_for(e, self.names).response()
         self.owner._count("ok")
         choices, done = [], 0
+        cached = [chunks[-1].cached_tokens if chunks else 0 for chunks in got]
         for i, chunks in enumerate(got):
             text = "".join(c.text for c in chunks)
             finish = chunks[-1].finish_reason if chunks else "length"
             done += chunks[-1].completion_tokens if chunks else 0
             choices.append(self._choice(i, text, chunks, finish, delta=False))
-        return JSONResponse(self._envelope(choices, self._usage(done), False))
+        return JSONResponse(self._envelope(choices, self._usage(done, cached), False))
 
     async def _events(self, firsts: list, gens: list, usage_in_stream: bool) -> AsyncIterator[str]:
-        done = [0] * len(gens)
+        done, cached = [0] * len(gens), [0] * len(gens)
         calls = [ToolCallStream() for _ in gens] if self.tools is not None else None
         try:
             async with contextlib.aclosing(_merge(firsts, gens)) as merged:  # a client gone mid-stream aborts now
                 async for i, c, is_first in merged:
-                    done[i] = c.completion_tokens
+                    done[i], cached[i] = c.completion_tokens, c.cached_tokens
                     choice = self._choice(i, c.text, [c], c.finish_reason, delta=True, first=is_first)
                     if calls is not None:  # text, or tool calls held to their end
                         delta, _, was_call = calls[i].push(c.text, c.finish_reason is not None)
@@ -147,7 +152,7 @@ class CompletionView:
                             choice["finish_reason"] = "tool_calls"
                     yield f"data: {json.dumps(self._envelope([choice], None, True, usage_field=usage_in_stream))}\n\n"
             if usage_in_stream:
-                yield f"data: {json.dumps(self._envelope([], self._usage(sum(done)), True))}\n\n"
+                yield f"data: {json.dumps(self._envelope([], self._usage(sum(done), cached), True))}\n\n"
             self.owner._count("ok")
         except Exception as e:  # noqa: BLE001 — the status line is sent; the error is an event
             err = http_error_for(e, self.names)

@@ -66,7 +66,8 @@ def parse_request(req: pb.GenerateRequest, cfg: ModelConfig, limits: RequestLimi
         top_p=req.top_p if req.HasField("top_p") else None, top_k=req.top_k,
         seed=req.seed if req.HasField("seed") else None, logprobs=req.logprobs, stop=list(req.stop),
         stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, resume_ids=req.resume_token_ids,
-        resume_text_bytes=req.resume_text_bytes, guided=guided_spec(req), grammars=grammars, tools=_tools(req))
+        resume_text_bytes=req.resume_text_bytes, guided=guided_spec(req), grammars=grammars, tools=_tools(req),
+        cache_salt=req.cache_salt)
 
 
 def _top(rows: list[list[tuple[int, float]]]) -> list[pb.TopLogprobs]:
@@ -83,7 +84,8 @@ def chunk_response(chunk: Chunk, prompt_ids: list[int] | None, with_top: bool,
     return pb.GenerateResponse(
         text=chunk.text, token_ids=chunk.token_ids, logprobs=chunk.logprobs,
         top_logprobs=_top(chunk.top) if with_top else [], finish_reason=finish,
-        usage=pb.Usage(prompt_tokens=len(prompt_ids or ()), completion_tokens=chunk.completion_tokens),
+        usage=pb.Usage(prompt_tokens=len(prompt_ids or ()), completion_tokens=chunk.completion_tokens,
+                       cached_prompt_tokens=chunk.cached_tokens),
         prompt_token_ids=prompt_ids or [], seed=seed, tool_calls=calls,
     )
 
@@ -94,7 +96,7 @@ def merge_chunks(chunks: list[Chunk]) -> Chunk:
         return Chunk("", [], [], [], None, 0)
     return Chunk("".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids],
                  [lp for c in chunks for lp in c.logprobs], [row for c in chunks for row in c.top],
-                 chunks[-1].finish_reason, chunks[-1].completion_tokens)
+                 chunks[-1].finish_reason, chunks[-1].completion_tokens, chunks[-1].cached_tokens)
 
 
 def config_message(cfg: ModelConfig, dtype: str) -> pb.ModelConfig:

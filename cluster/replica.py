@@ -87,7 +87,8 @@ def build_engine_loop(s: ServeSettings) -> tuple[EngineLoop, dict[str, Any]]:
     model = load_model(ckpt, dtype=getattr(torch, dtype), experts_factory=factory, device=device,
                        quantization=s.quantization)
     engine = Engine(model, kv_cache_tokens=s.kv_cache_tokens, max_batch_tokens=s.max_batch_tokens,
-                    max_running=s.max_running, micro_batches=s.effective_micro_batches(pool.device if pool else None))
+                    prefix_caching=s.prefix_cache, max_running=s.max_running,
+                    micro_batches=s.effective_micro_batches(pool.device if pool else None))
     metrics = ServingMetrics(model.cfg.num_hidden_layers, model.cfg.num_local_experts)
     # the actors load their experts meanwhile (they started before this replica's dense part)
     wait = None if pool is None else (lambda: pool.wait_loaded(_progress_logger()))

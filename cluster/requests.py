@@ -20,6 +20,8 @@ from raymoe.model.tokenizer import Tokenizer
 
 from .tools import ToolRequest
 
+MAX_CACHE_SALT_CHARS = 256
+
 
 @dataclasses.dataclass(frozen=True)
 class RequestLimits:
@@ -46,6 +48,7 @@ class Request:
     stop: list[str]
     resume_ids: list[int] = dataclasses.field(default_factory=list)  # tokens already delivered
     resume_text_bytes: int = 0  # UTF-8 bytes of text already delivered for them
+    cache_salt: str = ""  # the request's own part of the prefix cache's salt
     tools: ToolRequest = ToolRequest((), "none")  # the answer is read back as tool calls when active
 
 
@@ -75,7 +78,7 @@ def build_request(cfg: ModelConfig, limits: RequestLimits, tokenizer: Tokenizer 
                   stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
                   add_bos: bool = True, resume_ids: Sequence[int] = (), resume_text_bytes: int = 0,
                   guided: GuidedSpec | None = None, grammars: GrammarCache | None = None,
-                  tools: ToolRequest | None = None) -> Request:
+                  tools: ToolRequest | None = None, cache_salt: str | None = None) -> Request:
     """Check every field against the model and the limits; None means "not set" (the default).
     `guided` is compiled here (through the replica's grammar cache), before any work is queued."""
     if (prompt is not None and prompt != "") == bool(prompt_ids):
@@ -162,6 +165,9 @@ def build_request(cfg: ModelConfig, limits: RequestLimits, tokenizer: Tokenizer 
         raise InvalidRequest("resume_text_bytes needs resume_token_ids", "resume_text_bytes")
     if resumed and t > 0 and seed is None:
         raise InvalidRequest("resuming a sampled generation needs its seed (the first response's `seed`)", "seed")
+    salt = cache_salt or ""
+    if not isinstance(salt, str) or len(salt) > MAX_CACHE_SALT_CHARS:
+        raise InvalidRequest(f"cache_salt must be a string of at most {MAX_CACHE_SALT_CHARS} characters", "cache_salt")
     compiled = None
     tools = tools or ToolRequest((), "none")
     if tools.active:
@@ -182,4 +188,4 @@ def build_request(cfg: ModelConfig, limits: RequestLimits, tokenizer: Tokenizer 
                             logprobs=lp, stop_token_ids=stops, ignore_eos=bool(ignore_eos), guided=compiled)
     # The seed is fixed here, so the first response can tell the client which one to resume with.
     params = dataclasses.replace(params, seed=params.effective_seed())
-    return Request(ids, params, stop, resumed, int(resume_text_bytes), tools)
+    return Request(ids, params, stop, resumed, int(resume_text_bytes), salt, tools)

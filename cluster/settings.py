@@ -61,6 +61,13 @@ class ServeSettings:
     micro_batches: int = 0  # split each step in N parts to overlap attention with remote experts; 0 = auto
     max_running: int = 64  # sequences decoded together
     kv_cache_tokens: int = 32768  # KV cache size per front replica, in tokens
+    # Reuse the KV blocks of prompt prefixes seen before (docs/prefix-cache.md); off: every request
+    # computes its whole prompt.
+    prefix_cache: bool = True
+    # Experimental, off by default: with several front replicas (or autoscaling), run a request on
+    # the replica that holds its prefix, balanced against load (cluster/prefix_router.py). Known
+    # issue: forwarded streams stalled in a 16-stream test (docs/prefix-cache.md).
+    prefix_routing: bool = False
     max_queue: int = 256  # requests waiting for admission before RESOURCE_EXHAUSTED
     # A stream's chunks go out at most this often (first token and end at once), as Ray Serve LLM's
     # stream_batching_interval_ms; with many streams the interval stretches so that a replica sends
@@ -211,6 +218,11 @@ class ServeSettings:
                           autoscale_max=self.expert_autoscale_max, target_busy=self.expert_target_busy,
                           upscale_delay_s=self.upscale_delay_s, downscale_delay_s=self.downscale_delay_s)
 
+    def routes_by_prefix(self) -> bool:
+        """Whether requests go through the prefix-aware router (cluster/prefix_router.py): with the
+        prefix cache and more than one front replica possible."""
+        return self.prefix_cache and self.prefix_routing and max(self.replicas, self.autoscale_max_replicas) > 1
+
     def deployment_options(self) -> dict[str, Any]:
         """Options of the front deployment (`Deployment.options`, and `deployments:` in a Serve config)."""
         opts: dict[str, Any] = {
@@ -226,6 +238,15 @@ class ServeSettings:
             "graceful_shutdown_timeout_s": self.graceful_shutdown_s,
             "graceful_shutdown_wait_loop_s": min(1.0, self.graceful_shutdown_s),
         }
+        if self.prefix_cache:  # replicas report what they cache every second (router, raymoe status)
+            from .prefix_router import ROUTER_CLASS, ROUTING_STATS_PERIOD_S
+
+            router: dict[str, Any] = {"request_routing_stats_period_s": ROUTING_STATS_PERIOD_S}
+            if self.routes_by_prefix():
+                router["request_router_class"] = ROUTER_CLASS
+                # a request holds a door slot and, while it runs, an engine slot (maybe on another replica)
+                opts["max_ongoing_requests"] += self.max_running + self.max_queue
+            opts["request_router_config"] = router
         if self.autoscale_max_replicas > self.replicas:
             opts["autoscaling_config"] = {"min_replicas": self.replicas, "max_replicas": self.autoscale_max_replicas,
                                           "target_ongoing_requests": self.target_ongoing_requests,

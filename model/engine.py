@@ -16,6 +16,12 @@ that fits may start before an earlier one that does not, but each waiting reques
 most `max_overtakes` times: after that the queue is strictly first come, first served until it
 starts, so a large request is never starved.
 
+Prefix caching (model/prefix_cache.py, on unless prefix_caching=False): a sequence starts from
+the longest cached prefix of its tokens under its salt, whether new, resumed or coming back after
+preemption, and prefills only the rest; a fully cached one still computes its last token. The
+cached keys are the ones a prefill of the same tokens computed, so the output is the same as
+without the cache up to float rounding of the different step shapes (as for batch shapes).
+
 Isolation: a row with non-finite logits fails that sequence alone. If the model itself raises,
 the step's sequences are retried one at a time and only those that fail again are failed; a
 BackendUnavailable error (the experts cannot be reached) fails the step's sequences at once.
@@ -33,6 +39,7 @@ from .errors import BackendUnavailable, InvalidRequest
 from .fair import FairShare
 from .guided import Guide, StepMasks, start_guide
 from .kv_cache import PagedKVCache
+from .prefix_cache import BlockHash, extend_hashes
 from .sampling import SamplingParams, sample
 from .step import StepLayout, build_layout
 from .transformer import Mixtral
@@ -56,6 +63,9 @@ class Sequence:
     tenant: Hashable = ""
     weight: float = 1.0
     priority: int = 0
+    cache_salt: bytes = b""  # keeps its cached prefix apart from other callers' (model/prefix_cache.py)
+    block_hashes: list[BlockHash] = dataclasses.field(default_factory=list)  # of its full blocks so far
+    cached_prompt_tokens: int | None = None  # prompt tokens found cached when it first started
     guide: Guide | None = None  # guided decoding: its place in the grammar (kept through preemption)
 
     @property
@@ -82,18 +92,19 @@ class TokenEvent:
     top: list[tuple[int, float]]
     finish_reason: str | None  # set on the sequence's last event
     error: Exception | None = None  # why the sequence failed (finish_reason "error")
+    cached_tokens: int = 0  # prompt tokens the prefix cache held when the sequence started
 
 
 class Engine:
     def __init__(self, model: Mixtral, *, kv_cache_tokens: int = 16384, block_size: int = 16,
                  max_batch_tokens: int = 2048, max_running: int = 64, micro_batches: int = 1,
-                 max_overtakes: int = 16) -> None:
+                 max_overtakes: int = 16, prefix_caching: bool = True) -> None:
         """micro_batches > 1 splits each step's batch so that, with remote experts, the attention of
         one part runs while another part's experts compute (see Mixtral.forward_micro)."""
         self.model, self.cfg = model, model.cfg
         self.device = model.embed_tokens.weight.device  # the KV cache and each step's inputs live there
         self.cache = PagedKVCache(self.cfg, kv_cache_tokens, block_size=block_size, dtype=model.dtype,
-                                  device=self.device)
+                                  device=self.device, prefix_caching=prefix_caching)
         self.max_batch_tokens, self.max_running, self.micro_batches = max_batch_tokens, max_running, micro_batches
         self.max_overtakes = max_overtakes
         self.waiting: collections.deque[Sequence] = collections.deque()
@@ -133,7 +144,8 @@ class Engine:
                                  f"({self.cache.capacity_tokens} tokens)", "max_tokens")
 
     def add(self, seq_id: Hashable, prompt_ids: list[int], params: SamplingParams,
-            output_ids: list[int] = (), tenant: Hashable = "", weight: float = 1.0, priority: int = 0) -> Sequence:
+            output_ids: list[int] = (), tenant: Hashable = "", weight: float = 1.0, priority: int = 0,
+            cache_salt: bytes = b"") -> Sequence:
         """Queue a sequence. `output_ids` continues a generation whose first tokens were already
         produced (elsewhere): they are prefilled with the prompt and count towards max_tokens.
         tenant, weight, priority: its share of the engine beside other tenants (model/fair.py)."""
@@ -143,7 +155,7 @@ class Engine:
         self.fair.arrive(tenant, {s.tenant for s in (*self.waiting, *self.running.values())})
         seq = Sequence(seq_id, list(prompt_ids), params, params.effective_seed(), list(output_ids),
                        arrival=self._arrivals, guide=start_guide(params, output_ids), tenant=tenant, weight=weight,
-                       priority=priority)
+                       priority=priority, cache_salt=cache_salt)
         self._arrivals += 1
         self.waiting.append(seq)
         return seq
@@ -157,7 +169,7 @@ class Engine:
                 self.waiting.remove(seq)
         if seq is not None:
             seq.finish_reason = seq.finish_reason or reason
-            self.cache.release(seq_id)
+            self.cache.release(seq_id, keep_cached=reason != "error")
         return seq
 
     def has_work(self) -> bool:
@@ -220,8 +232,11 @@ class Engine:
         i = 0
         while i < len(order) and budget > 0:
             seq = order[i]
-            need = self.cache.blocks_for(self._admission_tokens(seq))
-            if not self._make_room(seq, need + reserved, admitted):
+            prefix = self._reusable(seq)
+            tokens = self._admission_tokens(seq)
+            # (a preemption that makes room may release blocks of its cached prefix: asked again after it)
+            if not self._make_room(seq, self.cache.admission_blocks(prefix, tokens) + reserved, admitted) or \
+                    self.cache.admission_blocks(prefix, tokens) + reserved > self.cache.free_blocks:
                 if seq.overtaken >= self.max_overtakes or len(self.running) >= self.max_running:
                     break  # strict order until it starts
                 i += 1
@@ -232,7 +247,10 @@ class Engine:
                 limit_reached |= passed.overtaken >= self.max_overtakes
             del order[i]
             self.waiting.remove(seq)
-            self.cache.allocate(seq.seq_id, self._admission_tokens(seq))  # the whole prompt and its first token
+            # the whole prompt and its first token, from its longest cached prefix
+            seq.num_cached = self.cache.allocate_prefix(seq.seq_id, prefix, tokens, seq.num_tokens)
+            if seq.cached_prompt_tokens is None:
+                seq.cached_prompt_tokens = min(seq.num_cached, len(seq.prompt_ids))
             self.running[seq.seq_id] = seq
             chunk = seq.pending(budget)
             admitted.append((seq, chunk))
@@ -301,8 +319,11 @@ class Engine:
         if masks is not None:
             self.mask_seconds += masks.seconds
             self.mask_wait_seconds += masks.waited
+        bad_rows = {seqs[i].seq_id for i in out.failed} if out is not None else set()
         for seq, chunk in batch:  # nothing changes before here, so a failed step can be retried
             seq.num_cached += len(chunk)
+            if seq.seq_id not in bad_rows:  # blocks of computed keys become reusable
+                self.cache.commit(seq.seq_id, self._hash(seq, seq.num_cached), seq.num_cached)
         if out is None:
             return []
         failed = set(out.failed)
@@ -323,8 +344,21 @@ class Engine:
             if seq.finish_reason:
                 self.running.pop(seq.seq_id)
                 self.cache.release(seq.seq_id)
-            events.append(TokenEvent(seq.seq_id, token, out.logprobs[i], out.top[i], seq.finish_reason))
+            events.append(TokenEvent(seq.seq_id, token, out.logprobs[i], out.top[i], seq.finish_reason,
+                                     cached_tokens=seq.cached_prompt_tokens or 0))
         return events
+
+    def _hash(self, seq: Sequence, num_tokens: int) -> list[BlockHash]:
+        """The sequence's block hashes, extended to its first num_tokens tokens' full blocks."""
+        if self.cache.prefix_caching and len(seq.block_hashes) < num_tokens // self.cache.block_size:
+            tokens = (seq.prompt_ids + seq.output_ids)[:num_tokens]
+            extend_hashes(seq.block_hashes, tokens, self.cache.block_size, seq.cache_salt)
+        return seq.block_hashes
+
+    def _reusable(self, seq: Sequence) -> list[BlockHash]:
+        """The hashes of the blocks a starting sequence may take from the cache: not the one of its
+        last token, which it computes for the logits of its next sample."""
+        return self._hash(seq, seq.num_tokens)[:(seq.num_tokens - 1) // self.cache.block_size]
 
     def _fail(self, seq: Sequence, error: Exception) -> TokenEvent:
         self.abort(seq.seq_id, "error")

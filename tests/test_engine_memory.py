@@ -58,7 +58,8 @@ def test_a_request_that_does_not_fit_is_overtaken_but_not_starved(model):
     engine = Engine(model, kv_cache_tokens=64, block_size=4, max_overtakes=2)  # 16 blocks
     engine.add("running", [1] * 30, SamplingParams(max_tokens=20, ignore_eos=True))  # 8 blocks, growing
     engine.step()
-    large = engine.add("large", [1] * 40, SamplingParams(max_tokens=4, ignore_eos=True))  # 10 blocks: waits
+    # 10 blocks: waits (its own tokens: a prefix shared with "running" would cost it nothing)
+    large = engine.add("large", [2] * 40, SamplingParams(max_tokens=4, ignore_eos=True))
     smalls = [engine.add(f"s{i}", [1, 2], SamplingParams(max_tokens=30, ignore_eos=True)) for i in range(5)]
     engine.step()
     started = [s.seq_id for s in smalls if s.seq_id in engine.running]

@@ -15,7 +15,10 @@ from raymoe.cli.status import imbalance, render
 from raymoe.protos import generator_pb2 as pb
 from serving_helpers import free_port, running_server
 
-WORKLOAD = [([1, 5, 9, 14], 6), ([1, 2, 3, 4, 5, 6, 7, 8, 9], 3), ([1, 77], 10)]  # (prompt ids, max_tokens)
+LONG = [1] + list(range(100, 133))  # 34 tokens: sent twice, the second finds 2 blocks (32 tokens) cached
+# (prompt ids, max_tokens)
+WORKLOAD = [([1, 5, 9, 14], 6), ([1, 2, 3, 4, 5, 6, 7, 8, 9], 3), ([1, 77], 10), (LONG, 2), (LONG, 2)]
+CACHED = 32
 
 
 def scrape(port: int) -> dict[str, list]:
@@ -40,8 +43,8 @@ def test_routed_tokens_add_up(metered_server):
         client.generate(pb.GenerateRequest(prompt="x", temperature=-1))
     change = client.scale_experts(3, timeout=120)  # a placement change, counted by the pool host
     layers, top_k = 2, 2
-    # every prompt token and every generated token but the last goes through every layer
-    tokens = sum(len(ids) + n - 1 for ids, n in WORKLOAD)
+    # every prompt token (but those found cached) and every generated token but the last goes through every layer
+    tokens = sum(len(ids) + n - 1 for ids, n in WORKLOAD) - CACHED
     expected = tokens * top_k * layers
     deadline, routed, samples = time.monotonic() + 40, 0, {}
     while time.monotonic() < deadline:
@@ -50,7 +53,7 @@ def test_routed_tokens_add_up(metered_server):
         statuses = {s.labels["status"]: s.value for s in samples.get("ray_raymoe_requests", [])
                     if s.name.endswith("_total")}
         pairs = sum(s.value for s in samples.get("ray_raymoe_expert_pairs", []) if s.name.endswith("_total"))
-        if routed >= expected and pairs >= expected and statuses.get("ok", 0) >= 3 \
+        if routed >= expected and pairs >= expected and statuses.get("ok", 0) >= len(WORKLOAD) \
                 and statuses.get("invalid_argument", 0) >= 1 and "ray_raymoe_placement_version" in samples \
                 and "ray_raymoe_placement_changes" in samples:
             break
@@ -65,11 +68,17 @@ def test_routed_tokens_add_up(metered_server):
         if s.name.endswith("_total"):
             per_layer[s.labels["layer"]] = per_layer.get(s.labels["layer"], 0) + s.value
     assert per_layer == {"0": tokens * top_k, "1": tokens * top_k}
-    assert statuses["ok"] == 3 and statuses["invalid_argument"] == 1
+    assert statuses["ok"] == len(WORKLOAD) and statuses["invalid_argument"] == 1
     ttft = [s for s in samples["ray_raymoe_time_to_first_token_seconds"] if s.name.endswith("_count")]
-    assert sum(s.value for s in ttft) == 3
+    assert sum(s.value for s in ttft) == len(WORKLOAD)
     itl = [s for s in samples["ray_raymoe_inter_token_latency_seconds"] if s.name.endswith("_count")]
     assert sum(s.value for s in itl) == sum(n - 1 for _, n in WORKLOAD)
+    # the prefix cache, in tokens as vLLM counts: every prompt looked up, the repeated one's blocks found
+    total = {name: sum(s.value for s in samples.get(name, []) if s.name.endswith("_total"))
+             for name in ("ray_raymoe_prefix_cache_queries", "ray_raymoe_prefix_cache_hits")}
+    assert total == {"ray_raymoe_prefix_cache_queries": sum(len(ids) for ids, _ in WORKLOAD),
+                     "ray_raymoe_prefix_cache_hits": CACHED}
+    assert [s.value for s in samples["ray_raymoe_prefix_cache_blocks"]] == [2]
     for name in ("ray_raymoe_batch_tokens", "ray_raymoe_queue_depth", "ray_raymoe_running_sequences",
                  "ray_raymoe_kv_cache_used_tokens", "ray_raymoe_step_seconds"):
         assert name in samples, name

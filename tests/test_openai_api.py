@@ -276,6 +276,40 @@ def test_bad_bodies_are_400_naming_the_field_while_streams_run(base_url, server)
     assert post(f"{base_url}/completions", {"prompt": "123+456=", "max_tokens": 8})[1]["choices"][0]["text"] == "579"
 
 
+def test_cached_prompt_tokens_and_salts_on_both_doors(base_url, server):
+    """A prompt seen before reports its cached blocks in usage (HTTP, streamed usage, gRPC, the
+    CLI's JSON) and gives the same tokens; cache_salt keeps requests apart, through either door."""
+    prompt = [1] + [(37 * i) % 200 + 20 for i in range(39)]  # 40 tokens: 2 full blocks may be reused
+    body = {"prompt": prompt, "max_tokens": 4, "logprobs": 1}
+    status, cold = post(f"{base_url}/completions", body)
+    assert status == 200 and cold["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    status, warm = post(f"{base_url}/completions", body)
+    assert warm["usage"]["prompt_tokens_details"] == {"cached_tokens": 32}
+    assert warm["choices"][0]["text"] == cold["choices"][0]["text"]
+    assert warm["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(
+        cold["choices"][0]["logprobs"]["token_logprobs"], abs=1e-5)
+    salted = [post(f"{base_url}/completions", {**body, "cache_salt": "team-b"})[1] for _ in range(2)]
+    assert [s["usage"]["prompt_tokens_details"]["cached_tokens"] for s in salted] == [0, 32]
+    req = urllib.request.Request(f"{base_url}/completions", headers={"Content-Type": "application/json",
+                                                                     "Authorization": f"Bearer {KEY}"},
+                                 data=json.dumps({**body, "stream": True,
+                                                  "stream_options": {"include_usage": True}}).encode())
+    with urllib.request.urlopen(req, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.read().decode().splitlines()
+                  if line.startswith("data: {")]
+    assert events[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": 32}
+    # the gRPC door: the same caller (key) and no salt shares the HTTP door's blocks; a salt does not
+    unary = completion_json([server.generate(pb.GenerateRequest(prompt_token_ids=prompt, max_tokens=4))])
+    assert unary["cached_prompt_tokens"] == 32 and unary["text"] == cold["choices"][0]["text"]
+    chunks = list(server.stream(pb.GenerateRequest(prompt_token_ids=prompt, max_tokens=4, cache_salt="grpc-only")))
+    assert chunks[0].usage.cached_prompt_tokens == 0
+    status, bad = post(f"{base_url}/completions", {**body, "cache_salt": 7})
+    assert status == 400 and bad["error"]["param"] == "cache_salt"
+    with pytest.raises(grpc.RpcError) as err:
+        server.generate(pb.GenerateRequest(prompt_token_ids=prompt, max_tokens=4, cache_salt="x" * 300))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cache_salt" in err.value.details()
+
+
 # --- structured output: response_format, tools, gRPC guided_decoding --------------------------------
 
 # Small: the demo model's context is 512 tokens, and its tokenizer spells most words letter by letter.
