@@ -79,7 +79,7 @@ def serve_once(ckpt, mode: str, args, prompts) -> dict:
     t0 = time.perf_counter()
     with ExpertPool(ckpt, config) as pool:
         ready = time.perf_counter() - t0
-        stats = ray.get([a.stats.remote() for a in pool.live_actors()])
+        stats = ray.get([a.stats.remote() for a in pool.group.live_actors()])
         c = Checkpoint(ckpt)
         shares = [c.expert_nbytes([int(k) for k in s["assignment"]], s["experts"]) for s in stats]
         rss = [rss_bytes(s["pid"]) for s in stats]
