@@ -106,7 +106,7 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
     async def _forward(self, routed, owner=None) -> AsyncIterator:
         from ray import serve
 
-        from raymoe.actors.pool import remote_cause
+        from raymoe.actors.errors import remote_cause
 
         if self._self_handle is None:
             self._self_handle = serve.get_deployment_handle(DEPLOYMENT_NAME, self.settings.app_name).options(

@@ -107,6 +107,6 @@ def test_a_failed_replacement_leaves_the_running_server_serving(tmp_path):
         bad = ServeSettings(checkpoint=str(tmp_path / "missing"), grpc_port=int(first.target.rsplit(":", 1)[1]),
                             http_port=first.http_port)
         with pytest.raises(UserError) as err:
-            _serve_until_stopped(bad, "auto", None, threading.Event(), threading.Event())
+            _serve_until_stopped(bad, "auto", None, threading.Event(), threading.Event(), keyed=False)
         assert "CheckpointError" in str(err.value) and "runs on with its settings" in str(err.value)
         assert first.generate(pb.GenerateRequest(prompt="123+456=", max_tokens=8), timeout=60).text == "579"
