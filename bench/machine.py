@@ -27,17 +27,9 @@ def descendants_cpu_seconds(root: int | None = None) -> float:
     root = os.getpid() if root is None else root
     children: dict[int, list[int]] = {}
     cpu: dict[int, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(pid))
-        cpu[int(pid)] = (int(fields[11]) + int(fields[12])) / tick
+    for pid, parent, seconds in _proc_stats():
+        children.setdefault(parent, []).append(pid)
+        cpu[pid] = seconds
     total, todo = 0.0, list(children.get(root, []))
     while todo:
         pid = todo.pop()
@@ -71,21 +63,27 @@ def loadavg() -> str:
         return " ".join(f.read().split()[:3])
 
 
-def process_cpu() -> dict[int, tuple[str, float]]:
-    """pid → (command line, CPU seconds so far) for every process we can read."""
-    out, tick = {}, os.sysconf("SC_CLK_TCK")
+def _proc_stats(with_cmdline: bool = False):
+    """(pid, parent pid, CPU seconds so far[, command line]) of every process we can read."""
+    tick = os.sysconf("SC_CLK_TCK")
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
+            if with_cmdline:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # gone meanwhile, or not ours to read
             continue
-        out[int(pid)] = (cmd[:80], (int(fields[11]) + int(fields[12])) / tick)
-    return out
+        row = (int(pid), int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+        yield row + (cmd,) if with_cmdline else row
+
+
+def process_cpu() -> dict[int, tuple[str, float]]:
+    """pid → (command line, CPU seconds so far) for every process we can read."""
+    return {pid: (cmd[:80], seconds) for pid, _, seconds, cmd in _proc_stats(with_cmdline=True)}
 
 
 def top_processes(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],

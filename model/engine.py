@@ -215,8 +215,8 @@ class Engine:
     def _make_room(self, seq: Sequence, blocks: int, admitted: list) -> bool:
         """Whether `seq` can start now: a running slot and `blocks` free blocks, preempting running
         sequences of worse priority classes (never one admitted in this step) if that is needed."""
+        fresh = {s.seq_id for s, _ in admitted}
         while len(self.running) >= self.max_running or blocks > self.cache.free_blocks:
-            fresh = {s.seq_id for s, _ in admitted}
             worse = [s for s in self.running.values() if s.priority > seq.priority and s.seq_id not in fresh]
             if not worse:
                 return False
