@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 import pytest
 import torch
@@ -24,6 +25,15 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the tests' private Ray ins
 
 # Weights with std 0.15 give varied greedy continuations (std 0.02 quickly falls into loops).
 ACTIVE_STD = 0.15
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_ray_down_at_the_end():
+    """The Ray instance the modules share (tests/shared_ray.py) goes down with the session."""
+    yield
+    shared = sys.modules.get("shared_ray")  # imported by the modules that use Ray
+    if shared is not None:
+        shared.leave()
 
 
 @pytest.fixture(scope="session")

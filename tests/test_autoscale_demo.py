@@ -14,6 +14,9 @@ from scripts.autoscale_demo import run
 
 
 def test_load_scales_replicas_actors_and_nodes_up_and_idle_scales_them_down():
+    import shared_ray
+
+    shared_ray.leave()  # the demo starts a cluster of its own and connects this process to it
     lines = []
     result = run(clients=12, load_s=40, idle_s=90, every_s=2, out=lines.append, wait_for_front_node=False)
     steps = result["steps"]

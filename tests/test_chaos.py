@@ -14,7 +14,9 @@ pytestmark = pytest.mark.slow  # a soak
 
 def test_a_minute_of_faults_loses_nothing(capsys):
     from bench.chaos import main
+    import shared_ray
 
+    shared_ray.leave()  # the soak starts a cluster of its own and connects this process to it
     status = main(["--minutes", "1", "--fault-every", "15", "--clients", "4", "--requests", "12", "--json"])
     out = capsys.readouterr().out
     report = json.loads(out.strip().splitlines()[-1])

@@ -196,6 +196,7 @@ def test_dtype_auto_is_the_checkpoints_own(tiny_dir, tmp_path, raw, want):
     assert resolve_dtype("auto", parsed) == want and resolve_dtype("float32", parsed) == "float32"
 
 
+@pytest.mark.slow  # `ray start` and a command beside it: ~20 s
 def test_beside_a_running_ray_cluster():
     """With `ray start --head` running on the machine, a command without --address starts its own
     private Ray instance instead of joining that cluster (and failing to ask it for CPUs)."""

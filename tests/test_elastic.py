@@ -16,12 +16,14 @@ from raymoe.cluster.client import completion_json
 from raymoe.protos import generator_pb2 as pb
 from serving_helpers import running_server
 
+pytestmark = pytest.mark.slow  # scaling under 16 streams: ~30 s
+
 STREAMS = [dict(prompt_token_ids=[1, 40 + i, 9, 77], max_tokens=250, ignore_eos=True) for i in range(16)]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    with running_server("raymoe-test-elastic", checkpoint=str(tiny_dir), expert_actors=2, expert_slots=5,
+    with running_server(checkpoint=str(tiny_dir), expert_actors=2, expert_slots=5,
                         expert_num_cpus=0.25, replicas=2, replica_num_cpus=0.5, max_running=32,
                         stream_interval_ms=0) as client:
         yield client

@@ -103,6 +103,7 @@ def test_admissions_in_one_step_leave_each_other_room(model):
         assert seq.output_ids == alone(model, seq.prompt_ids, seq.params).output_ids
 
 
+@pytest.mark.slow  # a long queue run to its end: ~20 s
 def test_no_waiting_request_is_passed_more_than_max_overtakes_times(model):
     """Random arrivals of mixed sizes into a cache that preempts: counted from outside (every
     admission passes the earlier-arrived sequences still waiting), nobody is passed more than

@@ -45,7 +45,7 @@ EXTREME_BAD = [  # INVALID_ARGUMENT, naming the field
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    with running_server("raymoe-test-isolation", checkpoint=str(tiny_dir), max_running=32, max_queue=64,
+    with running_server(checkpoint=str(tiny_dir), max_running=32, max_queue=64,
                         kv_cache_tokens=1024) as client:
         yield client
 

@@ -54,7 +54,7 @@ def tenants_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tiny_dir, tenants_file):
     """The calm tenant's client (`server.key(KEY)`: another tenant's)."""
-    with running_server("raymoe-test-limits", checkpoint=str(tiny_dir), max_running=32, max_queue=64,
+    with running_server(checkpoint=str(tiny_dir), max_running=32, max_queue=64,
                         served_model_name=SERVED_NAME, max_message_bytes=MAX_MESSAGE, tenants_file=str(tenants_file),
                         expert_actors=1, expert_num_cpus=0.25) as anonymous:
         clients = {}

@@ -11,12 +11,14 @@ import pytest
 import torch
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # placement changes and kills under traffic: ~1 min
 
 from raymoe.actors import live  # noqa: E402
 from raymoe.actors.plan import diff  # noqa: E402
 from raymoe.actors.pool import ExpertPool, PoolConfig  # noqa: E402
 from raymoe.actors.remote_experts import RemoteExperts  # noqa: E402
 from expert_helpers import write_checkpoint  # noqa: E402
+import shared_ray  # noqa: E402
 from test_expert_actors import local_layer, routed  # noqa: E402
 
 
@@ -27,9 +29,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    shared_ray.connect()  # the session's instance (tests/shared_ray.py); it outlives the module
 
 
 class Traffic:

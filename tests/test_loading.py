@@ -3,6 +3,7 @@ byte for byte, expert actors that load in the background and report it, and a lo
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import pytest
@@ -70,23 +71,21 @@ def test_actors_load_in_the_background_and_a_failed_load_is_named(tiny_dir, tmp_
     ray = pytest.importorskip("ray")
     from raymoe.actors.errors import ExpertsUnavailable
     from raymoe.actors.pool import ExpertPool, PoolConfig
+    import shared_ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        seen = []
-        with ExpertPool(tiny_dir, PoolConfig(num_actors=2, num_cpus=0.25), on_progress=seen.append) as pool:
-            final = ray.get([a.progress.remote() for a in pool.actors])
-            assert all(s["state"] == "READY" and s["bytes_read"] == s["total_bytes"] > 0 for s in final)
-            assert seen and len(seen[-1]) == 2
-            assert [s["state"] for s in pool.stats()] == ["READY", "READY"]
-        for f in tiny_dir.iterdir():  # a checkpoint whose expert bytes are cut short
-            shutil.copy(f, tmp_path / f.name)
-        data = (tmp_path / "model.safetensors").read_bytes()
-        (tmp_path / "model.safetensors").write_bytes(data[:-4096])
-        with pytest.raises(ExpertsUnavailable, match="could not load its experts"):
-            ExpertPool(tmp_path, PoolConfig(num_actors=1, num_cpus=0.25, start_timeout_s=30))
-    finally:
-        ray.shutdown()
+    shared_ray.connect()
+    seen = []
+    with ExpertPool(tiny_dir, PoolConfig(num_actors=2, num_cpus=0.25), on_progress=seen.append) as pool:
+        final = ray.get([a.progress.remote() for a in pool.actors])
+        assert all(s["state"] == "READY" and s["bytes_read"] == s["total_bytes"] > 0 for s in final)
+        assert seen and len(seen[-1]) == 2
+        assert [s["state"] for s in pool.stats()] == ["READY", "READY"]
+    for f in tiny_dir.iterdir():  # a checkpoint whose expert bytes are cut short
+        shutil.copy(f, tmp_path / f.name)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-4096])
+    with pytest.raises(ExpertsUnavailable, match="could not load its experts"):
+        ExpertPool(tmp_path, PoolConfig(num_actors=1, num_cpus=0.25, start_timeout_s=30))
 
 
 def test_status_shows_actors_loading():
@@ -109,20 +108,20 @@ def test_status_shows_actors_loading():
     assert "FAILED: experts [7] unavailable: x" in failed
 
 
+@pytest.mark.slow  # a deployment that Serve gives up on: ~30 s
 def test_a_server_whose_experts_cannot_load_says_why(tiny_dir, tmp_path):
     """A sharded checkpoint whose expert shard is damaged: the front replica loads its dense part
     (another shard) and comes up, the expert actors fail, and deploy() (so `raymoe serve`) raises
     one clear error naming the file, not a remote traceback."""
-    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray")
     import json
 
     from safetensors.torch import load_file, save_file
-    from ray import serve
 
-    from raymoe.cluster.deploy import deploy, release_pool
+    from raymoe.cluster.deploy import deploy
     from raymoe.cluster.settings import ServeSettings
     from raymoe.model.errors import BackendUnavailable
-    from serving_helpers import free_port
+    import shared_ray
 
     tensors = load_file(str(tiny_dir / "model.safetensors"))
     experts = {k: v for k, v in tensors.items() if ".block_sparse_moe.experts." in k and ".layers.1." in k}
@@ -136,14 +135,12 @@ def test_a_server_whose_experts_cannot_load_says_why(tiny_dir, tmp_path):
         shutil.copy(tiny_dir / f, tmp_path / f)
     damaged = tmp_path / "model-00002-of-00002.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:-1000])
-    settings = ServeSettings(checkpoint=str(tmp_path), expert_actors=2, expert_num_cpus=0.25, replica_num_cpus=0.5,
-                             grpc_port=free_port(), http_port=free_port())
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    shared_ray.connect()
+    settings = ServeSettings(checkpoint=str(tmp_path), expert_actors=2, expert_num_cpus=0.25, replica_num_cpus=0.5)
+    settings = dataclasses.replace(settings, **shared_ray.serve_ports(settings))
     try:
         with pytest.raises(BackendUnavailable, match="could not load its experts") as err:
             deploy(settings)
         assert "model-00002-of-00002.safetensors" in str(err.value) and "Traceback" not in str(err.value)
     finally:
-        serve.shutdown()
-        release_pool(settings)
-        ray.shutdown()
+        shared_ray.clear_serve(settings)

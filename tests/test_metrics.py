@@ -13,7 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from raymoe.cli.status import imbalance, render
 from raymoe.protos import generator_pb2 as pb
-from serving_helpers import free_port, running_server
+from serving_helpers import running_server
+from shared_ray import free_port
 
 LONG = [1] + list(range(100, 133))  # 34 tokens: sent twice, the second finds 2 blocks (32 tokens) cached
 # (prompt ids, max_tokens)
@@ -30,7 +31,7 @@ def scrape(port: int) -> dict[str, list]:
 def metered_server(tiny_dir):
     metrics_port = free_port()
     ray_options = dict(_metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 500})
-    with running_server("raymoe-test-metrics", ray_options=ray_options, checkpoint=str(tiny_dir),
+    with running_server(ray_options=ray_options, checkpoint=str(tiny_dir),
                         expert_actors=2, expert_num_cpus=0.5) as client:
         yield client, metrics_port
 

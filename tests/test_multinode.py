@@ -18,6 +18,7 @@ import time
 import pytest
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # a 3-node cluster, nodes lost: ~1.5 min
 
 from ray.cluster_utils import Cluster  # noqa: E402
 
@@ -26,6 +27,7 @@ from raymoe.actors.pool import ExpertPool, PoolConfig  # noqa: E402
 from raymoe.actors.remote_experts import RemoteExperts, remote_experts_factory  # noqa: E402
 from expert_helpers import PROMPTS, assert_same_generation, generate, reference, write_checkpoint  # noqa: E402
 from raymoe.model.weights import load_model  # noqa: E402
+import shared_ray  # noqa: E402
 
 FAST_FAILURE_DETECTION = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
                           "health_check_failure_threshold": 3}
@@ -43,6 +45,7 @@ def want(ckpt):
 
 @pytest.fixture(scope="module")
 def cluster():
+    shared_ray.leave()  # a cluster of its own: this process connects to it instead
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
                                                       "_system_config": FAST_FAILURE_DETECTION})
     workers = [c.add_node(num_cpus=1, resources={"expert_host": 4}) for _ in range(2)]

@@ -44,7 +44,7 @@ def server(demo_with_template):
     try:
         # float32: concurrent streams must equal the same streams alone (bfloat16 rounds by batch shape)
         # max_logprobs above the default 20: the server's limit, not a hard-coded one, holds on both doors
-        with running_server("raymoe-test-openai", checkpoint=str(demo_with_template), max_running=16,
+        with running_server(checkpoint=str(demo_with_template), max_running=16,
                             dtype="float32", max_logprobs=MAX_LOGPROBS) as client:
             yield client
     finally:

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    with running_server("raymoe-test-prefix-routing", checkpoint=str(tiny_dir), replicas=2, replica_num_cpus=0.5,
+    with running_server(checkpoint=str(tiny_dir), replicas=2, replica_num_cpus=0.5,
                         prefix_routing=True) as client:
         yield client
 

@@ -15,6 +15,7 @@ from raymoe.model.quantize_checkpoint import quantize_checkpoint
 from raymoe.model.weights import Checkpoint, CheckpointError, load_model
 
 from expert_helpers import assert_same_generation, generate, write_checkpoint
+import shared_ray
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +117,7 @@ def test_unknown_quantization_is_refused_early(ckpt, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    shared_ray.connect()  # the session's instance (tests/shared_ray.py); it outlives the module
 
 
 def test_expert_actors_hold_int8_and_copies_load_int8(cluster, ckpt, int8_want):

@@ -21,13 +21,15 @@ from raymoe.cluster.client import Client, completion_json
 from raymoe.protos import generator_pb2 as pb
 from serving_helpers import running_server
 
+pytestmark = pytest.mark.slow  # 16 long streams, three times, with a replica killed and a redeploy: ~1.5 min
+
 STREAMS = [dict(prompt_token_ids=[1, 30 + i, 7, 99], max_tokens=900, ignore_eos=True,
                 **({"temperature": 0.8, "top_p": 0.9, "seed": 500 + i} if i % 2 else {})) for i in range(16)]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    with running_server("raymoe-test-resume", checkpoint=str(tiny_dir), replicas=2, replica_num_cpus=0.5,
+    with running_server(checkpoint=str(tiny_dir), replicas=2, replica_num_cpus=0.5,
                         max_running=32, graceful_shutdown_s=1.0, stream_interval_ms=0) as client:
         yield client
 

@@ -23,7 +23,7 @@ MAX_RUNNING, MAX_QUEUE = 16, 8
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    with running_server("raymoe-test-serving", checkpoint=str(tiny_dir), max_running=MAX_RUNNING,
+    with running_server(checkpoint=str(tiny_dir), max_running=MAX_RUNNING,
                         max_queue=MAX_QUEUE, kv_cache_tokens=8192) as client:
         yield client
 

@@ -17,13 +17,15 @@ from raymoe.protos import generator_pb2 as pb
 from serving_helpers import running_server
 
 
-@pytest.fixture(scope="module", params=[("direct", 0), ("ray", 2)], ids=["direct", "ray-2-micro-batches"])
+# The second server (Ray transport, micro-batches) runs in the full suite only (slow: its own deployment).
+@pytest.fixture(scope="module", params=[pytest.param(("direct", 0), id="direct"),
+                                        pytest.param(("ray", 2), id="ray-2-micro-batches", marks=pytest.mark.slow)])
 def remote_server(tiny_dir, request):
     """Two front replicas sharing three expert actors, reached over either transport (over Ray's,
     with each step split in two micro-batches, which CPU-only servers do not do by default)."""
     import ray
 
-    with running_server("raymoe-test-remote", checkpoint=str(tiny_dir), expert_actors=3, expert_num_cpus=0.5,
+    with running_server(checkpoint=str(tiny_dir), expert_actors=3, expert_num_cpus=0.5,
                         expert_timeout_s=10, replicas=2, replica_num_cpus=0.5,
                         expert_transport=request.param[0], micro_batches=request.param[1]) as client:
         yield client, ray
