@@ -71,7 +71,9 @@ class IncrementalDecoder:
     def push(self, token_id: int) -> str:
         # Control tokens (<s>, </s>) decode to nothing in any context: kept, each would widen the
         # window decoded per token, making a run of them quadratic (a resumed request replays them).
-        if self.tok.sp.IsControl(int(token_id)):
+        # Ids past the tokenizer (a model's embedding table padded beyond it) have no text either;
+        # sentencepiece raises on them, which took a replica's engine loop down with every stream in it.
+        if not 0 <= int(token_id) < self.tok.vocab_size or self.tok.sp.IsControl(int(token_id)):
             return ""
         self.ids.append(int(token_id))
         return self._advance(final=False)
