@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     tmp = tempfile.TemporaryDirectory()
     ckpt = args.checkpoint or str(init_checkpoint("small", Path(tmp.name) / "small", dtype=torch.bfloat16))
     cfg = Checkpoint(ckpt).config
-    dtype = resolve_dtype("auto", cfg)
+    dtype = resolve_dtype("auto", cfg, args.device)  # float32 where this CPU has no fast bfloat16 (all paths alike)
     levels = [int(c) for c in args.streams.split(",")]
     rng = random.Random(0)
     prompts = {c: [[1] + [rng.randrange(3, cfg.vocab_size) for _ in range(args.prompt_len - 1)] for _ in range(c)]
