@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 
-from bench.machine import CpuWindow, free_port, loadavg, pct, process_cpu, top_processes
+from bench.machine import CpuWindow, bench_environment, free_port, loadavg, pct, process_cpu, top_processes
 
 BY_PROCESS = False  # --by-process: print which processes used the CPU of each served run
 PATHS = ("transformers", "engine", "engine+actors", "served-local", "served-direct", "served-ray")
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     global BY_PROCESS
     BY_PROCESS = args.by_process
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    bench_environment()
     paths = args.paths.split(",")
     unknown = set(paths) - set(PATHS)
     if unknown:
