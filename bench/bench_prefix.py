@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.machine import free_port, pct
+from bench.machine import bench_environment, free_port, pct
 
 
 STREAM_TIMEOUT_S = 900.0
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--actor-cpus", type=float, default=0.5)
     ap.add_argument("--plot", default="bench/out/prefix.png")
     args = ap.parse_args(argv)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    bench_environment()
 
     import torch
 
