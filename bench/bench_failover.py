@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 
-from bench.machine import free_port
+from bench.machine import bench_environment, free_port
 
 
 async def _streams(target: str, prompts, n):
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = init_checkpoint("small", Path(tmp.name) / "small", seed=0, dtype=torch.bfloat16)
     rng = random.Random(0)
     prompts = [[1] + [rng.randrange(3, 1000) for _ in range(rng.randrange(8, 24))] for _ in range(args.streams)]
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    bench_environment()
     ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=8)
     try:
         rows = [(label, *measure(r, ckpt, prompts, args.new_tokens)) for label, r in

@@ -26,7 +26,6 @@ preset (teacher-forced on the bf16 continuation).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess
@@ -38,6 +37,7 @@ from pathlib import Path
 import torch
 
 from bench.bench_serving import run_engine
+from bench.machine import bench_environment
 
 MODES = ("bfloat16", "experts_int8")
 
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quality", action="store_true", help="only greedy agreement / logprob differences (small preset)")
     args = ap.parse_args(argv)
     args.streams = [int(s) for s in args.streams.split(",")]
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    bench_environment()
     if args.kernels:
         bench_kernels(args)
     elif args.quality:

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 
-from bench.machine import free_port
+from bench.machine import bench_environment, free_port
 
 
 async def _streams(target: str, prompts, n):
@@ -88,8 +88,6 @@ def main(argv: list[str] | None = None) -> None:
                                                          "(2 = its share: rebalancing can only swap experts)")
     args = ap.parse_args(argv)
 
-    import os
-
     import ray
     import torch
     from ray import serve
@@ -104,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = init_checkpoint("small", Path(tmp.name) / "skewed", seed=0, dtype=torch.bfloat16, router_skew=args.skew)
     rng = random.Random(0)
     prompts = [[1] + [rng.randrange(3, 1000) for _ in range(rng.randrange(8, 24))] for _ in range(args.streams)]
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    bench_environment()
     ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=8)
     settings = ServeSettings(checkpoint=str(ckpt), expert_actors=args.expert_actors, expert_slots=args.slots,
                              expert_num_cpus=args.actor_cpus, grpc_port=free_port(), http_port=free_port(), max_running=64,

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 
-from bench.machine import CpuWindow, free_port, loadavg, pct, process_cpu, top_processes
+from bench.machine import CpuWindow, bench_environment, free_port, loadavg, pct, process_cpu, top_processes
 
 BY_PROCESS = False  # --by-process: print which processes used the CPU of each served run
 PATHS = ("transformers", "engine", "engine+actors", "served-local", "served-direct", "served-ray")
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     global BY_PROCESS
     BY_PROCESS = args.by_process
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    bench_environment()
     paths = args.paths.split(",")
     unknown = set(paths) - set(PATHS)
     if unknown:
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     tmp = tempfile.TemporaryDirectory()
     ckpt = args.checkpoint or str(init_checkpoint("small", Path(tmp.name) / "small", dtype=torch.bfloat16))
     cfg = Checkpoint(ckpt).config
-    dtype = resolve_dtype("auto", cfg)
+    dtype = resolve_dtype("auto", cfg, args.device)  # float32 where this CPU has no fast bfloat16 (all paths alike)
     levels = [int(c) for c in args.streams.split(",")]
     rng = random.Random(0)
     prompts = {c: [[1] + [rng.randrange(3, cfg.vocab_size) for _ in range(args.prompt_len - 1)] for _ in range(c)]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from bench.machine import loadavg
+from bench.machine import bench_environment, loadavg
 
 SCHEMA = {"type": "array", "minItems": 64, "items": {
     "type": "object", "additionalProperties": False, "required": ["name", "age", "tags"], "properties": {
@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    bench_environment()
 
     from raymoe.actors.pool import ExpertPool
     from raymoe.actors.remote_experts import remote_experts_factory

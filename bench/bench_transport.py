@@ -15,7 +15,6 @@ A = 1 is also what "fewer, larger calls" gives (one actor per layer, layer_group
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 
-from bench.machine import CpuWindow
+from bench.machine import CpuWindow, bench_environment
 
 
 def echo_actor_class(ray):
@@ -126,7 +125,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=400)
     ap.add_argument("--only", default="ray,compiled,rdt-gloo,direct")
     args = ap.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    bench_environment()
     import ray
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)

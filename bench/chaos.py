@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 
-from bench.machine import free_port, pct
+from bench.machine import bench_environment, free_port, pct
 
 FAST_FAILURE_DETECTION = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
                           "health_check_failure_threshold": 3}
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", help="default: a fresh `tiny` preset checkpoint")
     ap.add_argument("--json", action="store_true", help="print the report as one JSON object at the end")
     args = ap.parse_args(argv)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    bench_environment()
     random.seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint

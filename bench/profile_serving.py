@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench.machine import descendants_cpu_seconds, free_port, loadavg
+from bench.machine import bench_environment, descendants_cpu_seconds, free_port, loadavg
 
 ROLES = {"replica": "ServeReplica", "proxy": "ProxyActor", "actor": "ExpertActor"}
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--out", default="bench/out/profile")
     args = ap.parse_args(argv)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    bench_environment()
 
     from ray import serve
 

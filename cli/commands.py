@@ -78,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from raymoe.model.weights import Checkpoint, load_model
 
     ckpt = Checkpoint(args.checkpoint or default_checkpoint())
-    args.dtype = resolve_dtype(args.dtype, ckpt.config)  # the expert actors load in the same dtype
+    args.dtype = resolve_dtype(args.dtype, ckpt.config, "cpu")  # the expert actors load in the same dtype
     tokenizer = load_tokenizer(ckpt.dir, required=args.prompt is not None)
     prompt = prompt_from_args(args, tokenizer)
     params = sampling_from_args(args, room=ckpt.config.max_position_embeddings - len(prompt))

@@ -42,9 +42,14 @@ def _progress_logger(every_s: float = 2.0):
     return log
 
 
+def front_device(s: ServeSettings) -> str:
+    """Where the replica's dense part runs (Ray sets CUDA_VISIBLE_DEVICES to the replica's GPU)."""
+    return "cuda" if s.replica_num_gpus > 0 else "cpu"
+
+
 def pool_request(s: ServeSettings, ckpt: Checkpoint):
     """(checkpoint directory, PoolConfig) of the expert pool these settings ask for, or None."""
-    pool_config = s.pool_config(resolve_dtype(s.dtype, ckpt.config), ckpt.quantization)
+    pool_config = s.pool_config(resolve_dtype(s.dtype, ckpt.config, front_device(s)), ckpt.quantization)
     return None if pool_config is None else (str(ckpt.dir.resolve()), pool_config)
 
 
@@ -74,7 +79,7 @@ def build_engine_loop(s: ServeSettings) -> tuple[EngineLoop, dict[str, Any]]:
     ModelInfo reports the actors LOADING with their progress)."""
     torch.set_num_threads(max(1, int(s.replica_num_cpus)))  # the replica's CPU share, not the host's cores
     ckpt = Checkpoint(s.checkpoint or default_checkpoint())
-    dtype = resolve_dtype(s.dtype, ckpt.config)
+    dtype = resolve_dtype(s.dtype, ckpt.config, front_device(s))  # the expert actors use the same
     tokenizer = Tokenizer(ckpt.dir) if (ckpt.dir / "tokenizer.model").exists() else None
     factory, pool, request, replacing = None, None, pool_request(s, ckpt), False
     if request is not None:
@@ -83,8 +88,7 @@ def build_engine_loop(s: ServeSettings) -> tuple[EngineLoop, dict[str, Any]]:
         # Another pool of this server still serves: a redeploy with other settings, whose old
         # replicas keep the traffic until this one can take it (see Generator.__init__).
         replacing = bool(named_pools(f"{s.app_name}-experts-") - {pool.name})
-    device = "cuda" if s.replica_num_gpus > 0 else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to the replica's GPU
-    model = load_model(ckpt, dtype=getattr(torch, dtype), experts_factory=factory, device=device,
+    model = load_model(ckpt, dtype=getattr(torch, dtype), experts_factory=factory, device=front_device(s),
                        quantization=s.quantization)
     engine = Engine(model, kv_cache_tokens=s.kv_cache_tokens, max_batch_tokens=s.max_batch_tokens,
                     prefix_caching=s.prefix_cache, max_running=s.max_running,

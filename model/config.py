@@ -8,7 +8,10 @@ we cannot run faithfully (another rope type, another activation) is rejected wit
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -159,13 +162,44 @@ def _dtype_name(value: Any) -> str:
     return name if name in SERVED_DTYPES else "float32"
 
 
-def resolve_dtype(requested: str, cfg: ModelConfig) -> str:
-    """The dtype to serve in: `requested`, or the checkpoint's own for "auto"."""
+def resolve_dtype(requested: str, cfg: ModelConfig, device: str | None = None) -> str:
+    """The dtype to serve in: `requested`, or for "auto" the checkpoint's own, except that on a CPU
+    (device "cpu") whose matmuls in that dtype are slow (no AVX-512/AMX on x86: torch then falls back
+    to a loop ~100x slower than float32) "auto" computes in float32, as vLLM's CPU backend does."""
     if requested == "auto":
+        if device == "cpu" and cfg.torch_dtype != "float32" and not cpu_matmul_is_fast(cfg.torch_dtype):
+            logging.getLogger("raymoe").warning(
+                "this CPU has no fast %s matmul: serving in float32 (--dtype %s forces it)",
+                cfg.torch_dtype, cfg.torch_dtype)
+            return "float32"
         return cfg.torch_dtype
     if requested not in SERVED_DTYPES:
         raise ConfigError(f"dtype must be auto or one of {', '.join(SERVED_DTYPES)} (got {requested!r})")
     return requested
+
+
+@functools.cache
+def cpu_matmul_is_fast(dtype: str) -> bool:
+    """Whether this CPU multiplies in `dtype` at least a quarter as fast as in float32 (measured
+    once per process on a small matmul; the slow fallback is ~100x, a fast kernel ~0.5-2x)."""
+    import torch
+
+    def seconds(dt) -> float:  # the fastest of five runs on one thread (this machine may be busy)
+        a, b = torch.randn(16, 256, dtype=dt), torch.randn(256, 512, dtype=dt)
+        a @ b  # warm-up (kernel selection)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return seconds(getattr(torch, dtype)) < 4 * seconds(torch.float32) + 1e-4
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _rope_theta(raw: dict[str, Any]) -> float:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import row_stable
 from .config import ModelConfig
 from .step import StepLayout
 
@@ -59,7 +60,10 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 
     The H / Hkv query heads that share a key head are stacked along the query axis, so GQA needs
     no repeated keys: scores [B, Hkv, G·Q, L]. Softmax in float32, as the reference does.
+    In float32 on the CPU each row is computed independently of the step's shape (model/row_stable.py).
     """
+    if row_stable.applies(q):
+        return row_stable.grouped_attention(q, k, v, mask)
     b, h, nq, dh = q.shape
     hkv = k.shape[1]
     g = h // hkv
@@ -82,7 +86,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, layout: StepLayout, rope: tuple[torch.Tensor, torch.Tensor],
                 kv_store: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.wqkv(x).split(self.split, dim=-1)
+        q, k, v = row_stable.linear(x, self.wqkv.weight).split(self.split, dim=-1)
         q = apply_rotary(q.view(t, self.n_heads, self.head_dim), *rope)  # [T, H, Dh]
         k = apply_rotary(k.view(t, self.n_kv, self.head_dim), *rope)  # [T, Hkv, Dh]
         v = v.view(t, self.n_kv, self.head_dim)
@@ -95,9 +99,9 @@ class Attention(nn.Module):
         qb = q[layout.q_index].transpose(1, 2)  # [B, H, Q, Dh]
         kb = k_src[layout.kv_index].transpose(1, 2)  # [B, Hkv, L, Dh]
         vb = v_src[layout.kv_index].transpose(1, 2)
-        if qb.shape[0] * qb.shape[1] * qb.shape[2] * kb.shape[2] <= EXPLICIT_SCORES_MAX:
+        if row_stable.applies(qb) or qb.shape[0] * qb.shape[1] * qb.shape[2] * kb.shape[2] <= EXPLICIT_SCORES_MAX:
             out = grouped_attention(qb, kb, vb, layout.mask)
         else:  # long prompts: the fused kernel never materialises [B, H, Q, L]
             out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=layout.mask, enable_gqa=self.n_kv != self.n_heads)
         out = out.transpose(1, 2).reshape(-1, self.n_heads * self.head_dim)  # [B*Q, H*Dh]
-        return self.wo(out[layout.unpad_index])  # [T, D]
+        return row_stable.linear(out[layout.unpad_index], self.wo.weight)  # [T, D]

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import row_stable
 from .config import ModelConfig
 from .quant import Int8Stack, swiglu_grouped_int8
 
@@ -27,7 +28,7 @@ class Experts(Protocol):
 
 def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """G(x) = Softmax(TopK(x·Wg)): softmax in float32, keep the top k, renormalise (as HF does)."""
-    probs = torch.softmax(F.linear(x, gate_weight).float(), dim=-1)  # [T, E]
+    probs = torch.softmax(row_stable.linear(x, gate_weight).float(), dim=-1)  # [T, E]
     weights, idx = torch.topk(probs, top_k, dim=-1)  # [T, K]
     return weights / weights.sum(dim=-1, keepdim=True), idx
 
@@ -50,15 +51,17 @@ def swiglu_grouped(xs: torch.Tensor, counts: list[int], w13: torch.Tensor | Int8
     """
     if isinstance(w13, Int8Stack):
         return swiglu_grouped_int8(xs, counts, w13, w2)
-    if len(counts) > 1 and min(counts) > 0 and max(counts) * len(counts) <= 2 * sum(counts):
+    # (float32 on the CPU keeps to the loop: one row-stable matmul per expert, model/row_stable.py)
+    if (len(counts) > 1 and min(counts) > 0 and max(counts) * len(counts) <= 2 * sum(counts)
+            and not row_stable.applies(xs)):
         return _swiglu_padded(xs, counts, w13, w2)
     out = torch.empty_like(xs)
     start = 0
     for e, n in enumerate(counts):
         if n:
             rows = xs[start:start + n]
-            gate, up = F.linear(rows, w13[e]).chunk(2, dim=-1)
-            out[start:start + n] = F.linear(F.silu(gate) * up, w2[e])
+            gate, up = row_stable.linear(rows, w13[e]).chunk(2, dim=-1)
+            out[start:start + n] = row_stable.linear(F.silu(gate) * up, w2[e])
             start += n
     return out
 

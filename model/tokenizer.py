@@ -48,14 +48,21 @@ class Tokenizer:
         # A model's embedding table may be padded past the tokenizer; such ids have no text.
         return self.sp.DecodeIds([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
+    def has_text(self, token_id: int) -> bool:
+        """False for ids past the tokenizer (a padded embedding table) and control tokens (<s>, </s>)."""
+        return 0 <= token_id < self.vocab_size and not self.sp.IsControl(token_id)
+
     def piece(self, token_id: int) -> str:
-        return self.sp.IdToPiece(int(token_id))
+        token_id = int(token_id)
+        return self.sp.IdToPiece(token_id) if 0 <= token_id < self.vocab_size else ""
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes a token stands for in the text: a byte-fallback piece (<0xE8>) is that one byte
         (a character it starts is only complete with the next pieces), any other piece its UTF-8 with
         the word-boundary mark ▁ as a space."""
         token_id = int(token_id)
+        if not 0 <= token_id < self.vocab_size:
+            return b""
         if self.sp.IsByte(token_id):
             return bytes([int(self.sp.IdToPiece(token_id)[3:5], 16)])
         return self.sp.IdToPiece(token_id).replace("\u2581", " ").encode()
@@ -69,9 +76,10 @@ class IncrementalDecoder:
         self.read = len(self.ids)
 
     def push(self, token_id: int) -> str:
-        # Control tokens (<s>, </s>) decode to nothing in any context: kept, each would widen the
-        # window decoded per token, making a run of them quadratic (a resumed request replays them).
-        if self.tok.sp.IsControl(int(token_id)):
+        # Control tokens (<s>, </s>) and ids past the tokenizer decode to nothing in any context:
+        # kept, each would widen the window decoded per token, making a run of them quadratic (a
+        # resumed request replays them).
+        if not self.tok.has_text(int(token_id)):
             return ""
         self.ids.append(int(token_id))
         return self._advance(final=False)

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import row_stable
 from .config import ModelConfig
 from .kv_cache import PagedKVCache
 from .layers import Attention, RMSNorm, Rotary
@@ -96,4 +97,4 @@ class Mixtral(nn.Module):
             layer.moe.observer = observer
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return row_stable.linear(hidden, self.lm_head.weight).float()

@@ -56,6 +56,13 @@ def test_token_bytes_spell_the_text(tok, text):
 
 def test_padded_ids_decode_to_nothing(tok):
     assert tok.decode([*tok.encode("hi", bos=False), 450, 511]) == "hi"  # ids past the tokenizer
+    # a model whose embedding table is padded past the tokenizer may sample such an id: streamed,
+    # it is no text (it used to raise IndexError in sentencepiece and fail the sequence)
+    past = tok.vocab_size + 3
+    stream = TextStream(tok, tok.encode("a"))
+    text = "".join(stream.push(i) for i in [*tok.encode("hi", bos=False)[:1], past, *tok.encode("hi", bos=False)[1:]])
+    assert text + stream.finish() == " hi"  # after the prompt "a": a new word
+    assert tok.token_bytes(past) == b"" and tok.piece(past) == "" and not tok.has_text(past)
 
 
 def splits(tok, text):
