@@ -20,6 +20,10 @@ import ray
 from raymoe.cluster.settings import ServeSettings
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private instance: no token auth
+# Serve kills a proxy that is not ready within 5 s of starting (ray.serve._private.constants) and
+# serve.start fails with it; on 2 cores busy with other work a proxy's start takes longer than that.
+# Ray's processes inherit this process's environment at ray.init.
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
 
 # Logical CPUs (the tests' actors ask for fractions of them); the largest any module asked for on its own.
 DEFAULT_OPTIONS = {"num_cpus": 4}

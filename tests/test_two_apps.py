@@ -117,6 +117,3 @@ def test_a_failed_replacement_leaves_the_running_server_serving(first, tmp_path)
         _serve_until_stopped(bad, "auto", None, threading.Event(), threading.Event(), keyed=False)
     assert "CheckpointError" in str(err.value) and "runs on with its settings" in str(err.value)
     assert first.generate(pb.GenerateRequest(prompt="123+456=", max_tokens=8), timeout=60).text == "579"
-    from raymoe.actors.pool_host import pool_progress
-
-    assert [s["state"] for s in pool_progress(APP_NAME)] == ["READY"]  # its expert actor, still there
