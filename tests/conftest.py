@@ -1,8 +1,13 @@
 """Shared fixtures: small checkpoints and models, and a cache-free reference decoder.
 
 Everything here is tiny (hidden 64, 2 layers) so that the model's own tests take seconds on two CPU
-cores; the suite's time goes to starting Ray, Serve and expert actors (see the README for the
-fast loop and the full run). Session-scoped fixtures are read-only: tests that modify a checkpoint copy it first.
+cores; the suite's time goes to Ray: deploying servers, starting expert actors and replicas (each a
+process that imports torch), and the fault, soak and demo tests. The modules that need Ray share one
+private instance and one Serve (tests/shared_ray.py) instead of starting their own (about 20 of each
+per run before). What the suite costs on 2 cores: 20.5 min for everything on a quiet machine before
+that sharing (40 min niced beside other work at load 10-30); the fast loop, `-m "not slow"`, 16 min
+quiet before the slow marks. Session-scoped fixtures are read-only: tests that modify a checkpoint
+copy it first.
 """
 
 from __future__ import annotations

@@ -41,7 +41,14 @@ def connect(**options) -> None:
     if ray.is_initialized() and _options == options:
         return
     leave()
-    ray.init(**_BASE, **options)
+    # Ray's processes inherit this process's environment at ray.init: keep out the API keys a module
+    # may have set (tests/test_openai_api.py), or every later module's server would demand them.
+    # A server gets them in its replicas' runtime environment (serving_helpers.running_server).
+    keys = {k: os.environ.pop(k) for k in ("RAYMOE_API_KEY", "RAYMOE_ADMIN_KEY") if k in os.environ}
+    try:
+        ray.init(**_BASE, **options)
+    finally:
+        os.environ.update(keys)
     _options = options
 
 

@@ -40,7 +40,7 @@ def demo_with_template(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(demo_with_template):
-    os.environ["RAYMOE_API_KEY"] = KEY  # the private Ray instance's processes inherit it
+    os.environ["RAYMOE_API_KEY"] = KEY  # running_server hands it to the replicas, as `raymoe serve` would
     try:
         # float32: concurrent streams must equal the same streams alone (bfloat16 rounds by batch shape)
         # max_logprobs above the default 20: the server's limit, not a hard-coded one, holds on both doors
