@@ -34,6 +34,9 @@ from pathlib import Path
 from bench.machine import bench_environment, free_port, pct
 
 
+STREAM_TIMEOUT_S = 900.0
+
+
 @dataclasses.dataclass
 class Run:
     tokens: int = 0
@@ -52,7 +55,8 @@ async def _one(client, ids: list[int], n: int, run: Run) -> list[int]:
     from raymoe.protos import generator_pb2 as pb
 
     t0, out, first, cached = time.perf_counter(), [], None, 0
-    async for chunk in client.stream(pb.GenerateRequest(prompt_token_ids=ids, max_tokens=n, ignore_eos=True)):
+    request = pb.GenerateRequest(prompt_token_ids=ids, max_tokens=n, ignore_eos=True)
+    async for chunk in client.stream(request, timeout=STREAM_TIMEOUT_S):  # a stalled stream fails the run, never hangs it
         first = first or time.perf_counter()
         out += chunk.token_ids
         cached = max(cached, chunk.usage.cached_prompt_tokens)

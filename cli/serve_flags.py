@@ -55,8 +55,8 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--kv-cache-tokens", "kv_cache_tokens", int, "KV cache size per replica, in tokens"),
     ("--no-prefix-cache", "prefix_cache", bool, "compute every prompt whole (default: reuse the KV blocks of "
                                                 "prompt prefixes seen before)"),
-    ("--prefix-routing", "prefix_routing", bool, "experimental: run each request on the front replica that holds "
-                                                 "its prefix, balanced against load (default: by load only)"),
+    ("--no-prefix-routing", "prefix_routing", bool, "route requests to front replicas by load only (default: to "
+                                                    "the replica holding their prefix, balanced against load)"),
     ("--max-queue", "max_queue", int, "waiting requests before RESOURCE_EXHAUSTED / 429"),
     ("--micro-batches", "micro_batches", int, "split each step in N parts (0: 2 when experts have GPUs, else 1)"),
     ("--stream-interval-ms", "stream_interval_ms", float, "send a stream's tokens at most this often; 0: every token"),

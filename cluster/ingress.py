@@ -93,25 +93,47 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
     def generate(self, prompt_ids: list[int], params, stop: list[str], resume_ids: list[int] = (),
                  resume_text_bytes: int = 0, owner=None, cache_salt: bytes = b"") -> AsyncIterator:
         """Where every door runs a sequence (EngineLoop.generate's chunks): on this replica, or with
-        prefix routing on the replica that holds its prefix (cluster/prefix_router.py)."""
-        if not self.settings.routes_by_prefix():
+        prefix routing on another replica that holds a longer prefix of it (cluster/prefix_router.py)."""
+        target, hashes = self._prefix_holder(list(prompt_ids) + list(resume_ids), cache_salt)
+        if target is None:
             return self.loop.generate(prompt_ids, params, stop, resume_ids, resume_text_bytes, owner, cache_salt)
-        from .prefix_router import RoutedRequest, route_hashes
+        from .prefix_router import RoutedRequest
 
-        tokens = list(prompt_ids) + list(resume_ids)
-        hashes = route_hashes(tokens[:len(tokens) - 1], self.loop.engine.cache.block_size, cache_salt)
-        return self._forward(RoutedRequest(list(prompt_ids), params, list(stop), list(resume_ids),
-                                           resume_text_bytes, cache_salt, hashes), owner)
+        return self._forward(RoutedRequest(list(prompt_ids), params, list(stop), list(resume_ids), resume_text_bytes,
+                                           cache_salt, hashes, door=self.replica_id, target=target), owner)
 
-    async def _forward(self, routed, owner=None) -> AsyncIterator:
+    def _prefix_holder(self, tokens: list[int], cache_salt: bytes) -> tuple[str | None, list[int]]:
+        """(the other replica to run these tokens on, their block hashes), or (None, _): here. Cold
+        prompts stay at the door Serve's proxy chose by load; a prefix this replica holds too."""
+        if not self.settings.routes_by_prefix():
+            return None, []
+        from raymoe.model.prefix_cache import extend_hashes
+
+        from .prefix_router import local_router, short_hash
+
+        router = local_router(self.settings.app_name, DEPLOYMENT_NAME)
+        if router is None:  # the handle's router appears once Serve has sent it the deployment
+            self._routing_handle()
+            return None, []
+        full: list = []
+        extend_hashes(full, tokens[:len(tokens) - 1], self.loop.engine.cache.block_size, cache_salt)
+        here = len(self.loop.engine.cache.pool.match(full, len(full)))  # exact: this replica's own cache
+        hashes = [short_hash(h) for h in full]
+        return router.holder_elsewhere(hashes, self.replica_id, here), hashes
+
+    def _routing_handle(self):
         from ray import serve
-
-        from raymoe.actors.errors import remote_cause
 
         if self._self_handle is None:
             self._self_handle = serve.get_deployment_handle(DEPLOYMENT_NAME, self.settings.app_name).options(
                 method_name="routed_generate", stream=True)
-        response = self._self_handle.remote(routed)
+            self._self_handle._init_router()  # noqa: SLF001 — builds its router now, not at the first forward
+        return self._self_handle
+
+    async def _forward(self, routed, owner=None) -> AsyncIterator:
+        from raymoe.actors.errors import remote_cause
+
+        response = self._routing_handle().remote(routed)
         finished, generated = False, 0
         try:
             async for chunk in response:
@@ -140,6 +162,8 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
         blocks for the routers, and its counters, also published for `raymoe status`."""
         from .prefix_router import publish_counters, routing_stats
 
+        if self.settings.routes_by_prefix():
+            self._routing_handle()  # the door's router learns the replicas before the first request
         stats = routing_stats(self.loop.engine)
         await asyncio.to_thread(publish_counters, self.settings.app_name, self.replica_id, stats["prefix_cache"])
         return stats

@@ -4,10 +4,12 @@ Serve's proxies hand a request to a front replica before its body is read (HTTP:
 the routing; gRPC: the proto, but not the caller's key, which is part of the prefix cache's salt),
 so the replica a request first lands on (the door, chosen by power of two choices) parses it,
 tokenizes it and computes its block hashes — the very hashes the engine's prefix cache names its
-blocks by — and then runs it through a handle to its own deployment (`Generator.routed_generate`).
-That handle's router is this module's `PrefixAwareRouter` (request_router_config): it sends the
-sequence to the replica holding the longest prefix of those hashes, unless that replica is much
-busier than the others or the match is short, when Serve's power of two choices decides.
+blocks by. The door asks this module's `PrefixAwareRouter` — the router (request_router_config) of
+its handle to its own deployment, in the door's process — whether another replica holds a longer
+prefix than the door's own cache (`holder_elsewhere`); if so, and that replica is not much busier,
+it runs the sequence there through the handle (`Generator.routed_generate`), which the router sends
+to that holder first, then by power of two choices among the other replicas — never back to the
+door: a replica streaming to itself through a handle stalled under load (docs/prefix-cache.md).
 
 What a replica holds is known exactly, not guessed from text: each replica reports the hashes of
 its cached blocks in its routing stats (`record_routing_stats`, which Serve's controller polls every
@@ -22,6 +24,7 @@ flight on a dead replica fail or resume as they always did).
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
 from typing import Any
 
@@ -51,14 +54,8 @@ class RoutedRequest:
     resume_text_bytes: int
     cache_salt: bytes
     route_hashes: list[int]  # short_hash of each full block of prompt + resume_ids, under the salt
-
-
-def route_hashes(tokens: list[int], block_size: int, salt: bytes) -> list[int]:
-    from raymoe.model.prefix_cache import extend_hashes
-
-    hashes: list[BlockHash] = []
-    extend_hashes(hashes, tokens, block_size, salt)
-    return [short_hash(h) for h in hashes]
+    door: str = ""  # the replica (unique id) it entered by: never sent back there through the handle
+    target: str = ""  # the replica the door chose (it holds the longest prefix), tried first
 
 
 def routing_stats(engine) -> dict[str, Any]:
@@ -128,14 +125,20 @@ if RequestRouter is not None:
     class PrefixAwareRouter(PowerOfTwoChoicesRequestRouter):  # type: ignore[misc,valid-type]
         """Prefix holder first, balanced against load; power of two choices otherwise."""
 
-        def initialize_state(self, min_match_blocks: int = 2, imbalanced_threshold: int = 8) -> None:
+        def initialize_state(self, min_match_blocks: int = 2, imbalanced_threshold: int = 32) -> None:
             """min_match_blocks: a shorter match is not worth a busier replica (load decides);
             imbalanced_threshold: the holder is skipped when it has this many more requests in
-            flight than the least busy candidate."""
+            flight than the least busy replica (Serve's count, which includes requests a door is
+            relaying: half of the default max_running of 64, where continuous batching still
+            serves a few more sequences nearly as fast and a miss on a long prefix costs more)."""
             self.min_match_blocks, self.imbalanced_threshold = min_match_blocks, imbalanced_threshold
             self._reported: dict[Any, tuple[int, frozenset]] = {}  # replica id → (id of its report, as a set)
             self._guessed: dict[Any, dict[int, float]] = {}  # replica id → {hash: when sent}
             self.decisions = {"holder": 0, "balanced": 0}  # for tests and logs
+            # Registered in the imported module: Serve may unpickle this class by value, with globals of its own.
+            from raymoe.cluster import prefix_router
+
+            prefix_router._LOCAL_ROUTERS[(self._deployment_id.app_name, self._deployment_id.name)] = self
 
         def _known(self, replica) -> tuple[frozenset, dict[int, float]]:
             blocks = (replica.routing_stats or {}).get("blocks") or []
@@ -155,26 +158,44 @@ if RequestRouter is not None:
                 n += 1
             return n
 
-        async def choose_replicas(self, candidate_replicas, pending_request=None):
-            fallback = await super().choose_replicas(candidate_replicas, pending_request)
-            routed = _routed(pending_request)
-            if routed is None or not routed.route_hashes or len(candidate_replicas) < 2:
-                return fallback
-            matches = {r.replica_id: self._match(r, routed.route_hashes) for r in candidate_replicas}
-            best = max(matches.values())
-            if best < min(self.min_match_blocks, len(routed.route_hashes)):
-                self.decisions["balanced"] += 1
-                return fallback
-            holders = [r for r in candidate_replicas if matches[r.replica_id] == best]
-            load = {r.replica_id: self._replica_queue_len_cache.get(r.replica_id) for r in candidate_replicas}
-            known = [q for q in load.values() if q is not None]
-            lightest = min(known, default=0)
-            holders = [r for r in holders if (load[r.replica_id] or 0) - lightest <= self.imbalanced_threshold]
+        def holder_elsewhere(self, hashes: list[int], here: str, here_blocks: int) -> str | None:
+            """The replica (unique id) a door should send a sequence to: the one holding a longer
+            prefix of `hashes` than the door's own `here_blocks`, unless the match is short or it is
+            much busier than the least busy replica; None: run it at the door. Called from the
+            door's thread: reads only snapshots of the router's state."""
+            if len(hashes) < 1:
+                return None
+            others = [r for r in list(self._replicas_list) if r.replica_id.unique_id != here]
+            matches = {r.replica_id.unique_id: self._match(r, hashes) for r in others}
+            best = max(matches.values(), default=0)
+            if best <= here_blocks or best < min(self.min_match_blocks, len(hashes)):
+                return None
+            loads = {r.replica_id: self._replica_queue_len_cache.get(r.replica_id) or 0 for r in list(self._replicas_list)}
+            lightest = min(loads.values(), default=0)
+            holders = [r for r in others if matches[r.replica_id.unique_id] == best
+                       and loads.get(r.replica_id, 0) - lightest <= self.imbalanced_threshold]
             if not holders:
                 self.decisions["balanced"] += 1
-                return fallback
+                return None
             self.decisions["holder"] += 1
-            return [holders] + list(fallback)
+            return random.choice(holders).replica_id.unique_id
+
+        async def choose_replicas(self, candidate_replicas, pending_request=None):
+            """The door's choice first (`RoutedRequest.target`), then power of two choices among
+            the others — never the door itself while another replica is up: a replica streaming
+            to itself through a handle can stall (see docs/prefix-cache.md)."""
+            fallback = await super().choose_replicas(candidate_replicas, pending_request)
+            routed = _routed(pending_request)
+            if routed is None or not routed.door:
+                return fallback
+            elsewhere = [[r for r in rank if r.replica_id.unique_id != routed.door] for rank in fallback]
+            elsewhere = [rank for rank in elsewhere if rank]
+            if not elsewhere:  # P2C drew the door (and maybe it alone): any other replica instead
+                elsewhere = [[r for r in candidate_replicas if r.replica_id.unique_id != routed.door]]
+                if not elsewhere[0]:  # the door is the only replica left: it serves the request
+                    return fallback
+            target = [r for r in candidate_replicas if r.replica_id.unique_id == routed.target]
+            return ([target] if target else []) + elsewhere
 
         def on_request_routed(self, pending_request, replica_id, result) -> None:
             routed = _routed(pending_request)
@@ -198,6 +219,15 @@ if RequestRouter is not None:
             for known in (self._reported, self._guessed):
                 for rid in [rid for rid in known if rid not in live]:
                     del known[rid]
+
+
+_LOCAL_ROUTERS: dict[tuple[str, str], Any] = {}  # (app, deployment) → the router of this process's handle
+
+
+def local_router(app_name: str, deployment: str):
+    """The prefix-aware router of a handle this process made to the deployment (None before one
+    exists and Serve has sent it the deployment's config)."""
+    return _LOCAL_ROUTERS.get((app_name, deployment))
 
 
 def _routed(pending_request) -> RoutedRequest | None:

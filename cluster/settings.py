@@ -64,10 +64,9 @@ class ServeSettings:
     # Reuse the KV blocks of prompt prefixes seen before (docs/prefix-cache.md); off: every request
     # computes its whole prompt.
     prefix_cache: bool = True
-    # Experimental, off by default: with several front replicas (or autoscaling), run a request on
-    # the replica that holds its prefix, balanced against load (cluster/prefix_router.py). Known
-    # issue: forwarded streams stalled in a 16-stream test (docs/prefix-cache.md).
-    prefix_routing: bool = False
+    # With several front replicas (or autoscaling), run a request on the replica that holds the
+    # longest prefix of it, balanced against load (cluster/prefix_router.py, docs/prefix-cache.md).
+    prefix_routing: bool = True
     max_queue: int = 256  # requests waiting for admission before RESOURCE_EXHAUSTED
     # A stream's chunks go out at most this often (first token and end at once), as Ray Serve LLM's
     # stream_batching_interval_ms; with many streams the interval stretches so that a replica sends

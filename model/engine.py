@@ -38,6 +38,7 @@ from .errors import BackendUnavailable, InvalidRequest
 from .fair import FairShare
 from .guided import StepMasks, start_guide
 from .kv_cache import PagedKVCache
+from . import row_stable
 from .prefix_cache import BlockHash, extend_hashes
 from .sampling import SamplingParams, sample
 from .sequence import Sequence, TokenEvent
@@ -258,13 +259,17 @@ class Engine:
         seqs = [batch[b][0] for b in ready]
         masks = StepMasks.start(seqs, self.cfg.vocab_size)  # None without guided rows; else runs beside the forward
         parts = [self._inputs(part) for part in self._split(batch)]
-        if len(parts) == 1:
-            hiddens = [self.model(*parts[0], self.cache)]
-        else:  # micro-batches: attention of one overlaps the (remote) experts of another
-            hiddens = self.model.forward_micro(parts, self.cache)
-        last = torch.cat([h[layout.last_index] for h, (_, layout) in zip(hiddens, parts)])  # [B, D], batch order
+        # Only prompt tokens need row-stable float32 kernels (a cache hit = a miss, model/row_stable.py)
+        decode_only = all(len(c) == 1 and s.num_cached >= len(s.prompt_ids) for s, c in batch)
+        with row_stable.fast_kernels(decode_only):
+            if len(parts) == 1:
+                hiddens = [self.model(*parts[0], self.cache)]
+            else:  # micro-batches: attention of one overlaps the (remote) experts of another
+                hiddens = self.model.forward_micro(parts, self.cache)
+            last = torch.cat([h[layout.last_index] for h, (_, layout) in zip(hiddens, parts)])  # [B, D], batch order
+            logits = self.model.logits(last[ready]).cpu() if ready else None
         allowed = None if masks is None else masks.allowed(len(seqs))
-        out = sample(self.model.logits(last[ready]).cpu(), [s.params for s in seqs], [s.seed for s in seqs],
+        out = sample(logits, [s.params for s in seqs], [s.seed for s in seqs],
                      [len(s.output_ids) for s in seqs], allowed=allowed) if ready else None
         if masks is not None:
             self.mask_seconds += masks.seconds

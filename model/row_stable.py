@@ -16,13 +16,19 @@ the same whatever the number of rows, keys or sequences in the call. Measured on
 * the score matmul's columns and softmax's row differ for fewer than 8-12 keys, so keys are padded
   to a multiple of KEY_CHUNK (masked: exp(-inf) = 0).
 
-Only float32 on the CPU takes these paths: it is the fidelity dtype (tests, comparisons with
-transformers). bfloat16 (speed) and other devices keep the fastest kernels, whose rounding depends
-on the step's shape (docs/prefix-cache.md). Float32 decode pays for the padding (a 1-row matmul
-computed on 16 rows) — see docs/prefix-cache.md for the measured cost.
+Only float32 on the CPU takes these paths, and only in steps that compute prompt tokens: that is
+where a hit and a miss differ (the hit's tail, the keys it reuses). Steps that only decode (every
+sequence feeds back its last sampled token) run inside `fast_kernels()` (the engine decides), so
+decoding — the bulk of a stream — keeps the fastest kernels; a hit and a miss decode in the same
+shapes anyway. bfloat16 and other devices always keep the fastest kernels, whose rounding depends on
+the step's shape (docs/prefix-cache.md).
 """
 
 from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +38,22 @@ KEY_CHUNK = 64  # keys per slice of the attention sum; also what key runs are pa
 SCORES_MAX = 1 << 24  # score elements per call: longer prompts are computed in query chunks
 
 
+_state = threading.local()  # the engine steps on its own thread; expert actors never set it
+
+
 def applies(x: torch.Tensor) -> bool:
-    return x.dtype == torch.float32 and x.device.type == "cpu"
+    return x.dtype == torch.float32 and x.device.type == "cpu" and not getattr(_state, "fast", False)
+
+
+@contextlib.contextmanager
+def fast_kernels(enabled: bool = True) -> Iterator[None]:
+    """Within: this thread's matmuls take the fastest kernels (rows may depend on the step's shape)."""
+    before = getattr(_state, "fast", False)
+    _state.fast = enabled
+    try:
+        yield
+    finally:
+        _state.fast = before
 
 
 def pad_rows(x: torch.Tensor, rows: int, dim: int) -> torch.Tensor:

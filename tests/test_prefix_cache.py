@@ -91,7 +91,10 @@ def test_eviction_under_preemption_loses_nothing(model):
     for prompt, p, seq in zip(prompts, params, seqs):
         ref = Engine(model, kv_cache_tokens=512, block_size=4, prefix_caching=False).generate([prompt], p)[0]
         assert seq.output_ids == ref.output_ids
-        assert seq.logprobs == ref.logprobs  # exact: float32 rows do not depend on the step (row_stable.py)
+        # a preempted sequence recomputes its decoded tokens' keys in a prefill, which may round
+        # differently from the decode steps that computed them (model/row_stable.py: decode-only
+        # steps keep the fastest kernels); a hit and a miss, by contrast, compute the same steps
+        assert seq.logprobs == pytest.approx(ref.logprobs, abs=1e-5)
     check_blocks(engine)
     assert engine.cache.used_blocks == 0 and engine.cache.pool.evictions > 0
 
