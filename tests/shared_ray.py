@@ -34,10 +34,10 @@ _serve: tuple | None = None  # (proxy options, http port, grpc port) of the Serv
 
 
 def connect(**options) -> None:
-    """Be connected to a private local instance started with exactly these options (default:
-    DEFAULT_OPTIONS), reusing the running one when its options are the same."""
+    """Be connected to a private local instance started with DEFAULT_OPTIONS and these, reusing the
+    running one when its options are the same."""
     global _options
-    options = options or DEFAULT_OPTIONS
+    options = {**DEFAULT_OPTIONS, **options}  # a module's own options never cost it the logical CPUs
     if ray.is_initialized() and _options == options:
         return
     leave()
