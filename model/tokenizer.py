@@ -46,22 +46,26 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         # A model's embedding table may be padded past the tokenizer; such ids have no text.
-        return self.sp.DecodeIds([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
+        return self.sp.DecodeIds([int(i) for i in ids if self.in_vocab(int(i))])
+
+    def in_vocab(self, token_id: int) -> bool:
+        """Whether the tokenizer has a piece for this id (an embedding table may be padded past it)."""
+        return 0 <= token_id < self.vocab_size
 
     def has_text(self, token_id: int) -> bool:
         """False for ids past the tokenizer (a padded embedding table) and control tokens (<s>, </s>)."""
-        return 0 <= token_id < self.vocab_size and not self.sp.IsControl(token_id)
+        return self.in_vocab(token_id) and not self.sp.IsControl(token_id)
 
     def piece(self, token_id: int) -> str:
         token_id = int(token_id)
-        return self.sp.IdToPiece(token_id) if 0 <= token_id < self.vocab_size else ""
+        return self.sp.IdToPiece(token_id) if self.in_vocab(token_id) else ""
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes a token stands for in the text: a byte-fallback piece (<0xE8>) is that one byte
         (a character it starts is only complete with the next pieces), any other piece its UTF-8 with
         the word-boundary mark ▁ as a space."""
         token_id = int(token_id)
-        if not 0 <= token_id < self.vocab_size:
+        if not self.in_vocab(token_id):
             return b""
         if self.sp.IsByte(token_id):
             return bytes([int(self.sp.IdToPiece(token_id)[3:5], 16)])
