@@ -19,6 +19,7 @@ from raymoe.model.default import default_checkpoint
 from raymoe.model.engine import Engine
 from raymoe.model.progress import progress_line
 from raymoe.model.tokenizer import Tokenizer
+from raymoe.model.torch_threads import on_passing_thread
 from raymoe.model.weights import Checkpoint, load_model
 
 from .engine_loop import EngineLoop
@@ -88,11 +89,18 @@ def build_engine_loop(s: ServeSettings) -> tuple[EngineLoop, dict[str, Any]]:
         # Another pool of this server still serves: a redeploy with other settings, whose old
         # replicas keep the traffic until this one can take it (see Generator.__init__).
         replacing = bool(named_pools(f"{s.app_name}-experts-") - {pool.name})
-    model = load_model(ckpt, dtype=getattr(torch, dtype), experts_factory=factory, device=front_device(s),
-                       quantization=s.quantization)
-    engine = Engine(model, kv_cache_tokens=s.kv_cache_tokens, max_batch_tokens=s.max_batch_tokens,
-                    prefix_caching=s.prefix_cache, max_running=s.max_running,
-                    micro_batches=s.effective_micro_batches(pool.device if pool else None))
+
+    def build() -> Engine:
+        model = load_model(ckpt, dtype=getattr(torch, dtype), experts_factory=factory, device=front_device(s),
+                           quantization=s.quantization)
+        return Engine(model, kv_cache_tokens=s.kv_cache_tokens, max_batch_tokens=s.max_batch_tokens,
+                      prefix_caching=s.prefix_cache, max_running=s.max_running,
+                      micro_batches=s.effective_micro_batches(pool.device if pool else None))
+
+    # The engine thread must own the process's only OpenMP team: with a second one (this thread's,
+    # had it loaded the model) each step takes about twice as long (model/torch_threads.py).
+    engine = on_passing_thread(build)
+    model = engine.model
     metrics = ServingMetrics(model.cfg.num_hidden_layers, model.cfg.num_local_experts)
     # the actors load their experts meanwhile (they started before this replica's dense part)
     wait = None if pool is None else (lambda: pool.wait_loaded(_progress_logger()))
