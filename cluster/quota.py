@@ -8,6 +8,13 @@ per sequence at admission and refunded, when the request ends, what was not gene
 is one actor round trip before a limited tenant's request (≈1 ms; unlimited tenants skip it) and
 one after it, sent without waiting.
 
+Refusals cost little: each replica also counts the sequences its own leases hold per tenant, and a
+tenant already at its max_concurrent on this replica alone is refused right after its key is read,
+before the request is parsed or the ledger asked (`refuse_early`). That count never exceeds the
+ledger's, so it refuses nothing the ledger would admit. A client that ignores Retry-After and
+reopens at once (a flood) then costs the replica a key lookup per attempt, not a parse and an
+actor call.
+
 Error bound: none while the ledger lives. A lease a replica never returns (the replica died) is
 dropped after the longest request (request_timeout_s) and a margin; if the ledger itself restarts,
 its counts start from zero, so a tenant may exceed max_concurrent by the sequences it had in
@@ -121,9 +128,10 @@ class Lease:
     the tokens not generated) when the last one finished, or at `close()`, whichever is first (the
     door closes it when the request ends: a choice cancelled before it started reports nothing)."""
 
-    def __init__(self, gate: "QuotaGate", lease_id: int, sequences: int, max_tokens: int) -> None:
-        self.gate, self.lease_id, self.left, self.max_tokens = gate, lease_id, sequences, max_tokens
-        self.unused = sequences * max_tokens
+    def __init__(self, gate: "QuotaGate", tenant: str, lease_id: int, sequences: int, max_tokens: int) -> None:
+        self.gate, self.tenant, self.lease_id, self.left, self.max_tokens = gate, tenant, lease_id, sequences, max_tokens
+        self.sequences, self.unused = sequences, sequences * max_tokens
+        gate.held[tenant] = gate.held.get(tenant, 0) + sequences
 
     def finished(self, generated: int) -> None:
         self.unused -= min(max(generated, 0), self.max_tokens)
@@ -133,6 +141,7 @@ class Lease:
 
     def close(self) -> None:
         if self.lease_id:
+            self.gate.held[self.tenant] -= self.sequences
             self.gate.release(self.lease_id, self.unused)
             self.lease_id = 0
 
@@ -143,6 +152,16 @@ class QuotaGate:
     def __init__(self, app: str, lease_s: float, metrics=None) -> None:
         self.app, self.lease_s, self.metrics = app, lease_s, metrics
         self._ledger = None
+        self.held: dict[str, int] = {}  # tenant → sequences this replica's open leases hold
+
+    def refuse_early(self, tenant: Tenant) -> None:
+        """QuotaExceeded when the tenant's sequences on this replica alone already fill its
+        max_concurrent (checked before the request is parsed: a flood's refusals stay cheap)."""
+        if tenant.max_concurrent and self.held.get(tenant.name, 0) >= tenant.max_concurrent:
+            self._count(tenant, "requests")
+            self._count(tenant, "refused")
+            raise QuotaExceeded(f"tenant {tenant.name!r} has {self.held[tenant.name]} sequences in flight; more "
+                                f"would pass its max_concurrent of {tenant.max_concurrent}", CONCURRENCY_RETRY_S)
 
     def _actor(self):
         if self._ledger is None:
@@ -172,7 +191,7 @@ class QuotaGate:
         if not lease_id:
             self._count(tenant, "refused")
             raise QuotaExceeded(why, math.ceil(wait))
-        return Lease(self, lease_id, sequences, max_tokens)
+        return Lease(self, tenant.name, lease_id, sequences, max_tokens)
 
     def release(self, lease_id: int, unused: int) -> None:
         try:
