@@ -12,6 +12,7 @@ Legend: n = distinct tokens sent to this actor, P = (token, expert) pairs routed
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import socket
@@ -32,6 +33,7 @@ from raymoe.model.config import ModelConfig
 from raymoe.model.moe import swiglu_grouped
 from raymoe.model.progress import LoadProgress
 from raymoe.model.quant import check_quantization, stack_experts, weight_nbytes
+from raymoe.model.torch_threads import on_passing_thread
 from raymoe.model.weights import Checkpoint
 
 from .direct import DirectServer, ExpertsNotLoaded
@@ -150,6 +152,12 @@ class ExpertActor:
         self._load_total = load_total
         self.load.on_add = lambda p: load_bytes.set(p.bytes_read)
 
+        # With several torch threads on the CPU, every layer call computes on one thread, whichever
+        # connection (one per front replica) or Ray call brought it: each thread that computes keeps an
+        # OpenMP team of its own, and two live teams on the same cores make each step ~2x slower
+        # (model/torch_threads.py). One thread, one team; calls from several replicas queue for it.
+        self._compute_thread = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="raymoe-expert-compute")
+                                if self.device.type == "cpu" and torch.get_num_threads() > 1 else None)
         # Layer calls may also come over a socket (actors/direct.py); Ray still places, names and
         # restarts this actor and hands out the endpoint.
         self.direct = DirectServer(self.forward_timed, host=ray.util.get_node_ip_address())
@@ -189,6 +197,11 @@ class ExpertActor:
         """Hold exactly `assignment` {layer: experts} from now on: read the copies not held yet (only
         those), keep the others without a copy, drop the rest; each layer switches at once, between
         two of its calls. Layer calls keep being answered meanwhile. Returns bytes read and seconds."""
+        # The copies are read and stacked on a passing thread: the long-lived thread Ray runs this on
+        # would otherwise keep an OpenMP team of its own beside the compute thread's (model/torch_threads.py).
+        return on_passing_thread(lambda: self._hold(assignment), name="raymoe-expert-hold")
+
+    def _hold(self, assignment: dict[int, Sequence[int]]) -> dict[str, Any]:
         self._loaded.wait()
         if self.load.state == "FAILED":
             raise ExpertsNotLoaded(f"{self.name}: loading the experts failed: {self.load.error}")
@@ -242,6 +255,11 @@ class ExpertActor:
             self._loaded.wait()  # the caller's own timeout bounds this (a restarted actor reloads)
         if self.load.state == "FAILED":
             raise ExpertsNotLoaded(f"{self.name}: loading the experts failed: {self.load.error}")
+        if self._compute_thread is None:
+            return self._forward_here(layer, payload)
+        return self._compute_thread.submit(self._forward_here, layer, payload).result()
+
+    def _forward_here(self, layer: int, payload: np.ndarray) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
         x, rows, experts, weights = unpack(payload, self.dtype, self.hidden_size, self.num_experts)
         out = to_wire(self.compute(layer, x, rows, experts, weights))

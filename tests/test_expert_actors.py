@@ -5,6 +5,7 @@ generation; a dead one is named in a bounded time). Tests that kill actors come 
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -289,3 +290,35 @@ def test_forged_payloads_are_refused_before_any_kernel_and_the_actor_serves_on(c
         torch.testing.assert_close(got, local_layer(ckpt, 1)(x, w, idx), atol=1e-6, rtol=1e-5)
     finally:
         channel.close()
+
+
+def test_with_several_torch_threads_every_call_computes_on_one_thread(ckpt):
+    """Calls over two connections (two front replicas) and a Ray-style call compute on the actor's one
+    compute thread (one OpenMP team: model/torch_threads.py), and give the same sums as before."""
+    from raymoe.actors.direct import DirectChannel
+
+    cfg = Checkpoint(ckpt).config
+    threads = torch.get_num_threads()
+    try:
+        actor = ExpertActor(str(ckpt), list(range(cfg.num_local_experts)), [1], num_threads=2)
+        computed_on = []
+        compute = actor.compute
+        actor.compute = lambda *a: computed_on.append(threading.current_thread().name) or compute(*a)
+        x, w, idx = routed(cfg, 5, seed=3)
+        payload = pack(x, torch.arange(5).repeat_interleave(2), idx.reshape(-1), w.reshape(-1))
+        want = local_layer(ckpt, 1)(x, w, idx)
+        channels = [DirectChannel(actor.direct.endpoint(), timeout_s=5) for _ in range(2)]
+        try:
+            for i, channel in enumerate(channels):
+                channel.send(i, 1, payload)
+            outs = [channel.recv(i, timeout_s=10)[0] for i, channel in enumerate(channels)]
+        finally:
+            for channel in channels:
+                channel.close()
+        outs.append(actor.forward(1, payload))
+        for out in outs:
+            torch.testing.assert_close(from_wire(out, torch.float32).view(5, -1), want, atol=1e-6, rtol=1e-5)
+        assert len(computed_on) == 3 and len(set(computed_on)) == 1
+        assert computed_on[0].startswith("raymoe-expert-compute")
+    finally:
+        torch.set_num_threads(threads)
