@@ -94,7 +94,9 @@ def main() -> None:
     p.add_argument("--calm-tokens", type=int, default=32)
     args = p.parse_args()
 
-    from bench.machine import free_port
+    from bench.machine import bench_environment, free_port
+
+    bench_environment()
     from raymoe.cluster.deploy import deploy, release_pool
     from raymoe.cluster.settings import ServeSettings
 
