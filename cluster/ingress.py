@@ -83,7 +83,7 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
     async def _parse(self, request: pb.GenerateRequest, grpc_context):
         """(the request, its Owner: the tenant's share and quota lease, which the caller closes)."""
         tenant = grpc_tenant(self.tenants, grpc_context)
-        self.quota.refuse_early(tenant)  # before parsing: an over-limit tenant's refusal stays cheap
+        await self.quota.refuse_early(tenant)  # before parsing: an over-limit tenant's refusal stays cheap
         # Tokenizing a long prompt takes a while: never on the event loop other streams share.
         req = await asyncio.to_thread(protocol.parse_request, request, self.cfg, self.limits, self.tokenizer,
                                       self.grammars)

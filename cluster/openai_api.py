@@ -90,7 +90,7 @@ class OpenAIRoutes:
     async def http_completions(self, request: Request):
         try:
             tenant = self._http_auth(request)
-            self.quota.refuse_early(tenant)  # before reading the body: an over-limit tenant's refusal stays cheap
+            await self.quota.refuse_early(tenant)  # before reading the body: an over-limit tenant's refusal stays cheap
             body = await self._json_body(request)
             kw, prompts, (stream, usage) = parse_completion(body)
             self._check_model(body)
@@ -105,7 +105,7 @@ class OpenAIRoutes:
     async def http_chat_completions(self, request: Request):
         try:
             tenant = self._http_auth(request)
-            self.quota.refuse_early(tenant)  # before reading the body: an over-limit tenant's refusal stays cheap
+            await self.quota.refuse_early(tenant)  # before reading the body: an over-limit tenant's refusal stays cheap
             body = await self._json_body(request)
             kw, messages, stream, usage, want_logprobs = parse_chat(body)
             self._check_model(body)

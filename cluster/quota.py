@@ -11,9 +11,12 @@ one after it, sent without waiting.
 Refusals cost little: each replica also counts the sequences its own leases hold per tenant, and a
 tenant already at its max_concurrent on this replica alone is refused right after its key is read,
 before the request is parsed or the ledger asked (`refuse_early`). That count never exceeds the
-ledger's, so it refuses nothing the ledger would admit. A client that ignores Retry-After and
-reopens at once (a flood) then costs the replica a key lookup per attempt, not a parse and an
-actor call.
+ledger's, so it refuses nothing the ledger would admit. Such a refusal is answered only after the
+Retry-After it names (at most PARKED_MAX of them wait at a time per replica; beyond, at once): a
+client that honours Retry-After loses nothing, and one that reopens at once (a flood) is slowed to
+an attempt per connection per Retry-After, instead of as many as the replica can answer — each
+attempt still costs the replica Serve's per-request work, which is what a calm tenant beside the
+flood waits behind (bench/bench_tenants.py).
 
 Error bound: none while the ledger lives. A lease a replica never returns (the replica died) is
 dropped after the longest request (request_timeout_s) and a margin; if the ledger itself restarts,
@@ -36,6 +39,7 @@ from .tenants import Tenant
 log = logging.getLogger("ray.serve")
 NAMESPACE = "raymoe"
 CONCURRENCY_RETRY_S = 1.0  # Retry-After when only max_concurrent refuses (sequences end at any time)
+PARKED_MAX = 64  # refusals made on a replica's own count that wait out their Retry-After at once
 
 
 class QuotaExceeded(Exception):
@@ -153,15 +157,25 @@ class QuotaGate:
         self.app, self.lease_s, self.metrics = app, lease_s, metrics
         self._ledger = None
         self.held: dict[str, int] = {}  # tenant → sequences this replica's open leases hold
+        self.parked = 0  # early refusals waiting out their Retry-After
 
-    def refuse_early(self, tenant: Tenant) -> None:
+    async def refuse_early(self, tenant: Tenant) -> None:
         """QuotaExceeded when the tenant's sequences on this replica alone already fill its
-        max_concurrent (checked before the request is parsed: a flood's refusals stay cheap)."""
-        if tenant.max_concurrent and self.held.get(tenant.name, 0) >= tenant.max_concurrent:
-            self._count(tenant, "requests")
-            self._count(tenant, "refused")
-            raise QuotaExceeded(f"tenant {tenant.name!r} has {self.held[tenant.name]} sequences in flight; more "
-                                f"would pass its max_concurrent of {tenant.max_concurrent}", CONCURRENCY_RETRY_S)
+        max_concurrent (checked before the request is parsed), answered after its Retry-After
+        (see the module's doc)."""
+        if not tenant.max_concurrent or self.held.get(tenant.name, 0) < tenant.max_concurrent:
+            return
+        self._count(tenant, "requests")
+        self._count(tenant, "refused")
+        error = QuotaExceeded(f"tenant {tenant.name!r} has {self.held[tenant.name]} sequences in flight; more "
+                              f"would pass its max_concurrent of {tenant.max_concurrent}", CONCURRENCY_RETRY_S)
+        if self.parked < PARKED_MAX:
+            self.parked += 1
+            try:
+                await asyncio.sleep(CONCURRENCY_RETRY_S)
+            finally:
+                self.parked -= 1
+        raise error
 
     def _actor(self):
         if self._ledger is None:

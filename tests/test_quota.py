@@ -3,7 +3,12 @@ that are never returned."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
+from raymoe.cluster import quota
 from raymoe.cluster.quota import QuotaLedger
+from raymoe.cluster.tenants import Tenant
 
 
 def test_max_concurrent_counts_sequences_and_frees_them_on_release():
@@ -43,3 +48,35 @@ def test_a_lease_never_returned_expires():
     assert not ledger.acquire("alice", 2, 0, 1, 0)[0]
     now[0] += 61.0
     assert ledger.acquire("alice", 2, 0, 2, 0)[0]
+
+
+def test_a_tenant_at_its_limit_on_this_replica_is_refused_after_its_retry_after_and_few_wait_at_once(monkeypatch):
+    """The replica's own count refuses before any parsing; the refusal waits out the Retry-After it
+    names (a flood is slowed, a client that honours it loses nothing), at most PARKED_MAX at a time."""
+    monkeypatch.setattr(quota, "CONCURRENCY_RETRY_S", 0.3)
+    monkeypatch.setattr(quota, "PARKED_MAX", 2)
+    gate = quota.QuotaGate("app", lease_s=60)
+    flood, calm = Tenant(name="flood", max_concurrent=4), Tenant(name="calm")
+    gate.held["flood"] = 3
+
+    async def timed(tenant):
+        t0 = time.monotonic()
+        try:
+            await gate.refuse_early(tenant)
+            return "admitted", time.monotonic() - t0
+        except quota.QuotaExceeded as e:
+            assert "max_concurrent of 4" in str(e) and e.retry_after_s == 0.3
+            return "refused", time.monotonic() - t0
+
+    async def scenario():
+        below = await timed(flood)  # 3 of 4: the ledger decides, not this count
+        gate.held["flood"] = 4
+        burst = await asyncio.gather(*(timed(flood) for _ in range(3)), timed(calm))
+        return below, burst
+
+    below, burst = asyncio.run(scenario())
+    assert below[0] == "admitted" and below[1] < 0.1
+    outcomes = sorted((what, seconds >= 0.3) for what, seconds in burst[:3])
+    assert outcomes == [("refused", False), ("refused", True), ("refused", True)]  # two waited, one at once
+    assert burst[3][0] == "admitted" and burst[3][1] < 0.1  # another tenant is never held up
+    assert gate.parked == 0
