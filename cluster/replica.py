@@ -93,7 +93,7 @@ def build_engine_loop(s: ServeSettings) -> tuple[EngineLoop, dict[str, Any]]:
     def build() -> Engine:
         model = load_model(ckpt, dtype=getattr(torch, dtype), experts_factory=factory, device=front_device(s),
                            quantization=s.quantization)
-        return Engine(model, kv_cache_tokens=s.kv_cache_tokens, max_batch_tokens=s.max_batch_tokens,
+        return Engine(model, kv_cache_tokens=s.kv_cache_tokens, max_batch_tokens=s.effective_max_batch_tokens(front_device(s)),
                       prefix_caching=s.prefix_cache, max_running=s.max_running,
                       micro_batches=s.effective_micro_batches(pool.device if pool else None))
 

@@ -57,7 +57,10 @@ class ServeSettings:
     # (Serve's upscale_delay_s / downscale_delay_s, used for both).
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
-    max_batch_tokens: int = 2048
+    # Tokens per engine step (decodes + prompt chunks); 0 = auto: 512 on a CPU front, where a step of
+    # 2,048 prompt tokens held streams running beside it for 3-4 s (a 512-token step: 0.5-0.7 s; the
+    # prompts themselves finished sooner too), and 2,048 on a GPU front (effective_max_batch_tokens).
+    max_batch_tokens: int = 0
     micro_batches: int = 0  # split each step in N parts to overlap attention with remote experts; 0 = auto
     max_running: int = 64  # sequences decoded together
     kv_cache_tokens: int = 32768  # KV cache size per front replica, in tokens
@@ -124,8 +127,9 @@ class ServeSettings:
             raise ValueError(f"route_prefix must be '/' or a path such as /models/a, without a trailing / "
                              f"(got {self.route_prefix!r})")
         for name in ("expert_actors", "max_batch_tokens", "max_running", "kv_cache_tokens", "max_queue"):
-            if getattr(self, name) < (0 if name == "expert_actors" else 1):
-                raise ValueError(f"{name} must be positive (got {getattr(self, name)})")
+            if getattr(self, name) < (0 if name in ("expert_actors", "max_batch_tokens") else 1):
+                raise ValueError(f"{name} must be {'>= 0' if name in ('expert_actors', 'max_batch_tokens') else 'positive'} "
+                                 f"(got {getattr(self, name)})")
         if self.replicas < 1:
             raise ValueError(f"replicas must be at least 1 (got {self.replicas})")
         if self.dtype not in DTYPE_CHOICES:
@@ -193,6 +197,10 @@ class ServeSettings:
         return RequestLimits(max_prompt_tokens=self.max_prompt_tokens, max_tokens=self.max_tokens_limit,
                              max_stop_strings=self.max_stop_strings, max_stop_chars=self.max_stop_chars,
                              max_stop_token_ids=self.max_stop_token_ids, max_logprobs=self.max_logprobs)
+
+    def effective_max_batch_tokens(self, front_device: str) -> int:
+        """`max_batch_tokens`, or by default 2048 on a GPU front and 512 on a CPU one."""
+        return self.max_batch_tokens or (2048 if front_device == "cuda" else 512)
 
     def effective_micro_batches(self, expert_device: str | None) -> int:
         """`micro_batches`, or by default 2 when the experts run on GPUs of their own (the front's

@@ -340,3 +340,18 @@ def test_paths_that_cannot_be_written_are_one_line(capsys, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert_user_error(capsys, ["init-model", "--preset", "tiny", "--out", str(blocker / "ckpt")], str(blocker))
+
+
+def test_max_batch_tokens_defaults_by_the_fronts_device_and_a_given_value_wins():
+    """A CPU front steps at most 512 tokens by default (prompt chunks beside running streams stay
+    short), a GPU front 2048; --max-batch-tokens N is N on both; a negative value is refused."""
+    from raymoe.cli.main import build_parser
+    from raymoe.cli.serve_flags import settings_from_args
+    from raymoe.cluster.settings import ServeSettings
+
+    s = ServeSettings()
+    assert (s.effective_max_batch_tokens("cpu"), s.effective_max_batch_tokens("cuda")) == (512, 2048)
+    given = settings_from_args(build_parser().parse_args(["serve", "--max-batch-tokens", "4096"]))
+    assert (given.effective_max_batch_tokens("cpu"), given.effective_max_batch_tokens("cuda")) == (4096, 4096)
+    with pytest.raises(ValueError, match="max_batch_tokens must be >= 0"):
+        ServeSettings(max_batch_tokens=-1)
