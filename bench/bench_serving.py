@@ -34,12 +34,15 @@ import dataclasses
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+if __package__ in (None, ""):  # run as `python bench/bench_serving.py` (the command): bench.* from the root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import CpuWindow, bench_environment, free_port, loadavg, pct, process_cpu, top_processes
 
