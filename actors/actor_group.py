@@ -138,10 +138,15 @@ class ActorGroup:
         self.actors = actors
 
     def adopt_named(self, names: dict[int, str], bundles: dict[int, int | None]) -> None:
-        """Take the creator's actors (a copy following its plan): look up the ones new here by name."""
-        actors = list(self.actors) + [None] * (max(names) + 1 - len(self.actors))
+        """Take the creator's actors (a copy following its plan): look up by name the ones new here,
+        including an id whose actor was retired and started again (another name), and drop the ids
+        the creator no longer has (their actors were killed there)."""
+        actors: list[Any] = [None] * (max(names) + 1)
         for actor_id, actor_name in names.items():
-            if actor_id >= len(self.actors) or self.actors[actor_id] is None:
+            known = actor_id < len(self.actors) and self.actors[actor_id] is not None
+            if known and self.names.get(actor_id) == actor_name:
+                actors[actor_id] = self.actors[actor_id]
+            else:
                 actors[actor_id] = ray.get_actor(actor_name, namespace=self.namespace)
         self.actors, self.names, self.bundles = actors, names, bundles
 
@@ -250,6 +255,7 @@ class ActorGroup:
         except Exception:  # noqa: BLE001 — already gone
             pass
         self.actors[actor_id] = None
+        self.names.pop(actor_id, None)  # published: the pool's copies drop it too (adopt_named)
 
     def shutdown(self) -> None:
         for a in self.live_actors():

@@ -79,7 +79,9 @@ def apply(pool: "ExpertPool", new: Plan, kind: str = "apply", load: Any = None,
     free, started = group.bundles_free(), {}
     for i in d.started:
         a = new.actor(i)
-        name = f"actor{i}#{i}" + (f".{uuid.uuid4().hex[:6]}" if pool.name is None else f"/{pool.name}")
+        # A fresh name for every start: an id retired by a scale-down comes back as another actor, and
+        # the pool's copies in front replicas tell the two apart by name (ActorGroup.adopt_named).
+        name = f"actor{i}#{i}.{uuid.uuid4().hex[:6]}" + ("" if pool.name is None else f"/{pool.name}")
         started[i] = group.start_actor(i, name, holding(a), bundle=free.pop(0) if free else None, node=a.node)
     gaining = {i: {layer: sorted(set(old.actor(i).experts[layer]) | set(new.actor(i).experts[layer]))
                    for layer in new.actor(i).layers}

@@ -119,3 +119,21 @@ def test_redeploy_with_other_settings_retires_the_old_pool(cluster, ckpt):
     assert state[f"{next(iter(old_name))}/pg"] == "REMOVED"
     model = load_model(ckpt, experts_factory=remote_experts_factory(new))
     assert_same_generation(generate(model), reference(ckpt))  # the new pool serves
+
+
+def test_an_actor_scaled_away_and_back_is_a_new_actor_to_every_copy(cluster, ckpt):
+    """2 → 3 → 2 → 3 actors under use: the third id comes back as another actor (the first was
+    killed), and a copy of the pool (what each front replica holds) computes through the new one,
+    not through the killed one's handle (before: every call failed from then on)."""
+    app = APP + "-rescale"
+    try:
+        pool = shared_pool(ckpt, config(), app)
+        model = load_model(ckpt, experts_factory=remote_experts_factory(pool))
+        want = reference(ckpt)
+        assert_same_generation(generate(model), want)  # in use: the copy follows its creator from now on
+        for n in (3, 2, 3):
+            version = ray.get(pool_host(app).scale.remote(n), timeout=120)["version"]
+            wait_until(lambda: pool.plan.version == version, 30, f"the copy follows the change to {n} actors")
+            assert_same_generation(generate(model), want)
+    finally:
+        release_shared_pool(app)
