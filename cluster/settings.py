@@ -127,9 +127,9 @@ class ServeSettings:
             raise ValueError(f"route_prefix must be '/' or a path such as /models/a, without a trailing / "
                              f"(got {self.route_prefix!r})")
         for name in ("expert_actors", "max_batch_tokens", "max_running", "kv_cache_tokens", "max_queue"):
-            if getattr(self, name) < (0 if name in ("expert_actors", "max_batch_tokens") else 1):
-                raise ValueError(f"{name} must be {'>= 0' if name in ('expert_actors', 'max_batch_tokens') else 'positive'} "
-                                 f"(got {getattr(self, name)})")
+            zero_allowed = name in ("expert_actors", "max_batch_tokens")  # none / auto
+            if getattr(self, name) < (0 if zero_allowed else 1):
+                raise ValueError(f"{name} must be {'>= 0' if zero_allowed else 'positive'} (got {getattr(self, name)})")
         if self.replicas < 1:
             raise ValueError(f"replicas must be at least 1 (got {self.replicas})")
         if self.dtype not in DTYPE_CHOICES:

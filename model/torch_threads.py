@@ -17,7 +17,7 @@ on a passing thread: `on_passing_thread(load)`.
 
 from __future__ import annotations
 
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
@@ -25,17 +25,5 @@ T = TypeVar("T")
 
 def on_passing_thread(fn: Callable[[], T], name: str = "raymoe-load") -> T:
     """fn() run on a new thread that ends when it returns; its result, or its exception raised here."""
-    out: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            out["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 — re-raised on the caller's thread
-            out["error"] = e
-
-    t = threading.Thread(target=run, name=name, daemon=True)
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]  # type: ignore[misc]
-    return out["value"]  # type: ignore[return-value]
+    with ThreadPoolExecutor(1, thread_name_prefix=name) as one:  # leaving the block ends the thread
+        return one.submit(fn).result()
