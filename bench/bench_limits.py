@@ -15,12 +15,11 @@ otherwise (--max-batch-tokens to try another step size).
 from __future__ import annotations
 
 import argparse
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 from bench.machine import bench_environment, free_port
+from bench.server import checkpoint_or_small, served
 
 
 def resume_trial(client, trial: int, resumes: int, replay: int) -> tuple[float, float, set]:
@@ -77,45 +76,30 @@ def main(argv: list[str] | None = None) -> None:
     bench_environment()
 
     import grpc
-    import torch
 
-    from raymoe.cli.ray_session import ray_connection
     from raymoe.cluster.client import Client
-    from raymoe.cluster.deploy import deploy, release_pool
     from raymoe.cluster.settings import ServeSettings
-    from raymoe.model.presets import init_checkpoint
     from raymoe.protos import generator_pb2 as pb
 
-    tmp = tempfile.TemporaryDirectory()
-    ckpt = args.checkpoint or str(init_checkpoint("small", Path(tmp.name) / "small", dtype=torch.bfloat16))
-    s = ServeSettings(checkpoint=ckpt, expert_actors=args.expert_actors, max_batch_tokens=args.max_batch_tokens,
-                      grpc_port=free_port(), http_port=free_port())
-    from ray import serve
-
-    with ray_connection(None, s.local_ray_cpus()):
-        try:
-            deploy(s)
-            with Client(f"127.0.0.1:{s.grpc_port}") as client:
-                client.wait_ready(300)
-                steps = client.model_info(timeout=60).max_batch_tokens
-                print(f"{ckpt}: {args.expert_actors} expert actors, max_batch_tokens {steps}")
-                for trial in range(args.trials):
-                    gap, slowest, outcomes = resume_trial(client, trial, args.resumes, args.replay)
-                    print(f"resume trial {trial}: {args.resumes} × {args.replay} replayed tokens → {sorted(outcomes)} "
-                          f"(slowest {slowest:.1f} s); the running stream's largest gap {gap:.3f} s (target ≤ 1 s)",
-                          flush=True)
-                t0 = time.perf_counter()
-                try:
-                    client.stub.Generate(pb.GenerateRequest(prompt="x" * (9 << 20), max_tokens=4), timeout=60)
-                    print("9 MB message: accepted (target: refused)")
-                except grpc.RpcError as e:
-                    print(f"9 MB message: {e.code().name} after {time.perf_counter() - t0:.2f} s")
-                after = client.stub.Generate(pb.GenerateRequest(prompt_token_ids=[1, 5], max_tokens=4), timeout=60)
-                print(f"the next request: {len(after.token_ids)} tokens")
-        finally:
-            serve.shutdown()
-            release_pool(s)
-    tmp.cleanup()
+    with checkpoint_or_small(args.checkpoint) as ckpt:
+        s = ServeSettings(checkpoint=ckpt, expert_actors=args.expert_actors, max_batch_tokens=args.max_batch_tokens,
+                          grpc_port=free_port(), http_port=free_port())
+        with served(s) as target, Client(target) as client:
+            steps = client.model_info(timeout=60).max_batch_tokens
+            print(f"{ckpt}: {args.expert_actors} expert actors, max_batch_tokens {steps}")
+            for trial in range(args.trials):
+                gap, slowest, outcomes = resume_trial(client, trial, args.resumes, args.replay)
+                print(f"resume trial {trial}: {args.resumes} × {args.replay} replayed tokens → {sorted(outcomes)} "
+                      f"(slowest {slowest:.1f} s); the running stream's largest gap {gap:.3f} s (target ≤ 1 s)",
+                      flush=True)
+            t0 = time.perf_counter()
+            try:
+                client.stub.Generate(pb.GenerateRequest(prompt="x" * (9 << 20), max_tokens=4), timeout=60)
+                print("9 MB message: accepted (target: refused)")
+            except grpc.RpcError as e:
+                print(f"9 MB message: {e.code().name} after {time.perf_counter() - t0:.2f} s")
+            after = client.stub.Generate(pb.GenerateRequest(prompt_token_ids=[1, 5], max_tokens=4), timeout=60)
+            print(f"the next request: {len(after.token_ids)} tokens")
 
 
 if __name__ == "__main__":

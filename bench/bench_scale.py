@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 from bench.machine import bench_environment, free_port
+from bench.server import checkpoint_or_small, served
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,59 +31,44 @@ def main(argv: list[str] | None = None) -> None:
     bench_environment()
 
     import grpc
-    import torch
-    from ray import serve
 
-    from raymoe.cli.ray_session import ray_connection
     from raymoe.cluster.client import Client
-    from raymoe.cluster.deploy import deploy, release_pool
     from raymoe.cluster.settings import ServeSettings
-    from raymoe.model.presets import init_checkpoint
     from raymoe.protos import generator_pb2 as pb
 
-    tmp = tempfile.TemporaryDirectory()
-    ckpt = args.checkpoint or str(init_checkpoint("small", Path(tmp.name) / "small", dtype=torch.bfloat16))
-    s = ServeSettings(checkpoint=ckpt, expert_actors=args.start, grpc_port=free_port(), http_port=free_port())
     request = pb.GenerateRequest(prompt_token_ids=[1, 5, 6, 7], max_tokens=args.new_tokens)
-    with ray_connection(None, s.local_ray_cpus()):
-        try:
-            deploy(s)
-            target = f"127.0.0.1:{s.grpc_port}"
-            with Client(target) as admin:
-                admin.wait_ready(300)
-                first = list(admin.stub.Generate(request, timeout=60).token_ids)
-                stop, lock, outcomes = threading.Event(), threading.Lock(), collections.Counter()
+    with checkpoint_or_small(args.checkpoint) as ckpt:
+        s = ServeSettings(checkpoint=ckpt, expert_actors=args.start, grpc_port=free_port(), http_port=free_port())
+        with served(s) as target, Client(target) as admin:
+            first = list(admin.stub.Generate(request, timeout=60).token_ids)
+            stop, lock, outcomes = threading.Event(), threading.Lock(), collections.Counter()
 
-                def client() -> None:
-                    with Client(target) as c:
-                        while not stop.is_set():
-                            try:
-                                got = "same" if list(c.stub.Generate(request, timeout=120).token_ids) == first else "other"
-                            except grpc.RpcError as e:
-                                got = e.code().name
-                            with lock:
-                                outcomes[got] += 1
+            def client() -> None:
+                with Client(target) as c:
+                    while not stop.is_set():
+                        try:
+                            got = "same" if list(c.stub.Generate(request, timeout=120).token_ids) == first else "other"
+                        except grpc.RpcError as e:
+                            got = e.code().name
+                        with lock:
+                            outcomes[got] += 1
 
-                threads = [threading.Thread(target=client, daemon=True) for _ in range(args.clients)]
-                for t in threads:
-                    t.start()
+            threads = [threading.Thread(target=client, daemon=True) for _ in range(args.clients)]
+            for t in threads:
+                t.start()
+            time.sleep(args.settle_s)
+            now = args.start
+            for n in (int(x) for x in args.steps.split(",")):
+                t0 = time.perf_counter()
+                change = admin.scale_experts(n, timeout=300)
+                print(f"scale {now} → {n} under {args.clients} clients: {time.perf_counter() - t0:.1f} s "
+                      f"(started {list(change.started)}, stopped {list(change.stopped)})", flush=True)
+                now = n
                 time.sleep(args.settle_s)
-                now = args.start
-                for n in (int(x) for x in args.steps.split(",")):
-                    t0 = time.perf_counter()
-                    change = admin.scale_experts(n, timeout=300)
-                    print(f"scale {now} → {n} under {args.clients} clients: {time.perf_counter() - t0:.1f} s "
-                          f"(started {list(change.started)}, stopped {list(change.stopped)})", flush=True)
-                    now = n
-                    time.sleep(args.settle_s)
-                stop.set()
-                for t in threads:
-                    t.join(timeout=150)
-                print(f"clients: {dict(outcomes)} (same: the first answer; other: a different answer)")
-        finally:
-            serve.shutdown()
-            release_pool(s)
-    tmp.cleanup()
+            stop.set()
+            for t in threads:
+                t.join(timeout=150)
+            print(f"clients: {dict(outcomes)} (same: the first answer; other: a different answer)")
 
 
 if __name__ == "__main__":
