@@ -38,7 +38,7 @@ from .errors import BackendUnavailable, InvalidRequest
 from .fair import FairShare
 from .guided import StepMasks, start_guide
 from .kv_cache import PagedKVCache
-from . import row_stable
+from . import row_stable, shape_buckets
 from .prefix_cache import BlockHash, extend_hashes
 from .sampling import SamplingParams, sample
 from .sequence import Sequence, TokenEvent
@@ -54,6 +54,7 @@ class Engine:
         one part runs while another part's experts compute (see Mixtral.forward_micro)."""
         self.model, self.cfg = model, model.cfg
         self.device = model.embed_tokens.weight.device  # the KV cache and each step's inputs live there
+        self._bucketed = shape_buckets.applies(model.embed_tokens.weight)  # attention shapes (model/step.py)
         self.cache = PagedKVCache(self.cfg, kv_cache_tokens, block_size=block_size, dtype=model.dtype,
                                   device=self.device, prefix_caching=prefix_caching)
         self.max_batch_tokens, self.max_running, self.micro_batches = max_batch_tokens, max_running, micro_batches
@@ -335,7 +336,8 @@ class Engine:
     def _inputs(self, part: list[tuple[Sequence, list[int]]]) -> tuple[torch.Tensor, StepLayout]:
         layout = build_layout([len(c) for _, c in part], [s.num_cached for s, _ in part],
                               block_tables=[self.cache.table(s.seq_id) for s, _ in part],
-                              block_size=self.cache.block_size, sliding_window=self.cfg.sliding_window)
+                              block_size=self.cache.block_size, sliding_window=self.cfg.sliding_window,
+                              bucketed=self._bucketed)
         tokens = torch.tensor([t for _, c in part for t in c], dtype=torch.long)
         return tokens.to(self.device, non_blocking=True), layout.to(self.device)
 

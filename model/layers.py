@@ -13,7 +13,7 @@ from torch import nn
 
 from . import row_stable
 from .config import ModelConfig
-from .step import StepLayout
+from .step import AttentionGroup, StepLayout
 
 
 class RMSNorm(nn.Module):
@@ -50,9 +50,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
-# Score tensors up to this many elements are computed explicitly (two batched matmuls): for decode
-# steps (Q = 1) that is 6-10× faster on CPU than the fused kernel, whose per-row setup dominates.
-EXPLICIT_SCORES_MAX = 1 << 24
+# Steps with at most this many queries per sequence (decode steps, Q = 1) compute attention
+# explicitly (two batched matmuls): on a 2-core AVX-512 CPU that took 0.6-1.1× the fused kernel's
+# time for Q = 1 (0.6× at 32 sequences of 64 keys, bfloat16 and float32, 8 and 32 heads), whose
+# per-row setup dominates there. Prompt chunks take the fused kernel, which never materialises
+# [B, H, Q, L]: explicit was 2-8× slower for Q >= 32 (bfloat16 2 x 512 queries over 2,048 keys:
+# 113 ms against 9 ms per layer, which made the first steps of a long prompt 3-4× slower).
+EXPLICIT_MAX_QUERIES = 16
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -96,12 +100,17 @@ class Attention(nn.Module):
             k_src, v_src = kv_store
             k_src.index_copy_(0, layout.write_slots, k)
             v_src.index_copy_(0, layout.write_slots, v)
-        qb = q[layout.q_index].transpose(1, 2)  # [B, H, Q, Dh]
-        kb = k_src[layout.kv_index].transpose(1, 2)  # [B, Hkv, L, Dh]
-        vb = v_src[layout.kv_index].transpose(1, 2)
-        if row_stable.applies(qb) or qb.shape[0] * qb.shape[1] * qb.shape[2] * kb.shape[2] <= EXPLICIT_SCORES_MAX:
-            out = grouped_attention(qb, kb, vb, layout.mask)
-        else:  # long prompts: the fused kernel never materialises [B, H, Q, L]
-            out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=layout.mask, enable_gqa=self.n_kv != self.n_heads)
-        out = out.transpose(1, 2).reshape(-1, self.n_heads * self.head_dim)  # [B*Q, H*Dh]
+        outs = [self._attend(q, k_src, v_src, group) for group in layout.groups]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return row_stable.linear(out[layout.unpad_index], self.wo.weight)  # [T, D]
+
+    def _attend(self, q: torch.Tensor, k_src: torch.Tensor, v_src: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
+        """One attention group's output, flattened [B*Q, H*Dh]."""
+        qb = q[group.q_index].transpose(1, 2)  # [B, H, Q, Dh]
+        kb = k_src[group.kv_index].transpose(1, 2)  # [B, Hkv, L, Dh]
+        vb = v_src[group.kv_index].transpose(1, 2)
+        if row_stable.applies(qb) or qb.shape[2] <= EXPLICIT_MAX_QUERIES:
+            out = grouped_attention(qb, kb, vb, group.mask)
+        else:  # prompt chunks: the fused kernel never materialises [B, H, Q, L]
+            out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=group.mask, enable_gqa=self.n_kv != self.n_heads)
+        return out.transpose(1, 2).reshape(-1, self.n_heads * self.head_dim)

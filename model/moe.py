@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import row_stable
+from . import row_stable, shape_buckets
 from .config import ModelConfig
 from .quant import Int8Stack, swiglu_grouped_int8
 
@@ -71,6 +71,8 @@ def _swiglu_padded(xs: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: t
     [E, C, D] and run two batched matmuls, which stream each expert's weights once with less
     per-call overhead than E separate ones. Same math as the loop; padding rows are dropped."""
     e, c = len(counts), max(counts)
+    if shape_buckets.applies(xs):
+        c = shape_buckets.bucket(c)
     sizes = torch.tensor(counts, device=xs.device)
     expert = torch.repeat_interleave(torch.arange(e, device=xs.device), sizes)  # [N] expert of each row
     slot = torch.arange(xs.shape[0], device=xs.device) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)

@@ -33,6 +33,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from . import shape_buckets
+
 MIN_ROWS = 16  # matmuls with at least 12 rows give every row the same bits (16: a margin)
 KEY_CHUNK = 64  # keys per slice of the attention sum; also what key runs are padded to
 SCORES_MAX = 1 << 24  # score elements per call: longer prompts are computed in query chunks
@@ -70,7 +72,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """F.linear(x, weight) for x [M, K]; in float32 on the CPU every row as a >= MIN_ROWS-row call gives it."""
     m = x.shape[0]
     if m >= MIN_ROWS or not applies(x):
-        return F.linear(x, weight)
+        return shape_buckets.linear(x, weight)  # (bfloat16 on the CPU: on a bucketed row count)
     return F.linear(pad_rows(x, MIN_ROWS, 0), weight)[:m]
 
 
