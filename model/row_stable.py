@@ -69,11 +69,16 @@ def pad_rows(x: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight) for x [M, K]; in float32 on the CPU every row as a >= MIN_ROWS-row call gives it."""
+    """F.linear(x, weight) for x [M, K]; in float32 on the CPU every row as a >= MIN_ROWS-row call gives
+    it; in bfloat16/float16 on the CPU computed on a bucketed row count (model/shape_buckets.py)."""
     m = x.shape[0]
-    if m >= MIN_ROWS or not applies(x):
-        return shape_buckets.linear(x, weight)  # (bfloat16 on the CPU: on a bucketed row count)
-    return F.linear(pad_rows(x, MIN_ROWS, 0), weight)[:m]
+    if applies(x):
+        rows = max(m, MIN_ROWS)
+    else:
+        rows = shape_buckets.bucket(m) if shape_buckets.applies(x) else m
+    if rows == m:
+        return F.linear(x, weight)
+    return F.linear(pad_rows(x, rows, 0), weight)[:m]
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raymoe.model import shape_buckets
+from raymoe.model import row_stable, shape_buckets
 from raymoe.model.engine import Engine
 from raymoe.model.moe import swiglu_grouped
 from raymoe.model.sampling import SamplingParams
@@ -33,7 +33,7 @@ def test_only_reduced_precision_on_the_cpu_is_bucketed():
 def test_bucketed_linear_gives_each_row_what_an_unpadded_matmul_does(rows):
     torch.manual_seed(rows)
     x, w = torch.randn(rows, 64, dtype=torch.bfloat16), torch.randn(96, 64, dtype=torch.bfloat16)
-    out = shape_buckets.linear(x, w)
+    out = row_stable.linear(x, w)
     assert out.shape == (rows, 96) and out.is_contiguous()
     assert torch.allclose(out.float(), F.linear(x.float(), w.float()), atol=0.3, rtol=0.02)
 
