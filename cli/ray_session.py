@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from raymoe.cluster.serve_env import apply_serve_env
 from raymoe.model.transformer import ExpertsFactory
 
 from .errors import UserError
@@ -46,6 +47,7 @@ def ray_connection(address: str | None, num_cpus: int | None = None,
             raise UserError(f"cannot join the Ray cluster at {address}: {e}") from None
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private instance for this command
+        apply_serve_env()  # Serve's proxy and replicas read these when they start
         t0 = time.monotonic()
         with Ticker(lambda: f"raymoe: starting a private Ray instance ({time.monotonic() - t0:.0f} s)"):
             # address="local": always a private instance, even when `ray start` left a cluster running

@@ -20,6 +20,7 @@ import sys
 import pytest
 import torch
 
+from raymoe.cluster.serve_env import apply_serve_env
 from raymoe.model.presets import PRESETS, init_checkpoint, random_model
 from raymoe.model.step import build_layout
 from raymoe.model.tokenizer import Tokenizer
@@ -28,6 +29,7 @@ from raymoe.model.weights import load_model
 
 torch.set_num_threads(1)  # tiny shapes gain nothing from threads; spinning ones slow a shared machine
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the tests' private Ray instances: no token auth
+apply_serve_env()  # their Serve runs as raymoe serve's does
 
 # Weights with std 0.15 give varied greedy continuations (std 0.02 quickly falls into loops).
 ACTIVE_STD = 0.15

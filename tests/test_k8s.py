@@ -395,3 +395,16 @@ def test_manifests_name_the_image_the_dockerfile_builds(rendered):
                if line.strip() and not line.startswith("#")}
     needed = {"pyproject.toml", "README.md", *pyproject["tool"]["setuptools"]["packages"]}
     assert not needed & ignored, "the image build needs these in its context"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_serve_runs_with_raymoes_settings_on_every_pod_with_a_proxy(rendered, overlay):
+    """The head and the front pods run Serve's proxies (and the fronts its replicas): they get
+    cluster/serve_env.py's settings, as a private `raymoe serve` instance does."""
+    from raymoe.cluster.serve_env import SERVE_ENV
+
+    spec = rayservice(rendered[overlay])["spec"]["rayClusterConfig"]
+    front = next(g for g in spec["workerGroupSpecs"] if g["groupName"] == "front")
+    for group in (spec["headGroupSpec"], front):
+        env = {e["name"]: e.get("value") for e in group["template"]["spec"]["containers"][0]["env"]}
+        assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV
