@@ -288,7 +288,7 @@ class ExpertActor:
         row = rows.long()[order].to(self.device)
         w = weights[order].to(self.device)  # float32, as in model.moe.combine
         xt = x.to(self.device, non_blocking=True)
-        out_rows = swiglu_grouped(xt[row], counts, w13, w2)  # one matmul per expert over its rows
+        out_rows = swiglu_grouped(xt.index_select(0, row), counts, w13, w2)  # one matmul per expert over its rows
         return torch.zeros_like(xt).index_add_(0, row, (out_rows * w[:, None]).to(xt.dtype)).cpu()
 
     @ray.method(concurrency_group="control")

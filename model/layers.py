@@ -44,6 +44,14 @@ class Rotary(nn.Module):
         return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]  # [T, 1, Dh]
 
 
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[index] for an integer index of any shape into x's first dimension, as one index_select:
+    the same values, but on the CPU advanced indexing goes through a generic kernel: a decode step's
+    key gather from a [3216, 2, 64] bf16 cache took 50 against 10 µs for [32, 56] rows and 295
+    against 61 µs for [128, 80] (2 threads; 8 gathers a step in the `small` preset)."""
+    return x.index_select(0, index.reshape(-1)).view(*index.shape, *x.shape[1:])
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -102,13 +110,13 @@ class Attention(nn.Module):
             v_src.index_copy_(0, layout.write_slots, v)
         outs = [self._attend(q, k_src, v_src, group) for group in layout.groups]
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return row_stable.linear(out[layout.unpad_index], self.wo.weight)  # [T, D]
+        return row_stable.linear(take_rows(out, layout.unpad_index), self.wo.weight)  # [T, D]
 
     def _attend(self, q: torch.Tensor, k_src: torch.Tensor, v_src: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
         """One attention group's output, flattened [B*Q, H*Dh]."""
-        qb = q[group.q_index].transpose(1, 2)  # [B, H, Q, Dh]
-        kb = k_src[group.kv_index].transpose(1, 2)  # [B, Hkv, L, Dh]
-        vb = v_src[group.kv_index].transpose(1, 2)
+        qb = take_rows(q, group.q_index).transpose(1, 2)  # [B, H, Q, Dh]
+        kb = take_rows(k_src, group.kv_index).transpose(1, 2)  # [B, Hkv, L, Dh]
+        vb = take_rows(v_src, group.kv_index).transpose(1, 2)
         if row_stable.applies(qb) or qb.shape[2] <= EXPLICIT_MAX_QUERIES:
             out = grouped_attention(qb, kb, vb, group.mask)
         else:  # prompt chunks: the fused kernel never materialises [B, H, Q, L]

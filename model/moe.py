@@ -112,7 +112,7 @@ def local_forward(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, num
                   w13: torch.Tensor | Int8Stack, w2: torch.Tensor | Int8Stack) -> torch.Tensor:
     top_k = idx.shape[1]
     order, counts = sort_by_expert(idx, num_experts)
-    out_rows = swiglu_grouped(x[order // top_k], counts, w13, w2)  # [T*K, D]
+    out_rows = swiglu_grouped(x.index_select(0, order // top_k), counts, w13, w2)  # [T*K, D]
     return combine(out_rows, order, weights, x.shape[0], top_k)
 
 
