@@ -104,6 +104,19 @@ def recv_frame(sock: socket.socket) -> tuple[int, int, np.ndarray]:
     return a, b, recv_exactly(sock, n)
 
 
+def no_wakeup_preemption() -> None:
+    """The calling thread as SCHED_BATCH (Linux): a frame that wakes it no longer preempts the
+    sender. On a shared CPU the front's engine thread sends a layer's payloads to every actor in
+    turn; each actor woken by its payload used to preempt it mid-dispatch (sendmsg took ~215 µs
+    instead of ~30). Measured, `small` bf16, 4 actors on 2 cores, served-direct, alternating runs:
+    32 streams 643/627 against 598/612 tok/s, layer call 8.6–9.1 against 9.3 ms; 1 stream 57.4
+    against 55.0. The actor's own priority (nice) is unchanged; a no-op where unsupported."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass
+
+
 class DirectServer:
     """Inside the expert actor: listens on the node's address, serves each connection on its own
     threads. `handler` is the actor's layer computation (the same one its Ray method runs)."""
@@ -130,6 +143,7 @@ class DirectServer:
             threading.Thread(target=self._serve, args=(conn,), name="raymoe-direct-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        no_wakeup_preemption()
         with self._lock:
             if self.unauthenticated >= MAX_UNAUTHENTICATED:
                 conn.close()
@@ -165,6 +179,7 @@ class DirectServer:
             self.connections -= 1
 
     def _work(self, conn: socket.socket, inbox: queue.SimpleQueue) -> None:
+        no_wakeup_preemption()
         try:
             while (item := inbox.get()) is not None:
                 call_id, layer, payload, arrived = item

@@ -3,6 +3,7 @@ actor measures (the expert autoscaling signal beside busy time)."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -86,3 +87,25 @@ def test_strangers_sockets_hold_no_callers_slot_and_no_handshake_outlives_its_de
     finally:
         for s in strangers:
             s.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+def test_layer_calls_are_computed_on_threads_that_do_not_preempt_their_caller():
+    """The actor's connection threads run SCHED_BATCH, so a payload that wakes them does not
+    preempt the front's engine thread while it is still sending the layer's other payloads; the
+    caller's own thread keeps its policy."""
+    policies = []
+
+    def record(layer: int, payload: np.ndarray):
+        policies.append(os.sched_getscheduler(0))
+        return payload, 0.0
+
+    server = DirectServer(record, "127.0.0.1")
+    channel = DirectChannel(server.endpoint(), timeout_s=5)
+    try:
+        channel.send(1, 0, np.arange(4, dtype=np.uint8))
+        channel.recv(1, timeout_s=5)
+        assert policies == [os.SCHED_BATCH]
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    finally:
+        channel.close()
