@@ -69,7 +69,12 @@ def swiglu_grouped(xs: torch.Tensor, counts: list[int], w13: torch.Tensor | Int8
 def _swiglu_padded(xs: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """Every expert has rows and none has more than twice its share (large decode batches): pad to
     [E, C, D] and run two batched matmuls, which stream each expert's weights once with less
-    per-call overhead than E separate ones. Same math as the loop; padding rows are dropped."""
+    per-call overhead than E separate ones. Same math as the loop; padding rows are dropped.
+
+    The products are taken weights-first, W · xᵀ ([E, out, C]), with the weights in their stored
+    [out, in] layout: `bmm(x, w.transpose(1, 2))` gets a transposed view of every expert's weights,
+    which the CPU kernels handle 1.3–2× slower (bf16, 8 experts of the `small` preset, 2 threads:
+    44 rows each 5.04 against 2.51 ms, 128 rows 7.03 against 4.82; 2 experts 0.96 against 0.74)."""
     e, c = len(counts), max(counts)
     if shape_buckets.applies(xs):
         c = shape_buckets.bucket(c)
@@ -78,8 +83,8 @@ def _swiglu_padded(xs: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: t
     slot = torch.arange(xs.shape[0], device=xs.device) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
     padded = xs.new_zeros(e, c, xs.shape[1])
     padded[expert, slot] = xs
-    gate, up = torch.bmm(padded, w13.transpose(1, 2)).chunk(2, dim=-1)  # [E, C, F] each
-    return torch.bmm(F.silu(gate) * up, w2.transpose(1, 2))[expert, slot]
+    gate, up = torch.bmm(w13, padded.transpose(1, 2)).chunk(2, dim=1)  # [E, F, C] each
+    return torch.bmm(w2, F.silu(gate) * up).transpose(1, 2)[expert, slot]  # [E, D, C] → rows
 
 
 def combine(out_rows: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, num_tokens: int,
