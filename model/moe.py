@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,13 +79,15 @@ def _swiglu_padded(xs: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: t
     e, c = len(counts), max(counts)
     if shape_buckets.applies(xs):
         c = shape_buckets.bucket(c)
-    sizes = torch.tensor(counts, device=xs.device)
-    expert = torch.repeat_interleave(torch.arange(e, device=xs.device), sizes)  # [N] expert of each row
-    slot = torch.arange(xs.shape[0], device=xs.device) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
-    padded = xs.new_zeros(e, c, xs.shape[1])
-    padded[expert, slot] = xs
+    # each row's place in [E·C]: expert e's rows fill slots [e·C, e·C + counts[e]) (built in numpy
+    # from the counts, a list: torch's repeat_interleave over a tensor of sizes cost more than the rest)
+    sizes = np.asarray(counts)
+    place = np.arange(xs.shape[0]) + np.repeat(np.arange(e) * c - (np.cumsum(sizes) - sizes), sizes)
+    place = torch.from_numpy(place).to(xs.device)
+    padded = xs.new_zeros(e * c, xs.shape[1]).index_copy_(0, place, xs).view(e, c, -1)
     gate, up = torch.bmm(w13, padded.transpose(1, 2)).chunk(2, dim=1)  # [E, F, C] each
-    return torch.bmm(w2, F.silu(gate) * up).transpose(1, 2)[expert, slot]  # [E, D, C] → rows
+    out = torch.bmm(w2, F.silu(gate) * up)  # [E, D, C]
+    return out.transpose(1, 2).reshape(e * c, -1).index_select(0, place)  # back to rows
 
 
 def combine(out_rows: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, num_tokens: int,

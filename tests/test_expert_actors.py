@@ -322,3 +322,16 @@ def test_with_several_torch_threads_every_call_computes_on_one_thread(ckpt):
         assert computed_on[0].startswith("raymoe-expert-compute")
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_call_for_experts_the_actor_does_not_hold_names_them(ckpt):
+    """Pairs routed to experts this actor does not hold (a stale route) are refused with their ids,
+    before any kernel; the actor's load counts stay as they were."""
+    cfg = Checkpoint(ckpt).config
+    actor = ExpertActor(str(ckpt), [0, 1], [1])
+    x, w, _ = routed(cfg, 3, seed=2)
+    experts = torch.tensor([0, 2, 1, 3, 0, 1], dtype=torch.int32)
+    payload = pack(x, torch.arange(3).repeat_interleave(2), experts, w.reshape(-1))
+    with pytest.raises(ValueError, match=r"experts \[2, 3\] are not hosted here"):
+        actor.forward(1, payload)
+    assert actor.expert_load()[1] == [0] * cfg.num_local_experts
