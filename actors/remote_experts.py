@@ -200,7 +200,7 @@ class RemoteExperts:
             sel = slice(start, start + n)
             start += n
             tokens, local = torch.unique_consecutive(token[sel], return_inverse=True)  # distinct tokens, pair → row
-            payload = pack(x if tokens.numel() == T else x[tokens], local, experts[sel], w[sel])
+            payload = pack(x if tokens.numel() == T else x.index_select(0, tokens), local, experts[sel], w[sel])
             calls.append(transport.submit(a, self.layer, payload, spare=a in route.spare))
             sends.append(Send(a, tokens, local, experts[sel], w[sel]))
             sent += payload.nbytes
