@@ -29,12 +29,13 @@ def test_only_reduced_precision_on_the_cpu_is_bucketed():
     assert not shape_buckets.applies(torch.zeros(1))
 
 
-@pytest.mark.parametrize("rows", [1, 16, 17, 100, 513])
-def test_bucketed_linear_gives_each_row_what_an_unpadded_matmul_does(rows):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 2, 16, 17, 31, 33, 100, 513])  # up to 32 (bucketed) rows: weights-first
+def test_bucketed_linear_gives_each_row_what_an_unpadded_matmul_does(rows, dtype):
     torch.manual_seed(rows)
-    x, w = torch.randn(rows, 64, dtype=torch.bfloat16), torch.randn(96, 64, dtype=torch.bfloat16)
+    x, w = torch.randn(rows, 64, dtype=dtype), torch.randn(96, 64, dtype=dtype)
     out = row_stable.linear(x, w)
-    assert out.shape == (rows, 96) and out.is_contiguous()
+    assert out.shape == (rows, 96) and out.is_contiguous() and out.dtype == dtype
     assert torch.allclose(out.float(), F.linear(x.float(), w.float()), atol=0.3, rtol=0.02)
 
 
