@@ -60,19 +60,22 @@ def from_wire(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return t
 
 
-def pack(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> np.ndarray:
+def pack(x: torch.Tensor, rows, experts, weights) -> np.ndarray:
     """One layer's payload for one actor as a single byte array (one object per call is cheaper
     for Ray to serialise than four): int32 header [n, P] | int32 route [3, P] = (row into x,
-    global expert id, router weight's float32 bits) | x [n, D] in the model dtype (4-byte aligned)."""
-    n, p = x.shape[0], rows.numel()
-    xb = x.detach().contiguous().cpu().view(-1).view(torch.uint8)
-    buf = torch.empty(8 + 12 * p + xb.numel(), dtype=torch.uint8)
-    head = buf[:8 + 12 * p].view(torch.int32)
+    global expert id, router weight's float32 bits) | x [n, D] in the model dtype (4-byte aligned).
+    rows, experts and weights: numpy arrays or CPU tensors (built in numpy: a torch op on a few
+    dozen elements costs 5-10x a numpy one)."""
+    n, p = x.shape[0], len(rows)
+    xb = x.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy()
+    buf = np.empty(8 + 12 * p + xb.size, dtype=np.uint8)
+    head = buf[:8 + 12 * p].view(np.int32)
     head[0], head[1] = n, p
-    route = head[2:].view(3, p)
-    route[0], route[1], route[2] = rows, experts, weights.float().view(torch.int32)
+    route = head[2:].reshape(3, p)
+    route[0], route[1] = np.asarray(rows), np.asarray(experts)
+    route[2] = np.asarray(weights, dtype=np.float32).view(np.int32)
     buf[8 + 12 * p:] = xb
-    return buf.numpy()
+    return buf
 
 
 def unpack(payload: np.ndarray, dtype: torch.dtype, hidden: int | None = None,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import numpy as np
 import torch
 from ray.util.metrics import Histogram
 
@@ -167,8 +168,9 @@ class RemoteExperts:
         """Send every actor of the layer its payload; returns at once."""
         t0 = time.perf_counter()
         T, K = idx.shape
-        return self.send_pairs(x.detach().cpu(), torch.arange(T * K) // K, idx.reshape(-1).cpu().to(torch.int32),
-                               weights.reshape(-1).detach().cpu().float(), x, t0)
+        token = torch.from_numpy(np.arange(T * K) // K)
+        experts = torch.from_numpy(idx.reshape(-1).cpu().numpy().astype(np.int32))
+        return self.send_pairs(x.detach().cpu(), token, experts, weights.reshape(-1).detach().cpu().float(), x, t0)
 
     def send_pairs(self, x: torch.Tensor, token: torch.Tensor, experts: torch.Tensor, w: torch.Tensor,
                    like: torch.Tensor, t0: float, failed: frozenset = frozenset(), dead: frozenset = frozenset()) -> Pending:
@@ -186,23 +188,30 @@ class RemoteExperts:
     def _send(self, x: torch.Tensor, token: torch.Tensor, experts: torch.Tensor, w: torch.Tensor, route: LayerRoute,
               version: int, like: torch.Tensor, t0: float, dead: frozenset = frozenset()) -> Pending:
         pool, T = self.pool, x.shape[0]
-        actor_of = self.assign(experts.long(), route)  # [P]
-        # Pairs grouped by actor, in pair order within an actor, so each actor's tokens come sorted.
-        by_actor = torch.argsort(actor_of, stable=True)  # [P]
-        per_actor = torch.bincount(actor_of, minlength=len(pool.actors)).tolist()
-        token, experts, w = token[by_actor], experts[by_actor], w[by_actor]
+        # In numpy: a layer call has a few dozen pairs, where each torch op costs 5-10x a numpy one.
+        ex = experts.numpy()
+        actor_of = self.assign(experts.long(), route).numpy() if route.replicated else route.owner.numpy()[ex, 0]
+        # Pairs grouped by actor and, within an actor, by token (stable: a token's pairs keep their
+        # order), so each actor's distinct tokens come sorted, whatever order the pairs came in.
+        order = np.argsort(actor_of * T + token.numpy(), kind="stable")
+        per_actor = np.bincount(actor_of, minlength=len(pool.actors)).tolist()
+        tok, ex, wn = token.numpy()[order], ex[order], w.numpy()[order]
         transport = pool.transport()
         calls, sends = [], []
         sent, start = 0, 0
         for a, n in enumerate(per_actor):
             if not n:
                 continue
-            sel = slice(start, start + n)
+            t, e, ww = tok[start:start + n], ex[start:start + n], wn[start:start + n]
             start += n
-            tokens, local = torch.unique_consecutive(token[sel], return_inverse=True)  # distinct tokens, pair → row
-            payload = pack(x if tokens.numel() == T else x.index_select(0, tokens), local, experts[sel], w[sel])
+            first = np.empty(n, dtype=bool)  # a pair whose token differs from the previous pair's
+            first[0] = True
+            np.not_equal(t[1:], t[:-1], out=first[1:])
+            tokens, local = t[first], np.cumsum(first) - 1  # distinct tokens (sorted), pair → row
+            rows = torch.from_numpy(tokens)
+            payload = pack(x if tokens.size == T else x.index_select(0, rows), local, e, ww)
             calls.append(transport.submit(a, self.layer, payload, spare=a in route.spare))
-            sends.append(Send(a, tokens, local, experts[sel], w[sel]))
+            sends.append(Send(a, rows, torch.from_numpy(local), torch.from_numpy(e), torch.from_numpy(ww)))
             sent += payload.nbytes
         m = pool.metrics
         m.dispatch_us.append((time.perf_counter() - t0) * 1e6)

@@ -100,6 +100,21 @@ def test_layer_output_matches_local_experts(pool, ckpt, tokens):
         torch.testing.assert_close(got, local_layer(ckpt, layer)(x, w, idx), atol=1e-6, rtol=1e-5)
 
 
+def test_pairs_in_any_token_order_reach_the_right_rows(cluster, ckpt):
+    """A failover resends pairs gathered from several actors, so their tokens may come out of order;
+    an actor given every token of the call in another order must still compute each on its own row."""
+    cfg = Checkpoint(ckpt).config
+    x, _, _ = routed(cfg, 3, seed=5)
+    experts, weights = [[4], [1], [6]], [[0.75], [1.0], [0.5]]
+    with ExpertPool(ckpt, PoolConfig(num_actors=1, num_cpus=0.25, call_timeout_s=60)) as p:
+        remote = RemoteExperts(0, p)
+        for order in ([2, 0, 1], [1, 2, 0]):  # the pairs of tokens 2, 0, 1 (then 1, 2, 0), all to the one actor
+            got = remote.send_pairs(x, torch.tensor(order), torch.tensor([experts[t][0] for t in order], dtype=torch.int32),
+                                    torch.tensor([weights[t][0] for t in order]), x, 0.0).result()
+            want = local_layer(ckpt, 0)(x, torch.tensor(weights), torch.tensor(experts))
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
 def test_dispatch_returns_at_once_and_results_come_in_any_order(pool, ckpt):
     cfg = pool.model_config
     calls = [(layer, *routed(cfg, 9, seed=40 + layer)) for layer in range(cfg.num_hidden_layers)]
