@@ -31,12 +31,14 @@ class PagedKVCache:
         self.block_size = block_size
         self.num_blocks = max(1, -(-num_tokens // block_size))  # usable blocks (the null block is extra)
         self.layers, self.kv_heads, self.head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
-        # [layers, k|v, blocks (+ null), block_size, Hkv, Dh]: one tensor, so zeroing blocks is one op
-        self._data = torch.zeros(self.layers, 2, self.num_blocks + 1, block_size, self.kv_heads, self.head_dim,
+        # [layers, k|v, Hkv, blocks (+ null), block_size, Dh]: one tensor, so zeroing blocks is one op;
+        # key head first, so that a step's gather of one head's keys reads rows of one [slots, Dh]
+        # plane (model/layers.py gathered_attention)
+        self._data = torch.zeros(self.layers, 2, self.kv_heads, self.num_blocks + 1, block_size, self.head_dim,
                                  dtype=dtype, device=device)
         slots = (self.num_blocks + 1) * block_size
-        self._views = [(self._data[i, 0].view(slots, self.kv_heads, self.head_dim),
-                        self._data[i, 1].view(slots, self.kv_heads, self.head_dim)) for i in range(self.layers)]
+        self._views = [tuple(self._data[i, j].view(self.kv_heads, slots, self.head_dim).transpose(0, 1) for j in (0, 1))
+                       for i in range(self.layers)]
         self.pool = BlockPool(self.num_blocks, enabled=prefix_caching)
         self._tables: dict[object, list[int]] = {}
 
@@ -67,7 +69,7 @@ class PagedKVCache:
             return False
         if need:
             new = self.pool.take_new(need)
-            self._data[:, :, new] = 0
+            self._data[:, :, :, new] = 0
             self._tables.setdefault(seq_id, []).extend(new)
         else:
             self._tables.setdefault(seq_id, [])
@@ -117,7 +119,7 @@ class PagedKVCache:
         return self._tables[seq_id]
 
     def store(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer's keys and values as [slots, Hkv, Dh]; slot = block * block_size + offset."""
+        """Layer's keys and values as [slots, Hkv, Dh] (views of [Hkv, slots, Dh]); slot = block * block_size + offset."""
         return self._views[layer]
 
     @property

@@ -67,22 +67,33 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 EXPLICIT_MAX_QUERIES = 16
 
 
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """q [B, H, Q, Dh], k/v [B, Hkv, L, Dh], mask [B, 1, Q, L] (True = attend) → [B, H, Q, Dh].
+def gather_heads(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """src[index] for keys or values src [slots, Hkv, Dh] (the cache's view of its [Hkv, slots, Dh]
+    storage, model/kv_cache.py) and index [B, L] → [Hkv, B, L, Dh], contiguous: one gather per key
+    head over rows of one plane. As [B, L, Hkv, Dh] rows, attention needed them transposed to
+    [B, Hkv, L, Dh], which its matmuls copied once more."""
+    b, keys = index.shape
+    return src.transpose(0, 1).index_select(1, index.reshape(-1)).view(src.shape[1], b, keys, src.shape[2])
 
-    The H / Hkv query heads that share a key head are stacked along the query axis, so GQA needs
-    no repeated keys: scores [B, Hkv, G·Q, L]. Softmax in float32, as the reference does.
-    In float32 on the CPU each row is computed independently of the step's shape (model/row_stable.py).
-    """
-    if row_stable.applies(q):
-        return row_stable.grouped_attention(q, k, v, mask)
-    b, h, nq, dh = q.shape
-    hkv = k.shape[1]
+
+def gathered_attention(q: torch.Tensor, k_src: torch.Tensor, v_src: torch.Tensor, q_index: torch.Tensor,
+                       kv_index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of the queries q[q_index] ([B, Q] rows of q [T, H, Dh]) over the cache's
+    keys and values k_src/v_src[kv_index] ([B, L] rows), mask [B, 1, Q, L] → [B*Q, H*Dh]; batched
+    key head first, [Hkv·B], so the gathered keys and values are the matmuls' operands as they are.
+    `small` in bfloat16, 16 sequences decoding, step time: 700 keys 24.0 → 20.5 ms, 2,000 keys
+    35.0 → 29.1 ms (with the cache's head-major layout)."""
+    b, nq = q_index.shape
+    keys, (h, dh), hkv = kv_index.shape[1], q.shape[1:], k_src.shape[1]
     g = h // hkv
-    scores = torch.matmul(q.reshape(b, hkv, g * nq, dh), k.transpose(-1, -2)) * dh ** -0.5
-    scores = scores.view(b, hkv, g, nq, -1).masked_fill(~mask[:, :, None], float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(b, hkv, g * nq, -1)
-    return torch.matmul(probs, v).view(b, h, nq, dh)
+    qh = take_rows(q, q_index).view(b, nq, hkv, g, dh).permute(2, 0, 3, 1, 4).reshape(hkv * b, g * nq, dh)
+    kh = gather_heads(k_src, kv_index).view(hkv * b, keys, dh)
+    vh = gather_heads(v_src, kv_index).view(hkv * b, keys, dh)
+    scores = torch.bmm(qh, kh.transpose(1, 2)) * dh ** -0.5  # [Hkv·B, G·Q, L]
+    scores = scores.view(hkv, b, g, nq, keys).masked_fill(~mask[None], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(hkv * b, g * nq, keys)
+    out = torch.bmm(probs, vh).view(hkv, b, g, nq, dh)
+    return out.permute(1, 3, 0, 2, 4).reshape(b * nq, h * dh)  # [B, Q, Hkv, G, Dh]: head = kv head · G + g
 
 
 class Attention(nn.Module):
@@ -114,11 +125,13 @@ class Attention(nn.Module):
 
     def _attend(self, q: torch.Tensor, k_src: torch.Tensor, v_src: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
         """One attention group's output, flattened [B*Q, H*Dh]."""
+        if group.q_index.shape[1] <= EXPLICIT_MAX_QUERIES and not row_stable.applies(q):
+            return gathered_attention(q, k_src, v_src, group.q_index, group.kv_index, group.mask)
         qb = take_rows(q, group.q_index).transpose(1, 2)  # [B, H, Q, Dh]
-        kb = take_rows(k_src, group.kv_index).transpose(1, 2)  # [B, Hkv, L, Dh]
-        vb = take_rows(v_src, group.kv_index).transpose(1, 2)
-        if row_stable.applies(qb) or qb.shape[2] <= EXPLICIT_MAX_QUERIES:
-            out = grouped_attention(qb, kb, vb, group.mask)
+        kb = gather_heads(k_src, group.kv_index).transpose(0, 1)  # [B, Hkv, L, Dh]
+        vb = gather_heads(v_src, group.kv_index).transpose(0, 1)
+        if row_stable.applies(qb):  # float32 prompt steps: every row independent of the step's shape
+            out = row_stable.grouped_attention(qb, kb, vb, group.mask)
         else:  # prompt chunks: the fused kernel never materialises [B, H, Q, L]
             out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=group.mask, enable_gqa=self.n_kv != self.n_heads)
         return out.transpose(1, 2).reshape(-1, self.n_heads * self.head_dim)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from raymoe.model import layers, row_stable
 from raymoe.model.engine import Engine
@@ -61,9 +62,31 @@ def test_an_attention_row_is_the_same_for_any_query_count_key_count_and_batch():
     both = row_stable.grouped_attention(torch.cat([q[:, :, -1:], q2]), torch.cat([k, k2]), torch.cat([v, v2]),
                                         causal_mask(2, 1, 150, 149))
     assert torch.equal(both[:1], last)
-    # the same math as the fast path (bfloat16, GPUs), up to rounding
-    ref = layers.grouped_attention(q.double(), k.double(), v.double(), causal_mask(1, 150, 150, 0))
+    # the same math as torch's own attention, up to rounding
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=causal_mask(1, 150, 150, 0),
+                                         enable_gqa=True)
     assert torch.allclose(full.double(), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("queries", [1, 3])
+def test_the_fast_path_attends_over_paged_keys_as_torch_does(queries):
+    """layers.gathered_attention (decode steps outside the row-stable path) over keys scattered in a
+    cache [slots, Hkv, Dh] stored head-major, as model/kv_cache.py stores them."""
+    g = torch.Generator().manual_seed(queries)
+    b, h, hkv, dh, keys, slots = 3, 4, 2, 16, 37, 200
+    storage = torch.randn(2, hkv, slots, dh, generator=g, dtype=torch.float64)
+    k_src, v_src = storage[0].transpose(0, 1), storage[1].transpose(0, 1)  # [slots, Hkv, Dh] views
+    kv_index = torch.stack([torch.randperm(slots, generator=g)[:keys] for _ in range(b)])  # [B, L]
+    q = torch.randn(b * queries, h, dh, generator=g, dtype=torch.float64)
+    q_index = torch.arange(b * queries).view(b, queries)
+    mask = causal_mask(b, queries, keys, keys - queries).clone()
+    mask[1, :, :, :5] = False  # a sequence whose first keys are padding
+    got = layers.gathered_attention(q, k_src, v_src, q_index, kv_index, mask)
+    qb = q.view(b, queries, h, dh).transpose(1, 2)
+    kb, vb = k_src[kv_index].transpose(1, 2), v_src[kv_index].transpose(1, 2)  # [B, Hkv, L, Dh]
+    want = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, enable_gqa=True)
+    want = want.transpose(1, 2).reshape(b * queries, h * dh)
+    assert torch.allclose(got, want, atol=1e-6)  # its softmax is in float32, as the reference model's
 
 
 def test_query_chunks_give_the_same_bits(monkeypatch):
