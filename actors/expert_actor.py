@@ -60,6 +60,14 @@ def from_wire(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return t
 
 
+def _as_numpy(a, dtype) -> np.ndarray:
+    """An array or a tensor (any device or dtype) as a numpy array of `dtype`."""
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu()
+        a = (a.float() if a.is_floating_point() else a).numpy()
+    return np.asarray(a, dtype=dtype)
+
+
 def pack(x: torch.Tensor, rows, experts, weights) -> np.ndarray:
     """One layer's payload for one actor as a single byte array (one object per call is cheaper
     for Ray to serialise than four): int32 header [n, P] | int32 route [3, P] = (row into x,
@@ -72,8 +80,8 @@ def pack(x: torch.Tensor, rows, experts, weights) -> np.ndarray:
     head = buf[:8 + 12 * p].view(np.int32)
     head[0], head[1] = n, p
     route = head[2:].reshape(3, p)
-    route[0], route[1] = np.asarray(rows), np.asarray(experts)
-    route[2] = np.asarray(weights, dtype=np.float32).view(np.int32)
+    route[0], route[1] = _as_numpy(rows, np.int32), _as_numpy(experts, np.int32)
+    route[2] = _as_numpy(weights, np.float32).view(np.int32)
     buf[8 + 12 * p:] = xb
     return buf
 
