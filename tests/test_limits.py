@@ -39,7 +39,7 @@ TENANTS = """
 tenants:
   - {name: calm, key: calm-key}
   - {name: flood, key: flood-key, max_concurrent: 4}
-  - {name: metered, key: metered-key, tokens_per_minute: 300}
+  - {name: metered, key: metered-key, tokens_per_minute: 1800}
   - {name: ops, key: ops-key, admin: true}
 """
 
@@ -261,16 +261,18 @@ def test_max_concurrent_counts_sequences_and_the_excess_is_resource_exhausted_an
 
 def test_tokens_per_minute_charges_max_tokens_and_refunds_what_was_not_generated(server):
     metered = server.key("metered-key")
-    err = rpc_error(metered.generate, pb.GenerateRequest(prompt_token_ids=[1, 2], max_tokens=400))
+    err = rpc_error(metered.generate, pb.GenerateRequest(prompt_token_ids=[1, 2], max_tokens=1900))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "tokens_per_minute" not in err.details() \
         and "max_tokens" in err.details()  # more than a minute's worth: it could never pass
-    big = pb.GenerateRequest(prompt_token_ids=[1, 2, 3], max_tokens=250, ignore_eos=True)
+    # Long enough that the cancel below reaches the engine before the sequence could end by itself,
+    # even on a loaded machine (250 tokens once raced it there)
+    big = pb.GenerateRequest(prompt_token_ids=[1, 2, 3], max_tokens=1500, ignore_eos=True)
     call = metered.stub.GenerateStream(big, timeout=60, metadata=metered.metadata)
     t0 = time.monotonic()
-    next(call)  # charged 253 of 300; cancelled after its first tokens
+    next(call)  # charged 1,503 of 1,800; cancelled after its first tokens
     call.cancel()
     # The refund is sent when the sequence ends (the cancel travels through Serve's proxy). Within
-    # 12 s the bucket refills 60 tokens: 47 + 60 < 253, so only the refund lets this pass.
+    # 12 s the bucket refills 360 tokens: 297 + 360 < 1,503, so only the refund lets this pass.
     while (err := rpc_error(metered.stub.Generate, big, timeout=60, metadata=metered.metadata)) is not None:
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() - t0 < 12, err.details()
         time.sleep(0.5)
