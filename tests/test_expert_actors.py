@@ -233,7 +233,8 @@ def test_a_dead_copy_fails_over_and_an_expert_without_copies_is_named(pool, ckpt
         for seed in range(20):  # until a call routes to the dead actor
             RemoteExperts(0, pool)(*routed(cfg, 16, seed=seed))
     assert time.monotonic() - t0 < 30
-    assert err.value.layer == 0 and err.value.experts == [6, 7]
+    # (the whole message on failure: which actors the call gave up on, and why)
+    assert err.value.layer == 0 and err.value.experts == [6, 7], (str(err.value), pool.failover.down)
     assert pool.plan.actors[2].label in str(err.value)
 
 @pytest.mark.parametrize("transport", ["direct", "ray"])
