@@ -193,9 +193,10 @@ class RemoteExperts:
         actor_of = self.assign(experts.long(), route).numpy() if route.replicated else route.owner.numpy()[ex, 0]
         # Pairs grouped by actor and, within an actor, by token (stable: a token's pairs keep their
         # order), so each actor's distinct tokens come sorted, whatever order the pairs came in.
-        order = np.argsort(actor_of * T + token.numpy(), kind="stable")
+        tok = token.numpy()
+        order = np.argsort(actor_of * T + tok, kind="stable")
         per_actor = np.bincount(actor_of, minlength=len(pool.actors)).tolist()
-        tok, ex, wn = token.numpy()[order], ex[order], w.numpy()[order]
+        tok, ex, wn = tok[order], ex[order], w.numpy()[order]
         transport = pool.transport()
         calls, sends = [], []
         sent, start = 0, 0

@@ -119,7 +119,8 @@ class PagedKVCache:
         return self._tables[seq_id]
 
     def store(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer's keys and values as [slots, Hkv, Dh] (views of [Hkv, slots, Dh]); slot = block * block_size + offset."""
+        """Layer's keys and values as [slots, Hkv, Dh] (views of the [Hkv, slots, Dh] storage);
+        slot = block * block_size + offset."""
         return self._views[layer]
 
     @property

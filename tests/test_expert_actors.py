@@ -109,8 +109,9 @@ def test_pairs_in_any_token_order_reach_the_right_rows(cluster, ckpt):
     with ExpertPool(ckpt, PoolConfig(num_actors=1, num_cpus=0.25, call_timeout_s=60)) as p:
         remote = RemoteExperts(0, p)
         for order in ([2, 0, 1], [1, 2, 0]):  # the pairs of tokens 2, 0, 1 (then 1, 2, 0), all to the one actor
-            got = remote.send_pairs(x, torch.tensor(order), torch.tensor([experts[t][0] for t in order], dtype=torch.int32),
-                                    torch.tensor([weights[t][0] for t in order]), x, 0.0).result()
+            pair_experts = torch.tensor([experts[t][0] for t in order], dtype=torch.int32)
+            got = remote.send_pairs(x, torch.tensor(order), pair_experts, torch.tensor([weights[t][0] for t in order]),
+                                    x, 0.0).result()
             want = local_layer(ckpt, 0)(x, torch.tensor(weights), torch.tensor(experts))
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
