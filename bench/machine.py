@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import time
 
@@ -107,7 +108,28 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out to outgoing connections (Linux; 32768 elsewhere)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+    """A port free on every interface now, for a server this process is about to start. Chosen
+    below the kernel's ephemeral range (and above Ray's worker ports, 10002-19999): a port
+    `bind(0)` gives is one any outgoing connection may take before the server binds it (Serve's gRPC
+    proxy once failed to bind such a port in the autoscaling demonstration)."""
+    low, high = 20000, _ephemeral_low() - 1
+    for port in random.sample(range(low, high), min(200, high - low)) if high > low else ():
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no such range here: any port the kernel gives
+        s.bind(("", 0))
         return s.getsockname()[1]

@@ -13,10 +13,10 @@ Serve is started again only when a module needs other proxy options (they are fi
 from __future__ import annotations
 
 import os
-import socket
 
 import ray
 
+from bench.machine import free_port  # one way to pick a port (also imported from here by tests)
 from raymoe.cluster.settings import ServeSettings
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private instance: no token auth
@@ -68,10 +68,6 @@ def _proxy_options(settings: ServeSettings) -> tuple:
     return (tuple(sorted(settings.proxy_env().items())), settings.request_timeout_s, settings.http_host)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_ports(settings: ServeSettings) -> dict[str, int]:
