@@ -127,6 +127,8 @@ class DirectServer:
         self.unauthenticated = 0  # accepted, token not yet received
         self.queued_s = 0.0  # summed over calls: from the frame's arrival to its computation's start
         self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()  # accepted connections not closed yet
+        self.closed = False
         self.sock = socket.create_server((host, 0), backlog=64)
         self.host, self.port = host, self.sock.getsockname()[1]
         threading.Thread(target=self._accept, name="raymoe-direct-accept", daemon=True).start()
@@ -134,18 +136,48 @@ class DirectServer:
     def endpoint(self) -> tuple[str, int, bytes]:
         return self.host, self.port, self.token
 
+    def close(self) -> None:
+        """Stop listening and end every connection (their threads leave; a caller's next send or
+        wait raises ConnectionLost). An expert actor's server lives as long as its process; tests
+        and benchmarks that start servers in their own process close them."""
+        with self._lock:
+            self.closed = True
+            conns = list(self._open)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept thread (close alone does not, on Linux)
+        except OSError:
+            pass
+        self.sock.close()
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv on it
+            except OSError:
+                pass
+
+    def __enter__(self) -> "DirectServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _accept(self) -> None:
         while True:
             try:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
+            with self._lock:
+                if self.closed:
+                    conn.close()
+                    return
+                self._open.add(conn)
             threading.Thread(target=self._serve, args=(conn,), name="raymoe-direct-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
         no_wakeup_preemption()
         with self._lock:
             if self.unauthenticated >= MAX_UNAUTHENTICATED:
+                self._open.discard(conn)
                 conn.close()
                 return
             self.unauthenticated += 1
@@ -161,6 +193,8 @@ class DirectServer:
             admitted = authenticated and self.connections < MAX_CONNECTIONS
             self.connections += admitted
         if not admitted:
+            with self._lock:
+                self._open.discard(conn)
             conn.close()
             return
         conn.settimeout(None)
@@ -177,6 +211,7 @@ class DirectServer:
         conn.close()
         with self._lock:
             self.connections -= 1
+            self._open.discard(conn)
 
     def _work(self, conn: socket.socket, inbox: queue.SimpleQueue) -> None:
         no_wakeup_preemption()

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from raymoe.actors.direct import DirectChannel, DirectServer
+from raymoe.actors.direct import ConnectionLost, DirectChannel, DirectServer
 
 
 def slow_double(layer: int, payload: np.ndarray):
@@ -37,6 +37,7 @@ def test_calls_behind_a_callers_earlier_call_count_as_queued():
         assert channel.recv(4, timeout_s=5)[0].tolist() == (a * 2).tolist()
     finally:
         channel.close()
+        server.close()
 
 
 def test_an_abandoned_calls_reply_is_dropped_whenever_it_comes():
@@ -52,6 +53,7 @@ def test_an_abandoned_calls_reply_is_dropped_whenever_it_comes():
         assert channel.replies == {} and channel.abandoned == set()
     finally:
         channel.close()
+        server.close()
 
 
 def test_strangers_sockets_hold_no_callers_slot_and_no_handshake_outlives_its_deadline(monkeypatch):
@@ -87,6 +89,34 @@ def test_strangers_sockets_hold_no_callers_slot_and_no_handshake_outlives_its_de
     finally:
         for s in strangers:
             s.close()
+        server.close()
+
+
+def test_a_closed_server_ends_its_connections_and_threads():
+    """close() stops the listener and every connection: the caller's wait raises ConnectionLost,
+    a new caller is refused, and the server's threads are gone (the other tests here close theirs)."""
+    import threading
+
+    def serving_threads():
+        return [t for t in threading.enumerate() if t.name.startswith("raymoe-direct")]
+
+    server = DirectServer(slow_double, "127.0.0.1")
+    channel = DirectChannel(server.endpoint(), timeout_s=5)
+    try:
+        channel.send(1, 0, np.arange(4, dtype=np.uint8))
+        assert channel.recv(1, timeout_s=5)[0].tolist() == [0, 2, 4, 6]
+        server.close()
+        with pytest.raises(ConnectionLost):
+            channel.recv(2, timeout_s=5)
+        with pytest.raises(OSError):
+            DirectChannel(server.endpoint(), timeout_s=1)
+        deadline = time.monotonic() + 5
+        while (serving_threads() or server.connections) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert serving_threads() == [] and server.connections == 0
+    finally:
+        channel.close()
+        server.close()
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
@@ -109,3 +139,4 @@ def test_layer_calls_are_computed_on_threads_that_do_not_preempt_their_caller():
         assert os.sched_getscheduler(0) == os.SCHED_OTHER
     finally:
         channel.close()
+        server.close()
