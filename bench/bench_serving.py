@@ -47,6 +47,7 @@ if __package__ in (None, ""):  # run as `python bench/bench_serving.py` (the iss
 from bench.machine import CpuWindow, bench_environment, free_port, loadavg, pct, process_cpu, top_processes
 
 BY_PROCESS = False  # --by-process: print which processes used the CPU of each served run
+STEP_TOKENS = 512  # tokens per engine step in the in-process paths: what `raymoe serve` uses on the device
 PATHS = ("transformers", "engine", "engine+actors", "served-local", "served-direct", "served-ray")
 
 
@@ -95,7 +96,7 @@ def run_engine(model, prompts, n, pool=None, micro_batches: int = 1) -> Result:
     from raymoe.model.sampling import SamplingParams
 
     engine = Engine(model, kv_cache_tokens=len(prompts) * (len(prompts[0]) + n + 16), max_running=len(prompts),
-                    micro_batches=micro_batches)
+                    max_batch_tokens=STEP_TOKENS, micro_batches=micro_batches)
     params = SamplingParams(max_tokens=n, ignore_eos=True)
     before = _calls(pool)
     with CpuWindow() as cpu:
@@ -204,8 +205,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plot", default="bench/out/serving.png")
     ap.add_argument("--by-process", action="store_true", help="per served run, the processes that used the CPU")
     args = ap.parse_args(argv)
-    global BY_PROCESS
+    global BY_PROCESS, STEP_TOKENS
     BY_PROCESS = args.by_process
+    from raymoe.cluster.settings import ServeSettings
+
+    STEP_TOKENS = ServeSettings().effective_max_batch_tokens(args.device)  # the same steps as the served paths
     bench_environment()
     paths = args.paths.split(",")
     unknown = set(paths) - set(PATHS)
