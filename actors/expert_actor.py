@@ -146,6 +146,7 @@ class ExpertActor:
         self.tokens = 0  # (token, expert) pairs computed since this process started
         self.calls = 0
         self.busy_s = 0.0  # time spent inside forward (the rest of a call's latency is transport)
+        self.cpu_s = 0.0  # CPU time of the computing thread inside forward: busy_s less its waits for a core
         # [L, E] pairs computed per (layer, expert) since this process started: the planner's load
         self.pairs = torch.zeros(config.num_hidden_layers, self.num_experts, dtype=torch.long)
         tags = {"actor": name}
@@ -272,13 +273,14 @@ class ExpertActor:
         return self._compute_thread.submit(self._forward_here, layer, payload).result()
 
     def _forward_here(self, layer: int, payload: np.ndarray) -> tuple[np.ndarray, float]:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         x, rows, experts, weights = unpack(payload, self.dtype, self.hidden_size, self.num_experts)
         out = to_wire(self.compute(layer, x, rows, experts, weights))
         self.tokens += int(rows.shape[0])
         self.calls += 1
         busy = time.perf_counter() - t0
         self.busy_s += busy
+        self.cpu_s += time.thread_time() - cpu0
         self.compute_hist.observe(busy)
         self.pairs_counter.inc(int(rows.shape[0]))
         return out, busy
@@ -321,7 +323,7 @@ class ExpertActor:
         return {"name": self.name, "experts": list(self.experts), "layers": list(self.layers),
                 "assignment": {str(layer): list(ex) for layer, ex in self.assignment.items()},
                 "weight_bytes": weight_bytes, "quantization": self.quantization or "", "tokens": self.tokens, "calls": self.calls, "busy_s": self.busy_s,
-                "queued_s": self.direct.queued_s,
+                "queued_s": self.direct.queued_s, "cpu_s": self.cpu_s,
                 "device": str(self.device), "threads": torch.get_num_threads(), "node_id": ctx.get_node_id(),
                 "host": socket.gethostname(), "pid": os.getpid(), "load_s": round(self.load.seconds, 3),
                 "state": self.load.state, "bytes_read": self.load.bytes_read, "total_bytes": self.load.total_bytes,
