@@ -123,3 +123,17 @@ def test_a_sequence_gives_the_same_bits_alone_chunked_and_after_a_hit(model):
     # other kernels than one at a time (decode-only steps keep the fastest ones): equal to rounding
     assert batched.output_ids == alone.output_ids
     assert batched.logprobs == pytest.approx(alone.logprobs, abs=1e-5)
+
+
+@pytest.mark.parametrize("out_features", [8, 768, 3584])
+@pytest.mark.parametrize("rows", [1, 3, 8, 32, 40])
+def test_bfloat16_linear_takes_any_path_to_the_same_product(out_features, rows):
+    """bfloat16 on the CPU: few rows of a large weight go weights-first (and a single row gets a zero
+    row), small weights (a router) and many rows go to F.linear; every path is the same product as
+    float32's up to bfloat16 rounding, in the input's shape."""
+    g = torch.Generator().manual_seed(rows * 1000 + out_features)
+    x = torch.randn(rows, 512, generator=g).to(torch.bfloat16)
+    w = (torch.randn(out_features, 512, generator=g) * 0.05).to(torch.bfloat16)
+    got = row_stable.linear(x, w)
+    assert got.shape == (rows, out_features) and got.dtype == torch.bfloat16 and got.is_contiguous()
+    torch.testing.assert_close(got.float(), x.float() @ w.float().T, atol=2e-2, rtol=2e-2)
