@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from raymoe.cluster.direct_ingress import DRAIN_ENV as DIRECT_INGRESS_DRAIN_ENV
+from raymoe.cluster.direct_ingress import ENV as DIRECT_INGRESS_ENV
 from raymoe.cluster.serve_env import apply_serve_env
 from raymoe.model.transformer import ExpertsFactory
 
@@ -31,9 +33,10 @@ from .progress import PoolProgress, Ticker
 
 @contextlib.contextmanager
 def ray_connection(address: str | None, num_cpus: int | None = None,
-                   dashboard_port: int | None = None) -> Iterator[bool]:
+                   dashboard_port: int | None = None, direct_ingress: bool = False) -> Iterator[bool]:
     """Connect to Ray for the duration; yields whether this call started the connection. A private
-    instance gets the Ray dashboard on 127.0.0.1:dashboard_port when that is given."""
+    instance gets the Ray dashboard on 127.0.0.1:dashboard_port when that is given, and Serve's
+    direct ingress with `direct_ingress` (cluster/direct_ingress.py)."""
     import ray
 
     if ray.is_initialized():  # e.g. a test or a notebook already connected: reuse, leave it be
@@ -48,6 +51,11 @@ def ray_connection(address: str | None, num_cpus: int | None = None,
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private instance for this command
         apply_serve_env()  # Serve's proxy and replicas read these when they start
+        if direct_ingress:
+            os.environ[DIRECT_INGRESS_ENV] = "1"
+            # Serve holds a stopping replica open 30 s for load balancers to deregister it; a private
+            # instance has none (a stopping replica still waits for its requests in flight)
+            os.environ.setdefault(DIRECT_INGRESS_DRAIN_ENV, "0")
         t0 = time.monotonic()
         with Ticker(lambda: f"raymoe: starting a private Ray instance ({time.monotonic() - t0:.0f} s)"):
             # address="local": always a private instance, even when `ray start` left a cluster running

@@ -52,7 +52,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         if not args.address:  # a private Ray on this machine: read the checkpoint ahead while it starts
             prefetch(settings.checkpoint or default_checkpoint())
-        with ray_connection(args.address, settings.local_ray_cpus(), dashboard_port=dashboard) as started:
+        with ray_connection(args.address, settings.local_ray_cpus(), dashboard_port=dashboard,
+                            direct_ingress=settings.direct_ingress) as started:
             if settings.expert_actors:
                 check_expert_device(settings.expert_device, started)
             _serve_until_stopped(settings, args.address, dashboard, stop, starting, keyed)
@@ -86,6 +87,8 @@ def _serve_until_stopped(settings, address: str | None, dashboard: int | None, s
         owned = True
         starting.clear()
         print(_banner(settings, ports, dashboard, keyed), flush=True)
+        if settings.direct_ingress:
+            print(_direct_ingress_lines(settings, ports), flush=True)
         stop.wait()
     finally:
         starting.clear()
@@ -115,6 +118,19 @@ def _banner(settings, ports, dashboard: int | None, keyed: bool) -> str:
     if dashboard is not None:
         lines.append(f"  dashboard  http://127.0.0.1:{dashboard}")
     return "\n".join(lines)
+
+
+def _direct_ingress_lines(settings, ports) -> str:
+    """Each replica's own endpoints (--direct-ingress), or why there are none."""
+    from raymoe.cluster.direct_ingress import ENV, endpoints
+
+    found = endpoints(settings.app_name, (ports.grpc_port, ports.http_port), settings.http_host, timeout_s=30)
+    if not found.grpc:
+        return (f"raymoe: --direct-ingress, but no replica serves on a port of its own: the Ray nodes need "
+                f"{ENV}=1 in their environment when they start (the proxy above serves as usual)")
+    return "\n".join([f"  direct     gRPC {', '.join(found.grpc)}   (each replica's own port, no proxy hop; "
+                      f"try: raymoe generate --target {found.grpc[0]} --prompt '123+456=')",
+                      f"             HTTP {', '.join(u + settings.http_route_prefix().rstrip('/') + '/v1' for u in found.http)}"])
 
 
 def _check_checkpoint(path: str | None, joining: bool) -> None:

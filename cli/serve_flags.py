@@ -59,6 +59,9 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--no-prefix-routing", "prefix_routing", bool, "route requests to front replicas by load only (default: to "
                                                     "the replica holding their prefix, balanced against load)"),
     ("--max-queue", "max_queue", int, "waiting requests before RESOURCE_EXHAUSTED / 429"),
+    ("--direct-ingress", "direct_ingress", bool, "each front replica also serves gRPC and HTTP on ports of its own "
+                                                 "(printed at start), beside the proxy: no proxy hop (a cluster you "
+                                                 "start needs RAY_SERVE_ENABLE_DIRECT_INGRESS=1 on its nodes)"),
     ("--micro-batches", "micro_batches", int, "split each step in N parts (0: 2 when experts have GPUs, else 1)"),
     ("--stream-interval-ms", "stream_interval_ms", float, "send a stream's tokens at most this often; 0: every token"),
     ("--stream-messages-per-s", "stream_messages_per_s", float, "stretch the interval so a replica sends about this "

@@ -1,0 +1,97 @@
+"""`raymoe serve --direct-ingress`: each front replica also serves on ports of its own (Ray Serve's
+direct ingress), beside the proxy. On a private Ray instance of its own, as a user runs it: the
+banner names the replica's ports; the same request gives the same tokens through the replica's
+port as through the proxy; the API key and the request checks hold there too, while a stream runs
+through that port and is unaffected; and Ctrl-C stops it in seconds (Serve's 30 s hold for load
+balancers is off on a private instance)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+from bench.machine import free_port
+from raymoe.cluster.client import Client
+from raymoe.protos import generator_pb2 as pb
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "direct-ingress-test-key"
+
+pytestmark = pytest.mark.slow
+
+
+def _post(url: str, body: dict, key: str | None) -> tuple[int, dict]:
+    headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def test_a_replicas_own_port_answers_as_the_proxy_does_and_stops_quickly():
+    grpc_port, http_port = free_port(), free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "RAYMOE_API_KEY": KEY}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "raymoe.cli.main", "serve", "--direct-ingress", "--no-dashboard",
+                             "--grpc-port", str(grpc_port), "--http-port", str(http_port)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        banner, deadline = [], time.monotonic() + 240
+        for line in proc.stdout:
+            banner.append(line)
+            if line.strip().startswith("HTTP http") or "no replica serves" in line or time.monotonic() > deadline:
+                break
+        text = "".join(banner)
+        direct = re.search(r"direct +gRPC ([0-9.]+:\d+)", text)
+        http = re.search(r"^ +HTTP (http://[0-9.]+:\d+)/v1$", text, re.M)
+        assert direct and http, text
+        assert direct.group(1) != f"127.0.0.1:{grpc_port}"
+
+        request = pb.GenerateRequest(prompt="123+456=", max_tokens=8)
+        with Client(f"127.0.0.1:{grpc_port}", api_key=KEY) as proxy, Client(direct.group(1), api_key=KEY) as own:
+            own.wait_ready(60)
+            assert list(own.generate(request).token_ids) == list(proxy.generate(request).token_ids)
+
+            # a long stream through the replica's own port, while bad calls reach the same port
+            long = pb.GenerateRequest(prompt="1+1=", max_tokens=200, ignore_eos=True)
+            got: list[int] = []
+            streaming = threading.Thread(target=lambda: got.extend(t for c in own.stream(long) for t in c.token_ids))
+            streaming.start()
+            with Client(direct.group(1), api_key="wrong") as stranger, pytest.raises(grpc.RpcError) as denied:
+                stranger.generate(request, retries=0)
+            assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as invalid:
+                own.generate(pb.GenerateRequest(prompt="1+1=", top_p=2.0), retries=0)
+            assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            status, _ = _post(f"{http.group(1)}/v1/completions", {"prompt": "123+456=", "max_tokens": 8}, None)
+            assert status == 401
+            status, body = _post(f"{http.group(1)}/v1/completions", {"prompt": "123+456=", "max_tokens": 8}, KEY)
+            _, via_proxy = _post(f"http://127.0.0.1:{http_port}/v1/completions",
+                                 {"prompt": "123+456=", "max_tokens": 8}, KEY)
+            assert status == 200 and body["choices"][0]["text"] == via_proxy["choices"][0]["text"]
+            streaming.join(120)
+            assert len(got) == 200
+
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+        assert proc.returncode == 0
+        assert time.monotonic() - sent < 25  # Serve's default would hold the replica open 30 s
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
