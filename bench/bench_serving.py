@@ -9,6 +9,8 @@ ignored, in the checkpoint's dtype (the `small` preset written in bfloat16 unles
   served-local   `raymoe serve`: gRPC streams through Serve's proxy, experts inside the replica
   served-direct  `raymoe serve --expert-actors N` (direct transport, the default)
   served-ray     `raymoe serve --expert-actors N --expert-transport ray` (Ray's object store)
+With --direct-ingress, each served path gets a second row, PATH+ingress: the same deployment's
+streams straight through the replica's own gRPC port (Serve's direct ingress), not the proxy.
 
 Columns: output tokens/s and its ratio to transformers; time to first token and inter-token
 latency (p50/p99, from each stream's arrival times); CPU ms per generated token (machine-wide
@@ -204,6 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs per cell; the median and the spread are reported")
     ap.add_argument("--plot", default="bench/out/serving.png")
     ap.add_argument("--by-process", action="store_true", help="per served run, the processes that used the CPU")
+    ap.add_argument("--direct-ingress", action="store_true",
+                    help="also measure each served path straight through its replica's own gRPC port (Serve's "
+                         "direct ingress, raymoe serve --direct-ingress), as the row PATH+ingress")
     args = ap.parse_args(argv)
     global BY_PROCESS, STEP_TOKENS
     BY_PROCESS = args.by_process
@@ -269,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
                              micro_batches=args.micro_batches, replica_num_cpus=args.replica_cpus or 1.0,
                              expert_num_cpus=args.actor_cpus,
                              **({} if args.stream_interval_ms is None else {"stream_interval_ms": args.stream_interval_ms}))
-        with ray_connection(None, base.local_ray_cpus()):
+        with ray_connection(None, base.local_ray_cpus(), direct_ingress=args.direct_ingress):
             if "engine+actors" in paths:
                 from raymoe.actors.pool import ExpertPool
                 from raymoe.actors.remote_experts import remote_experts_factory
@@ -285,12 +290,12 @@ def main(argv: list[str] | None = None) -> None:
                     # with local experts the replica is the whole model: it gets the cores the engine has
                     replica_num_cpus=args.replica_cpus or float(os.cpu_count() or 1) if name == "served-local"
                     else args.replica_cpus or 1.0)
-                serve_one(name, settings, measure)
+                serve_one(name, settings, measure, args.direct_ingress)
     report(results, levels, args)
     tmp.cleanup()
 
 
-def serve_one(name: str, settings, measure) -> None:
+def serve_one(name: str, settings, measure, direct_ingress: bool = False) -> None:
     from ray import serve
 
     from raymoe.cluster.client import Client
@@ -302,6 +307,13 @@ def serve_one(name: str, settings, measure) -> None:
         with Client(target) as c:
             c.wait_ready(300)
         measure(name, lambda p, k: run_served(target, p, k))
+        if direct_ingress:  # the same deployment, straight through the replica's own port
+            from raymoe.cluster.direct_ingress import endpoints
+
+            own = endpoints(settings.app_name, (settings.grpc_port, settings.http_port), timeout_s=30).grpc
+            if not own:
+                raise SystemExit("--direct-ingress: the replica serves on no port of its own")
+            measure(f"{name}+ingress", lambda p, k: run_served(own[0], p, k))
     finally:
         serve.shutdown()
         release_pool(settings)
@@ -311,7 +323,7 @@ def report(results: dict[str, dict[int, Result]], levels: list[int], args) -> No
     ref = results.get("engine")
     hf = results.get("transformers")
     print(f"\nmedian of {args.repeats} runs per cell; spread = slowest–fastest run's tok/s\n"
-          f"{'path':<14} {'streams':>7} {'tok/s':>8} {'spread':>15} {'vs hf':>6} {'ttft p50':>9} {'p99':>7} "
+          f"{'path':<21} {'streams':>7} {'tok/s':>8} {'spread':>15} {'vs hf':>6} {'ttft p50':>9} {'p99':>7} "
           f"{'itl p50':>8} {'p99':>7} {'CPU ms/tok':>10} {'vs hf':>6} {'layer ms':>9} {'compute':>8} {'msg/tok':>7} "
           f"{'same':>7} {'loadavg':>16}")
     for name, by_level in results.items():
@@ -325,7 +337,7 @@ def report(results: dict[str, dict[int, Result]], levels: list[int], args) -> No
             layer = f"{r.layer_ms:.2f}" if r.layer_ms is not None else "-"
             compute = f"{r.compute_ms:.2f}" if r.compute_ms is not None else "-"
             same = f"{sum(a == b for a, b in zip(r.outputs, ref[c].outputs))}/{c}" if ref else "-"
-            print(f"{name:<14} {c:>7} {r.tok_s:>8.1f} {f'{lo:.0f}–{hi:.0f}':>15} {vs:>6} {ms(r.ttft, 0.5):>9} {ms(r.ttft, 0.99):>7} "
+            print(f"{name:<21} {c:>7} {r.tok_s:>8.1f} {f'{lo:.0f}–{hi:.0f}':>15} {vs:>6} {ms(r.ttft, 0.5):>9} {ms(r.ttft, 0.99):>7} "
                   f"{ms(r.itl, 0.5):>8} {ms(r.itl, 0.99):>7} {cpu_tok:>10.2f} {cpu_vs:>6} {layer:>9} {compute:>8} "
                   f"{r.messages / r.tokens if r.messages else 1:>7.2f} {same:>7} {r.load:>16}")
     plot(results, levels, args)
