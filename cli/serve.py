@@ -145,6 +145,30 @@ def _check_checkpoint(path: str | None, joining: bool) -> None:
     Checkpoint(path).close()
 
 
+def _direct_target(args: argparse.Namespace) -> str:
+    """--direct: one of the server's front replicas' own gRPC endpoints, as its ModelInfo lists them."""
+    import random
+
+    import grpc
+
+    from raymoe.cluster.client import Client
+
+    with Client(args.target, api_key=args.api_key, app=args.app_name) as client:
+        try:
+            if args.wait_ready:
+                client.wait_ready(args.wait_ready)
+            targets = list(client.model_info(timeout=args.timeout or 30).direct_grpc_targets)
+        except grpc.RpcError as e:
+            raise UserError(f"--direct: asking {args.target} for its replicas' ports: {e.code().name}: "
+                            f"{e.details()}") from None
+        except TimeoutError as e:
+            raise UserError(str(e)) from None
+    if not targets:
+        raise UserError(f"--direct: the server at {args.target} serves through its proxy only "
+                        f"(start it with --direct-ingress)")
+    return random.choice(targets)  # each client picks a replica; the proxy is what balances them
+
+
 def _guided_args(request, args: argparse.Namespace) -> None:
     """--json-schema FILE, --regex, --choice → GenerateRequest.guided_decoding (the server checks them)."""
     if args.json_schema:
@@ -178,7 +202,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         request.prompt = args.prompt
     _guided_args(request, args)
-    with Client(args.target, api_key=args.api_key, app=args.app_name) as client:
+    target = _direct_target(args) if args.direct else args.target
+    with Client(target, api_key=args.api_key, app=args.app_name) as client:
         try:
             if args.wait_ready:
                 client.wait_ready(args.wait_ready)

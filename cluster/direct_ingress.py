@@ -19,7 +19,8 @@ What it does not do: a client connected to one replica stays on it, so Serve's r
 chooses (or an external load balancer, as Serve's HAProxy mode does). The proxy stays the door
 that routes; direct ingress is a door beside it.
 
-Serve's controller knows the ports (it allocates them); `endpoints()` asks it.
+Serve's controller knows the ports (it allocates them); `endpoints()` asks it. `raymoe serve`
+prints them, ModelInfo lists them (`direct_grpc_targets`), and `raymoe generate --direct` picks one.
 """
 
 from __future__ import annotations

@@ -262,7 +262,26 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
             expert_calls=self._expert_calls(), state=self._state(),
             load_error="" if self.loop.load_error is None else _client_text(self.loop.load_error),
             quantization=self.info.get("quantization", ""), prefix_cache=prefix_cache,
-            replica_prefix_caches=replicas)
+            replica_prefix_caches=replicas, direct_grpc_targets=await self._direct_targets())
+
+    async def _direct_targets(self) -> list[str]:
+        """The replicas' own gRPC endpoints (direct ingress; cluster/direct_ingress.py), asked of
+        Serve's controller at most every 5 s and within 2 s (else the last answer)."""
+        if not self.settings.direct_ingress:
+            return []
+        from .direct_ingress import endpoints
+
+        when, targets = getattr(self, "_direct_cache", (float("-inf"), []))
+        if time.monotonic() - when < 5.0:
+            return targets
+        s = self.settings
+        try:
+            found = await asyncio.wait_for(asyncio.to_thread(endpoints, s.app_name, (s.grpc_port, s.http_port)), 2.0)
+            targets = list(found.grpc)
+        except Exception:  # noqa: BLE001 — a slow or restarting controller: ModelInfo still answers
+            pass
+        self._direct_cache = (time.monotonic(), targets)
+        return targets
 
     async def _prefix_cache_stats(self):
         """(this replica's prefix cache counters, every replica's as last published)."""

@@ -1,7 +1,8 @@
 """`raymoe serve --direct-ingress`: each front replica also serves on ports of its own (Ray Serve's
 direct ingress), beside the proxy. On a private Ray instance of its own, as a user runs it: the
 banner names the replica's ports; the same request gives the same tokens through the replica's
-port as through the proxy; the API key and the request checks hold there too, while a stream runs
+port as through the proxy (and `raymoe generate --direct` finds that port through the proxy's
+ModelInfo); the API key and the request checks hold there too, while a stream runs
 through that port and is unaffected; and Ctrl-C stops it in seconds (Serve's 30 s hold for load
 balancers is off on a private instance)."""
 
@@ -42,7 +43,7 @@ def _post(url: str, body: dict, key: str | None) -> tuple[int, dict]:
         return e.code, json.loads(e.read() or b"{}")
 
 
-def test_a_replicas_own_port_answers_as_the_proxy_does_and_stops_quickly():
+def test_a_replicas_own_port_answers_as_the_proxy_does_and_stops_quickly(capsys):
     grpc_port, http_port = free_port(), free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "RAYMOE_API_KEY": KEY}
     env.pop("RAY_ADDRESS", None)
@@ -65,6 +66,17 @@ def test_a_replicas_own_port_answers_as_the_proxy_does_and_stops_quickly():
         with Client(f"127.0.0.1:{grpc_port}", api_key=KEY) as proxy, Client(direct.group(1), api_key=KEY) as own:
             own.wait_ready(60)
             assert list(own.generate(request).token_ids) == list(proxy.generate(request).token_ids)
+            # the proxy's ModelInfo names the replica's port, and `raymoe generate --direct` finds it there
+            assert list(proxy.model_info(timeout=30).direct_grpc_targets) == [direct.group(1)]
+            from raymoe.cli.main import main
+
+            capsys.readouterr()
+            args = ["generate", "--target", f"127.0.0.1:{grpc_port}", "--api-key", KEY, "--prompt", "123+456=",
+                    "--max-tokens", "8", "--json"]
+            assert main(args + ["--direct"]) == 0
+            via_direct = json.loads(capsys.readouterr().out)
+            assert main(args) == 0
+            assert via_direct["token_ids"] == json.loads(capsys.readouterr().out)["token_ids"]
 
             # a long stream through the replica's own port, while bad calls reach the same port
             long = pb.GenerateRequest(prompt="1+1=", max_tokens=200, ignore_eos=True)

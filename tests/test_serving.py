@@ -172,6 +172,18 @@ def test_tokenize_model_info_and_health(server, tokenizer):
     assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_generate_direct_against_a_server_without_direct_ingress_is_one_line(server, capsys):
+    """`raymoe generate --direct` asks the server for its replicas' own ports; this one (no
+    --direct-ingress) lists none, which is one line, before any request is sent."""
+    from raymoe.cli.main import main
+
+    assert list(server.model_info().direct_grpc_targets) == []
+    capsys.readouterr()
+    assert main(["generate", "--direct", "--target", server.target, "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "proxy only" in err[0] and "--direct-ingress" in err[0], err
+
+
 def test_http_chat_without_a_template_is_a_clear_400(server):
     """The tiny checkpoint has no tokenizer_config.json: chat completions say so (the OpenAI door's
     other behaviour is in test_openai_api.py)."""
