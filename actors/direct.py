@@ -154,12 +154,6 @@ class DirectServer:
             except OSError:
                 pass
 
-    def __enter__(self) -> "DirectServer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def _accept(self) -> None:
         while True:
             try:

@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from raymoe.cluster.direct_ingress import DRAIN_ENV as DIRECT_INGRESS_DRAIN_ENV
-from raymoe.cluster.direct_ingress import ENV as DIRECT_INGRESS_ENV
+from raymoe.cluster.direct_ingress import DRAIN_ENV as DIRECT_INGRESS_DRAIN_ENV, ENV as DIRECT_INGRESS_ENV
 from raymoe.cluster.serve_env import apply_serve_env
 from raymoe.model.transformer import ExpertsFactory
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 from typing import AsyncIterator
@@ -23,6 +24,8 @@ from raymoe.protos import generator_pb2 as pb
 
 from . import protocol
 from .auth import grpc_tenant
+from .direct_ingress import ENV as DIRECT_INGRESS_ENV
+from .direct_ingress import endpoints
 from .failures import Unauthenticated, classify
 from .openai_api import OpenAIRoutes
 from .placement_api import ExpertsRoutes
@@ -75,6 +78,11 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
         # what /v1/models and ModelInfo show and requests name: never the checkpoint's path
         self.model_id = self.settings.served_model_name or Path(self.info["checkpoint"]).name
         self.created = int(time.time())
+        self._direct_cache: tuple[float, list[str]] = (float("-inf"), [])  # (when, the replicas' own gRPC ports)
+        if self.settings.direct_ingress and os.environ.get(DIRECT_INGRESS_ENV) != "1":
+            logging.getLogger("ray.serve").warning(
+                "direct_ingress is set, but this node was started without %s=1: the replica serves only "
+                "through the proxy", DIRECT_INGRESS_ENV)
         self._self_handle = None  # to this deployment, through the prefix-aware router (made on first use)
         from ray import serve
 
@@ -269,9 +277,7 @@ class Generator(OpenAIRoutes, ExpertsRoutes):
         Serve's controller at most every 5 s and within 2 s (else the last answer)."""
         if not self.settings.direct_ingress:
             return []
-        from .direct_ingress import endpoints
-
-        when, targets = getattr(self, "_direct_cache", (float("-inf"), []))
+        when, targets = self._direct_cache
         if time.monotonic() - when < 5.0:
             return targets
         s = self.settings

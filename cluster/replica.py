@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from typing import Any
@@ -23,7 +22,6 @@ from raymoe.model.tokenizer import Tokenizer
 from raymoe.model.torch_threads import on_passing_thread
 from raymoe.model.weights import Checkpoint, load_model
 
-from .direct_ingress import ENV as DIRECT_INGRESS_ENV
 from .engine_loop import EngineLoop
 from .metrics import ServingMetrics
 from .settings import ServeSettings
@@ -81,10 +79,6 @@ def build_engine_loop(s: ServeSettings) -> tuple[EngineLoop, dict[str, Any]]:
     at once but steps only when every actor has loaded its experts (requests queue meanwhile, and
     ModelInfo reports the actors LOADING with their progress)."""
     torch.set_num_threads(max(1, int(s.replica_num_cpus)))  # the replica's CPU share, not the host's cores
-    if s.direct_ingress and os.environ.get(DIRECT_INGRESS_ENV) != "1":
-        logging.getLogger("ray.serve").warning(
-            "direct_ingress is set, but this node was started without %s=1: the replica serves only "
-            "through the proxy", DIRECT_INGRESS_ENV)
     ckpt = Checkpoint(s.checkpoint or default_checkpoint())
     dtype = resolve_dtype(s.dtype, ckpt.config, front_device(s))  # the expert actors use the same
     tokenizer = Tokenizer(ckpt.dir) if (ckpt.dir / "tokenizer.model").exists() else None
