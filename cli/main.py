@@ -7,6 +7,7 @@ and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from raymoe.actors import EXPERT_DEVICES, TRANSPORTS
@@ -163,16 +164,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "serve":  # check the settings, then say so at once, before the heavy imports
-        try:
-            settings_from_args(args)
-        except ValueError as e:
-            print(f"raymoe: {e}", file=sys.stderr)
-            return 2
-        print("raymoe: starting the server", file=sys.stderr, flush=True)
-    return run_command(args)
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "serve":  # check the settings, then say so at once, before the heavy imports
+            try:
+                settings_from_args(args)
+            except ValueError as e:
+                print(f"raymoe: {e}", file=sys.stderr)
+                return 2
+            print("raymoe: starting the server", file=sys.stderr, flush=True)
+        return run_command(args)
+    except KeyboardInterrupt:  # Ctrl-C before a command's own handling (e.g. during the imports)
+        return 130
+
+
+def exit_process(code: int) -> None:
+    """End `python -m raymoe.cli.main` with `code`.
+
+    CPython 3.11 ends a `-m` run by SIGINT at exit, whatever the module returned, once a
+    KeyboardInterrupt has been raised inside an exec() or eval() of a string (a namedtuple or a
+    dataclass being built, a type hint evaluated: Ray Serve does these while it deploys), even one
+    caught and handled since. A Ctrl-C that `serve` handled then read as death by signal (-2, not
+    130). An interrupted command has already cleaned up (Serve, Ray), so it leaves at once."""
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

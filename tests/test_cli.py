@@ -327,13 +327,31 @@ def test_ctrl_c_while_the_server_starts_stops_it_at_once():
                 break
         sent = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-        assert proc.returncode == 130 and "serving" not in out, out
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and "serving" not in out, (proc.returncode, out, err[-3000:])
         assert time.monotonic() - sent < 60  # shutting down Serve and Ray on a loaded 2-core machine
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_handled_ctrl_c_exits_130_under_python_m_even_after_an_eval_saw_it(tmp_path):
+    """CI once saw `python -m raymoe.cli.main serve` die by SIGINT (-2) after handling Ctrl-C: CPython
+    3.11 does so at exit once a KeyboardInterrupt went through an eval()/exec() of a string (Serve's
+    deploy runs many), caught or not. The module's exit path keeps the code it returned."""
+    (tmp_path / "interrupted_in_eval.py").write_text(
+        "from raymoe.cli.main import exit_process\n"
+        "def boom():\n"
+        "    raise KeyboardInterrupt\n"
+        "try:\n"
+        "    eval('boom()')\n"
+        "except KeyboardInterrupt:\n"
+        "    print('handled', flush=True)\n"
+        "exit_process(130)\n")
+    done = subprocess.run([sys.executable, "-m", "interrupted_in_eval"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert (done.returncode, done.stdout) == (130, "handled\n"), done.stderr
 
 
 def test_paths_that_cannot_be_written_are_one_line(capsys, tmp_path):
