@@ -18,7 +18,7 @@ def test_load_scales_replicas_actors_and_nodes_up_and_idle_scales_them_down():
 
     shared_ray.leave()  # the demo starts a cluster of its own and connects this process to it
     lines = []
-    result = run(clients=12, load_s=40, idle_s=90, every_s=2, out=lines.append, wait_for_front_node=False)
+    result = run(clients=12, load_s=30, idle_s=90, every_s=2, out=lines.append, wait_for_front_node=False)
     steps = result["steps"]
     text = "\n".join(lines)
     # Not asserted: the idle front node's removal. Ray's autoscaler removed it ~8 s after the replica
