@@ -5,7 +5,8 @@ ignored, in the checkpoint's dtype (the `small` preset written in bfloat16 unles
 
   transformers   MixtralForCausalLM.generate, one static batch
   engine         raymoe's in-process Engine (continuous batching), every expert in this process
-  engine+actors  the same Engine with its experts on N Ray actors (direct transport), no Serve
+  engine+actors  the same Engine with its experts on N Ray actors (direct transport), no Serve; with
+                 the torch threads a served replica gets (--replica-cpus), not this process's
   served-local   `raymoe serve`: gRPC streams through Serve's proxy, experts inside the replica
   served-direct  `raymoe serve --expert-actors N` (direct transport, the default)
   served-ray     `raymoe serve --expert-actors N --expert-transport ray` (Ray's object store)
@@ -282,7 +283,13 @@ def main(argv: list[str] | None = None) -> None:
                 with ExpertPool(ckpt, base.pool_config(dtype)) as pool:
                     remote = load_model(ckpt, dtype=getattr(torch, dtype), experts_factory=remote_experts_factory(pool),
                                         device=args.device)
-                    measure("engine+actors", lambda p, k: run_engine(remote, p, k, pool, base.effective_micro_batches(pool.device)))
+                    threads = torch.get_num_threads()  # the front as a served replica runs it (cluster/replica.py)
+                    torch.set_num_threads(max(1, int(base.replica_num_cpus)))
+                    try:
+                        measure("engine+actors", lambda p, k: run_engine(remote, p, k, pool,
+                                                                         base.effective_micro_batches(pool.device)))
+                    finally:
+                        torch.set_num_threads(threads)
             for name in [p for p in paths if p.startswith("served")]:
                 settings = dataclasses.replace(
                     base, grpc_port=free_port(), http_port=free_port(), expert_actors=0 if name == "served-local" else args.expert_actors,
