@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     gen.add_argument("--wait-ready", type=float, default=0, help="first wait up to N s for the server")
     gen.add_argument("--direct", action="store_true",
-                     help="send the request straight to a front replica's own gRPC port (a server started with "
-                          "--direct-ingress), found through --target: no proxy hop")
+                     help="send the request straight to the front replicas' own gRPC ports (a server started "
+                          "with --direct-ingress), found through --target, round robin: no proxy hop")
     _add_api_key(gen)
     gen.add_argument("--retries", type=int, default=5,
                      help="resume a stream broken by the server's side (replica lost, connection dropped) up to "

@@ -146,27 +146,27 @@ def _check_checkpoint(path: str | None, joining: bool) -> None:
 
 
 def _direct_target(args: argparse.Namespace) -> str:
-    """--direct: one of the server's front replicas' own gRPC endpoints, as its ModelInfo lists them."""
-    import random
-
+    """--direct: the server's front replicas' own gRPC endpoints, as its ModelInfo lists them (the
+    client goes round robin over them)."""
     import grpc
 
     from raymoe.cluster.client import Client
 
-    with Client(args.target, api_key=args.api_key, app=args.app_name) as client:
-        try:
-            if args.wait_ready:
+    try:
+        if args.wait_ready:
+            with Client(args.target, api_key=args.api_key, app=args.app_name) as client:
                 client.wait_ready(args.wait_ready)
-            targets = list(client.model_info(timeout=args.timeout or 30).direct_grpc_targets)
-        except grpc.RpcError as e:
-            raise UserError(f"--direct: asking {args.target} for its replicas' ports: {e.code().name}: "
-                            f"{e.details()}") from None
-        except TimeoutError as e:
-            raise UserError(str(e)) from None
-    if not targets:
+        with Client.direct(args.target, api_key=args.api_key, app=args.app_name,
+                           timeout=args.timeout or 30) as replicas:
+            return replicas.target
+    except grpc.RpcError as e:
+        raise UserError(f"--direct: asking {args.target} for its replicas' ports: {e.code().name}: "
+                        f"{e.details()}") from None
+    except TimeoutError as e:
+        raise UserError(str(e)) from None
+    except LookupError:
         raise UserError(f"--direct: the server at {args.target} serves through its proxy only "
-                        f"(start it with --direct-ingress)")
-    return random.choice(targets)  # each client picks a replica; the proxy is what balances them
+                        f"(start it with --direct-ingress)") from None
 
 
 def _guided_args(request, args: argparse.Namespace) -> None:

@@ -14,12 +14,19 @@ stream, no token twice and none missing. At most `retries` resumptions, with exp
 all within the caller's `timeout`. Errors that are the request's fault (INVALID_ARGUMENT,
 UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ...) and a passed deadline are raised at once.
 `AsyncClient` is the same over grpc.aio.
+
+A target may list several servers, "HOST:PORT,HOST:PORT": the channel then spreads calls over them
+round robin (gRPC's own `round_robin` policy), skipping one that is down, and a broken stream
+resumes on the next. `Client.direct(PROXY)` is a client over the front replicas' own ports of a
+server started with --direct-ingress (no proxy hop), as that server's ModelInfo lists them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
+import socket
 import time
 from typing import AsyncIterator, Iterator
 
@@ -105,15 +112,53 @@ def call_metadata(api_key: str | None, app: str | None) -> tuple[tuple[str, str]
     return auth_metadata(api_key) + ((("application", app),) if app else ())
 
 
+def channel_target(target: str) -> tuple[str, list[tuple[str, str]]]:
+    """gRPC's target and channel options for `target`: one address as it is; several ("HOST:PORT,
+    HOST:PORT", IPv6 hosts in brackets) resolved to one address list under the `round_robin` policy
+    (gRPC's ipv4:/ipv6: schemes take literal addresses, of one family)."""
+    parts = [t.strip() for t in target.split(",") if t.strip()]
+    if len(parts) < 2:
+        return target, []
+    by_family: dict[int, list[str]] = {}
+    for part in parts:
+        host, sep, port = part.rpartition(":")
+        if not sep or not port.isdigit() or not host:
+            raise ValueError(f"target {part!r} is not HOST:PORT")
+        host = host.strip("[]")
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:  # a name: its first address
+            ip = ipaddress.ip_address(socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0][4][0])
+        by_family.setdefault(ip.version, []).append(f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}")
+    if len(by_family) > 1:
+        raise ValueError(f"target {target!r} mixes IPv4 and IPv6 addresses; gRPC balances over one family")
+    version, addresses = next(iter(by_family.items()))
+    return f"ipv{version}:{','.join(addresses)}", [("grpc.lb_policy_name", "round_robin")]
+
+
 class Client:
     def __init__(self, target: str, api_key: str | None = None, app: str | None = None) -> None:
         self.target = target
         self.metadata = call_metadata(api_key, app)  # sent with every call (`stub` calls made directly: add it)
-        self.channel = grpc.insecure_channel(target)
+        address, options = channel_target(target)
+        self.channel = grpc.insecure_channel(address, options=options)
         self.stub = pb_grpc.GeneratorStub(self.channel)
         self.experts = pb_grpc.ExpertsStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.resumptions = 0  # streams continued (or unary calls made again) after a break, in all
+
+    @classmethod
+    def direct(cls, proxy: str, api_key: str | None = None, app: str | None = None,
+               timeout: float = 30) -> "Client":
+        """A client over the front replicas' own gRPC ports (a server started with --direct-ingress),
+        as the server at `proxy` lists them now; calls go round robin over them. LookupError if it
+        lists none (no direct ingress); a grpc.RpcError if `proxy` does not answer. Replicas added
+        later are not seen until the next `direct` (one that goes away is skipped)."""
+        with cls(proxy, api_key=api_key, app=app) as asking:
+            targets = list(asking.model_info(timeout=timeout).direct_grpc_targets)
+        if not targets:
+            raise LookupError(f"the server at {proxy} serves through its proxy only (no --direct-ingress)")
+        return cls(",".join(targets), api_key=api_key, app=app)
 
     def wait_ready(self, timeout: float) -> None:
         """Block until the health service says SERVING (raises TimeoutError after `timeout` s)."""
@@ -185,7 +230,8 @@ class AsyncClient:
 
     def __init__(self, target: str, api_key: str | None = None, app: str | None = None) -> None:
         self.metadata = call_metadata(api_key, app)
-        self.channel = grpc.aio.insecure_channel(target)
+        address, options = channel_target(target)
+        self.channel = grpc.aio.insecure_channel(address, options=options)
         self.stub = pb_grpc.GeneratorStub(self.channel)
 
     async def stream(self, request: pb.GenerateRequest, timeout: float | None = None,

@@ -77,6 +77,9 @@ def test_a_replicas_own_port_answers_as_the_proxy_does_and_stops_quickly(capsys)
             via_direct = json.loads(capsys.readouterr().out)
             assert main(args) == 0
             assert via_direct["token_ids"] == json.loads(capsys.readouterr().out)["token_ids"]
+            with Client.direct(f"127.0.0.1:{grpc_port}", api_key=KEY) as replicas:  # round robin over their ports
+                assert replicas.target == direct.group(1)
+                assert list(replicas.generate(request).token_ids) == via_direct["token_ids"]
 
             # a long stream through the replica's own port, while bad calls reach the same port
             long = pb.GenerateRequest(prompt="1+1=", max_tokens=200, ignore_eos=True)

@@ -184,6 +184,33 @@ def test_generate_direct_against_a_server_without_direct_ingress_is_one_line(ser
     assert len(err) == 1 and "proxy only" in err[0] and "--direct-ingress" in err[0], err
 
 
+def test_a_client_over_several_addresses_goes_round_robin_past_one_that_is_down(server):
+    """`Client("A,B")` (what Client.direct builds from a server's replica ports) balances with gRPC's
+    round_robin policy: with one address refusing connections, every call still lands on the live
+    one, at once (no retry), with the tokens a single-address client gets; Client.direct against a
+    server without direct ingress is a LookupError."""
+    from bench.machine import free_port
+    from raymoe.cluster.client import channel_target
+
+    assert channel_target("10.0.0.1:5,10.0.0.2:6") == ("ipv4:10.0.0.1:5,10.0.0.2:6",
+                                                      [("grpc.lb_policy_name", "round_robin")])
+    assert channel_target("[::1]:5, [::1]:6")[0] == "ipv6:[::1]:5,[::1]:6"
+    assert channel_target("example.org:443") == ("example.org:443", [])
+    for bad in ("10.0.0.1:5,[::1]:6", "10.0.0.1,10.0.0.2:6"):
+        with pytest.raises(ValueError):
+            channel_target(bad)
+    with pytest.raises(LookupError, match="proxy only"):
+        Client.direct(server.target)
+
+    request = pb.GenerateRequest(prompt_token_ids=[1, 5, 6, 7], max_tokens=6, ignore_eos=True)
+    expected = list(server.generate(request).token_ids)
+    port = server.target.rsplit(":", 1)[1]
+    with Client(f"127.0.0.1:{free_port()},127.0.0.1:{port}") as balanced:
+        assert [list(balanced.generate(request, timeout=60, retries=0).token_ids) for _ in range(4)] == [expected] * 4
+        assert [t for c in balanced.stream(request, timeout=60, retries=0) for t in c.token_ids] == expected
+        assert balanced.resumptions == 0
+
+
 def test_http_chat_without_a_template_is_a_clear_400(server):
     """The tiny checkpoint has no tokenizer_config.json: chat completions say so (the OpenAI door's
     other behaviour is in test_openai_api.py)."""
