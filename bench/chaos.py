@@ -109,14 +109,13 @@ class Chaos:
 
     def start(self, checkpoint: str) -> None:
         import ray
-        from ray.cluster_utils import Cluster
 
+        from bench.local_cluster import start_cluster
         from raymoe.cluster.deploy import deploy
         from raymoe.cluster.settings import ServeSettings
 
-        self.cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 3, "resources": {"front_host": 2}, "include_dashboard": False,
-            "_system_config": FAST_FAILURE_DETECTION})
+        self.cluster = start_cluster({"num_cpus": 3, "resources": {"front_host": 2}, "include_dashboard": False,
+                                      "_system_config": FAST_FAILURE_DETECTION})
         self.workers = [self.add_worker() for _ in range(3)]  # two for the actors, one spare
         self.cluster.wait_for_nodes()
         ray.init(address=self.cluster.address, namespace="raymoe-chaos", log_to_driver=False)
@@ -128,7 +127,9 @@ class Chaos:
         self.target = f"127.0.0.1:{self.settings.grpc_port}"
 
     def add_worker(self):
-        return self.cluster.add_node(num_cpus=1, resources={"expert_host": 1})
+        from bench.local_cluster import add_node
+
+        return add_node(self.cluster, num_cpus=1, resources={"expert_host": 1})
 
     def shutdown(self) -> None:
         import ray

@@ -31,21 +31,31 @@ def self_cpu_seconds() -> float:
     return t.user + t.system
 
 
-def descendants_cpu_seconds(root: int | None = None) -> float:
-    """CPU seconds so far of every live process below `root` (default: this one), not `root` itself:
-    the Ray instance a benchmark started (raylet, GCS, Serve's proxy and replicas, expert actors)."""
+def _descendant_cpu(root: int | None) -> dict[int, float]:
+    """pid → CPU seconds so far of every live process below `root` (default: this one)."""
     root = os.getpid() if root is None else root
     children: dict[int, list[int]] = {}
     cpu: dict[int, float] = {}
     for pid, parent, seconds in _proc_stats():
         children.setdefault(parent, []).append(pid)
         cpu[pid] = seconds
-    total, todo = 0.0, list(children.get(root, []))
+    found, todo = {}, list(children.get(root, []))
     while todo:
         pid = todo.pop()
-        total += cpu.get(pid, 0.0)
+        found[pid] = cpu.get(pid, 0.0)
         todo += children.get(pid, [])
-    return total
+    return found
+
+
+def descendants(root: int | None = None) -> set[int]:
+    """The ids of every live process below `root` (default: this one), not `root` itself."""
+    return set(_descendant_cpu(root))
+
+
+def descendants_cpu_seconds(root: int | None = None) -> float:
+    """CPU seconds so far of every live process below `root` (default: this one), not `root` itself:
+    the Ray instance a benchmark started (raylet, GCS, Serve's proxy and replicas, expert actors)."""
+    return sum(_descendant_cpu(root).values())
 
 
 class CpuWindow:

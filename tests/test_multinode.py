@@ -20,7 +20,7 @@ import pytest
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # a 3-node cluster, nodes lost: ~1.5 min
 
-from ray.cluster_utils import Cluster  # noqa: E402
+from bench.local_cluster import add_node, start_cluster  # noqa: E402
 
 from raymoe.actors.errors import ExpertsUnavailable  # noqa: E402
 from raymoe.actors.pool import ExpertPool, PoolConfig  # noqa: E402
@@ -46,9 +46,8 @@ def want(ckpt):
 @pytest.fixture(scope="module")
 def cluster():
     shared_ray.leave()  # a cluster of its own: this process connects to it instead
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
-                                                      "_system_config": FAST_FAILURE_DETECTION})
-    workers = [c.add_node(num_cpus=1, resources={"expert_host": 4}) for _ in range(2)]
+    c = start_cluster({"num_cpus": 1, "include_dashboard": False, "_system_config": FAST_FAILURE_DETECTION})
+    workers = [add_node(c, num_cpus=1, resources={"expert_host": 4}) for _ in range(2)]
     c.wait_for_nodes()
     ray.init(address=c.address, log_to_driver=False)
     head = ray.get_runtime_context().get_node_id()
@@ -104,7 +103,7 @@ def test_node_lost_mid_generation_with_spare_capacity_costs_nothing(cluster, ckp
     Over sockets the dead node closes nothing: the silence makes the caller ask Ray, which answers
     from the restarted actor with a new token."""
     c, head, workers = cluster
-    workers.append(c.add_node(num_cpus=1, resources={"expert_host": 4}))  # the spare capacity
+    workers.append(add_node(c, num_cpus=1, resources={"expert_host": 4}))  # the spare capacity
     c.wait_for_nodes()
     config = PoolConfig(num_actors=2, num_cpus=0.25, resources={"expert_host": 1}, call_timeout_s=60,
                         transport=transport)

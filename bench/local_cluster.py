@@ -1,0 +1,49 @@
+"""A multi-node Ray cluster on this machine (`ray.cluster_utils.Cluster`) that survives a node whose
+start timed out.
+
+Ray gives a starting node's raylet 30 s to register with the GCS, then raises "The current node timed
+out during startup". On a loaded 2-core machine a node now and then never registers (no raylet log
+at all, the GCS saw no RegisterNode); starting it again works. Here a node start that times out ends
+the processes that attempt started (by id: the processes below this one that were not there before)
+and starts the node once more; any other error, or a second timeout, is raised.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from bench.machine import descendants
+
+TIMED_OUT = "timed out during startup"
+
+
+def start_cluster(head_node_args: dict, attempts: int = 2):
+    """A Cluster with its head node started (as Cluster(initialize_head=True, head_node_args=...))."""
+    from ray.cluster_utils import Cluster
+
+    return _retried(lambda: Cluster(initialize_head=True, head_node_args=head_node_args), attempts)
+
+
+def add_node(cluster, attempts: int = 2, **node_args):
+    """cluster.add_node(**node_args), started once more if its raylet did not register in time."""
+    return _retried(lambda: cluster.add_node(**node_args), attempts)
+
+
+def _retried(start, attempts: int):
+    for attempt in range(1, attempts + 1):
+        before = descendants()
+        try:
+            return start()
+        except Exception as e:  # noqa: BLE001 — Ray raises a plain Exception for this
+            if TIMED_OUT not in str(e) or attempt == attempts:
+                raise
+            for pid in descendants() - before:  # the failed attempt's GCS, raylet, agents
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            print(f"local_cluster: a Ray node did not register in time ({e}); starting it again",
+                  file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
