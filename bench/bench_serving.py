@@ -320,7 +320,8 @@ def serve_one(name: str, settings, measure, direct_ingress: bool = False) -> Non
             own = endpoints(settings.app_name, (settings.grpc_port, settings.http_port), timeout_s=30).grpc
             if not own:
                 raise SystemExit("--direct-ingress: the replica serves on no port of its own")
-            measure(f"{name}+ingress", lambda p, k: run_served(",".join(own), p, k))  # round robin
+            # one replica's port: run_served reads that replica's own counters before and after
+            measure(f"{name}+ingress", lambda p, k: run_served(own[0], p, k))
     finally:
         serve.shutdown()
         release_pool(settings)

@@ -4,8 +4,10 @@ start timed out.
 Ray gives a starting node's raylet 30 s to register with the GCS, then raises "The current node timed
 out during startup". On a loaded 2-core machine a node now and then never registers (no raylet log
 at all, the GCS saw no RegisterNode); starting it again works. Here a node start that times out ends
-the processes that attempt started (by id: the processes below this one that were not there before)
-and starts the node once more; any other error, or a second timeout, is raised.
+the processes that attempt started and starts the node once more; any other error, or a second
+timeout, is raised. Those processes, by id: this process's children that were not there before the
+attempt (Ray starts a node's GCS, raylet and reaper itself) and everything below them. Workers that
+other nodes' raylets start meanwhile are below those raylets, and are left alone.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import signal
 import sys
 
-from bench.machine import descendants
+from bench.machine import process_tree
 
 TIMED_OUT = "timed out during startup"
 
@@ -33,13 +35,17 @@ def add_node(cluster, attempts: int = 2, **node_args):
 
 def _retried(start, attempts: int):
     for attempt in range(1, attempts + 1):
-        before = descendants()
+        before = set(process_tree()[os.getpid()])
         try:
             return start()
         except Exception as e:  # noqa: BLE001 — Ray raises a plain Exception for this
             if TIMED_OUT not in str(e) or attempt == attempts:
                 raise
-            for pid in descendants() - before:  # the failed attempt's GCS, raylet, agents
+            tree = process_tree()
+            todo = [pid for pid in tree[os.getpid()] if pid not in before]  # the attempt's GCS, raylet, ...
+            while todo:
+                pid = todo.pop()
+                todo += tree.get(pid, [])
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:

@@ -47,9 +47,19 @@ def _descendant_cpu(root: int | None) -> dict[int, float]:
     return found
 
 
-def descendants(root: int | None = None) -> set[int]:
-    """The ids of every live process below `root` (default: this one), not `root` itself."""
-    return set(_descendant_cpu(root))
+def process_tree(root: int | None = None) -> dict[int, list[int]]:
+    """pid → ids of its children, for `root` (default: this one) and every live process below it,
+    read at one moment."""
+    root = os.getpid() if root is None else root
+    children: dict[int, list[int]] = {}
+    for pid, parent, _ in _proc_stats():
+        children.setdefault(parent, []).append(pid)
+    tree, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        tree[pid] = children.get(pid, [])
+        todo += tree[pid]
+    return tree
 
 
 def descendants_cpu_seconds(root: int | None = None) -> float:

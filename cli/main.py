@@ -7,7 +7,6 @@ and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from raymoe.actors import EXPERT_DEVICES, TRANSPORTS
@@ -184,12 +183,10 @@ def exit_process(code: int) -> None:
     CPython 3.11 ends a `-m` run by SIGINT at exit, whatever the module returned, once a
     KeyboardInterrupt has been raised inside an exec() or eval() of a string (a namedtuple or a
     dataclass being built, a type hint evaluated: Ray Serve does these while it deploys), even one
-    caught and handled since. A Ctrl-C that `serve` handled then read as death by signal (-2, not
-    130). An interrupted command has already cleaned up (Serve, Ray), so it leaves at once."""
-    if code == 130:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    caught and handled since: a Ctrl-C (or SIGTERM) that `serve` handled read as death by signal
+    (-2, not 130 or 143). Each exec() of a string first clears that flag (pythonrun.c), so one that
+    raises nothing, just before exiting, leaves the status ours; atexit handlers still run."""
+    exec("pass")  # noqa: S102 — clears CPython's "unhandled KeyboardInterrupt" flag, see above
     sys.exit(code)
 
 

@@ -150,21 +150,20 @@ def _direct_target(args: argparse.Namespace) -> str:
     client goes round robin over them)."""
     import grpc
 
-    from raymoe.cluster.client import Client
+    from raymoe.cluster.client import Client, NoDirectIngress, direct_targets
 
     try:
         if args.wait_ready:
             with Client(args.target, api_key=args.api_key, app=args.app_name) as client:
                 client.wait_ready(args.wait_ready)
-        with Client.direct(args.target, api_key=args.api_key, app=args.app_name,
-                           timeout=args.timeout or 30) as replicas:
-            return replicas.target
+        return ",".join(direct_targets(args.target, api_key=args.api_key, app=args.app_name,
+                                       timeout=args.timeout or 30))
     except grpc.RpcError as e:
         raise UserError(f"--direct: asking {args.target} for its replicas' ports: {e.code().name}: "
                         f"{e.details()}") from None
     except TimeoutError as e:
         raise UserError(str(e)) from None
-    except LookupError:
+    except NoDirectIngress:
         raise UserError(f"--direct: the server at {args.target} serves through its proxy only "
                         f"(start it with --direct-ingress)") from None
 

@@ -112,23 +112,38 @@ def call_metadata(api_key: str | None, app: str | None) -> tuple[tuple[str, str]
     return auth_metadata(api_key) + ((("application", app),) if app else ())
 
 
+# gRPC's own target forms (a name resolver's scheme): passed to gRPC as they are
+_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
+
+
+class NoDirectIngress(LookupError):
+    """The server lists no replica ports of their own (it was started without --direct-ingress)."""
+
+
 def channel_target(target: str) -> tuple[str, list[tuple[str, str]]]:
     """gRPC's target and channel options for `target`: one address as it is; several ("HOST:PORT,
     HOST:PORT", IPv6 hosts in brackets) resolved to one address list under the `round_robin` policy
-    (gRPC's ipv4:/ipv6: schemes take literal addresses, of one family)."""
+    (gRPC's ipv4:/ipv6: schemes take literal addresses, of one family). A target in one of gRPC's
+    own forms ("dns:///…", "ipv4:…", "unix:…") is gRPC's to read."""
+    if "://" in target or target.startswith(_SCHEMES):
+        return target, []
     parts = [t.strip() for t in target.split(",") if t.strip()]
     if len(parts) < 2:
-        return target, []
+        return (parts[0] if parts else target), []
     by_family: dict[int, list[str]] = {}
     for part in parts:
         host, sep, port = part.rpartition(":")
-        if not sep or not port.isdigit() or not host:
-            raise ValueError(f"target {part!r} is not HOST:PORT")
-        host = host.strip("[]")
+        bracketed = host.startswith("[") and host.endswith("]")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host or (":" in host and not bracketed):
+            raise ValueError(f"target {part!r} is not HOST:PORT (an IPv6 host in brackets)")
+        host = host[1:-1] if bracketed else host
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:  # a name: its first address
-            ip = ipaddress.ip_address(socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0][4][0])
+            try:
+                ip = ipaddress.ip_address(socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0][4][0])
+            except OSError as e:
+                raise ValueError(f"target {part!r}: cannot resolve {host!r} ({e})") from None
         by_family.setdefault(ip.version, []).append(f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}")
     if len(by_family) > 1:
         raise ValueError(f"target {target!r} mixes IPv4 and IPv6 addresses; gRPC balances over one family")
@@ -151,14 +166,10 @@ class Client:
     def direct(cls, proxy: str, api_key: str | None = None, app: str | None = None,
                timeout: float = 30) -> "Client":
         """A client over the front replicas' own gRPC ports (a server started with --direct-ingress),
-        as the server at `proxy` lists them now; calls go round robin over them. LookupError if it
+        as the server at `proxy` lists them now; calls go round robin over them. NoDirectIngress if it
         lists none (no direct ingress); a grpc.RpcError if `proxy` does not answer. Replicas added
         later are not seen until the next `direct` (one that goes away is skipped)."""
-        with cls(proxy, api_key=api_key, app=app) as asking:
-            targets = list(asking.model_info(timeout=timeout).direct_grpc_targets)
-        if not targets:
-            raise LookupError(f"the server at {proxy} serves through its proxy only (no --direct-ingress)")
-        return cls(",".join(targets), api_key=api_key, app=app)
+        return cls(",".join(direct_targets(proxy, api_key, app, timeout)), api_key=api_key, app=app)
 
     def wait_ready(self, timeout: float) -> None:
         """Block until the health service says SERVING (raises TimeoutError after `timeout` s)."""
@@ -223,6 +234,17 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def direct_targets(proxy: str, api_key: str | None = None, app: str | None = None,
+                   timeout: float = 30) -> list[str]:
+    """The front replicas' own gRPC endpoints (HOST:PORT) that the server at `proxy` lists now
+    (ModelInfo's direct_grpc_targets); NoDirectIngress if none."""
+    with Client(proxy, api_key=api_key, app=app) as asking:
+        targets = list(asking.model_info(timeout=timeout).direct_grpc_targets)
+    if not targets:
+        raise NoDirectIngress(f"the server at {proxy} serves through its proxy only (no --direct-ingress)")
+    return targets
 
 
 class AsyncClient:
