@@ -34,22 +34,27 @@ def add_node(cluster, attempts: int = 2, **node_args):
 
 
 def _retried(start, attempts: int):
-    for attempt in range(1, attempts + 1):
+    for _ in range(attempts - 1):
         before = set(process_tree()[os.getpid()])
         try:
             return start()
         except Exception as e:  # noqa: BLE001 — Ray raises a plain Exception for this
-            if TIMED_OUT not in str(e) or attempt == attempts:
+            if TIMED_OUT not in str(e):
                 raise
-            tree = process_tree()
-            todo = [pid for pid in tree[os.getpid()] if pid not in before]  # the attempt's GCS, raylet, ...
-            while todo:
-                pid = todo.pop()
-                todo += tree.get(pid, [])
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            _end_new_children(before)
             print(f"local_cluster: a Ray node did not register in time ({e}); starting it again",
                   file=sys.stderr, flush=True)
-    raise AssertionError("unreachable")
+    return start()
+
+
+def _end_new_children(before: set[int]) -> None:
+    """SIGKILL this process's children that are not in `before`, and everything below them."""
+    tree = process_tree()
+    todo = [pid for pid in tree[os.getpid()] if pid not in before]  # the attempt's GCS, raylet, ...
+    while todo:
+        pid = todo.pop()
+        todo += tree.get(pid, [])
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

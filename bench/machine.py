@@ -31,41 +31,34 @@ def self_cpu_seconds() -> float:
     return t.user + t.system
 
 
-def _descendant_cpu(root: int | None) -> dict[int, float]:
-    """pid → CPU seconds so far of every live process below `root` (default: this one)."""
-    root = os.getpid() if root is None else root
+def _tree_and_cpu(root: int) -> tuple[dict[int, list[int]], dict[int, float]]:
+    """(pid → ids of its children, for `root` and every live process below it; pid → CPU seconds so
+    far of every process we can read), from one reading of /proc."""
     children: dict[int, list[int]] = {}
     cpu: dict[int, float] = {}
     for pid, parent, seconds in _proc_stats():
         children.setdefault(parent, []).append(pid)
         cpu[pid] = seconds
-    found, todo = {}, list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        found[pid] = cpu.get(pid, 0.0)
-        todo += children.get(pid, [])
-    return found
-
-
-def process_tree(root: int | None = None) -> dict[int, list[int]]:
-    """pid → ids of its children, for `root` (default: this one) and every live process below it,
-    read at one moment."""
-    root = os.getpid() if root is None else root
-    children: dict[int, list[int]] = {}
-    for pid, parent, _ in _proc_stats():
-        children.setdefault(parent, []).append(pid)
     tree, todo = {}, [root]
     while todo:
         pid = todo.pop()
         tree[pid] = children.get(pid, [])
         todo += tree[pid]
-    return tree
+    return tree, cpu
+
+
+def process_tree(root: int | None = None) -> dict[int, list[int]]:
+    """pid → ids of its children, for `root` (default: this one) and every live process below it,
+    read at one moment."""
+    return _tree_and_cpu(os.getpid() if root is None else root)[0]
 
 
 def descendants_cpu_seconds(root: int | None = None) -> float:
     """CPU seconds so far of every live process below `root` (default: this one), not `root` itself:
     the Ray instance a benchmark started (raylet, GCS, Serve's proxy and replicas, expert actors)."""
-    return sum(_descendant_cpu(root).values())
+    root = os.getpid() if root is None else root
+    tree, cpu = _tree_and_cpu(root)
+    return sum(cpu.get(pid, 0.0) for pid in tree if pid != root)
 
 
 class CpuWindow:

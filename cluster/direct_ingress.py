@@ -15,12 +15,14 @@ alternating runs each through the proxy and through the replica's port of one de
 One stream gains nothing measurable (53 against 53 tok/s): the proxy's cost is per message.
 
 What it does not do: a client connected to one replica stays on it, so Serve's request routing
-(load balancing, the prefix-aware router) does not apply; with several replicas the client
-chooses (or an external load balancer, as Serve's HAProxy mode does). The proxy stays the door
-that routes; direct ingress is a door beside it.
+(load balancing, the prefix-aware router) does not apply; with several replicas the client spreads
+its calls (`Client.direct`: round robin over every replica's port) or an external load balancer
+does (as Serve's HAProxy mode does). The proxy stays the door that routes; direct ingress is a
+door beside it.
 
 Serve's controller knows the ports (it allocates them); `endpoints()` asks it. `raymoe serve`
-prints them, ModelInfo lists them (`direct_grpc_targets`), and `raymoe generate --direct` picks one.
+prints them, ModelInfo lists them (`direct_grpc_targets`), and `Client.direct` and `raymoe
+generate --direct` find them there.
 """
 
 from __future__ import annotations
