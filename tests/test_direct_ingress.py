@@ -3,7 +3,8 @@ direct ingress), beside the proxy. On a private Ray instance of its own, as a us
 banner names the replica's ports; the same request gives the same tokens through the replica's
 port as through the proxy (and `raymoe generate --direct` finds that port through the proxy's
 ModelInfo); the API key and the request checks hold there too, while a stream runs
-through that port and is unaffected; and Ctrl-C stops it in seconds (Serve's 30 s hold for load
+through that port and is unaffected; streams spread over two replicas' ports by `Client.direct`
+outlive one replica killed under them; and Ctrl-C stops it in seconds (Serve's 30 s hold for load
 balancers is off on a private instance)."""
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from bench.machine import free_port
+from bench.machine import free_port, process_tree
 from raymoe.cluster.client import Client
 from raymoe.protos import generator_pb2 as pb
 
@@ -43,12 +44,40 @@ def _post(url: str, body: dict, key: str | None) -> tuple[int, dict]:
         return e.code, json.loads(e.read() or b"{}")
 
 
+def _streams_outlive_a_replica_killed_under_them(server_pid: int, replicas: Client, proxy: Client) -> None:
+    """Streams spread over both replicas' ports; one replica is killed (by its id, found below the
+    server's process) while they run: every stream ends whole, each token once, as without the kill."""
+    long = pb.GenerateRequest(prompt="1+1=", max_tokens=400, ignore_eos=True)
+    want = list(proxy.generate(long).token_ids)
+    got: list[list[int]] = [[] for _ in range(6)]
+    runs = [threading.Thread(target=lambda g=g: g.extend(t for c in replicas.stream(long) for t in c.token_ids))
+            for g in got]
+    for run in runs:
+        run.start()
+    deadline = time.monotonic() + 60
+    while sum(map(len, got)) < 6 * 20 and time.monotonic() < deadline:  # each has begun, none has ended
+        time.sleep(0.01)
+    victim = next(pid for pid in process_tree(server_pid) if b"ServeReplica:raymoe" in _cmdline(pid))
+    os.kill(victim, signal.SIGKILL)
+    for run in runs:
+        run.join(120)
+    assert all(g == want for g in got), [len(g) for g in got]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def test_a_replicas_own_port_answers_as_the_proxy_does_and_stops_quickly(capsys):
     grpc_port, http_port = free_port(), free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "RAYMOE_API_KEY": KEY}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "raymoe.cli.main", "serve", "--direct-ingress", "--no-dashboard",
-                             "--grpc-port", str(grpc_port), "--http-port", str(http_port)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "raymoe.cli.main", "serve", "--direct-ingress", "--replicas", "2",
+                             "--replica-cpus", "0.5", "--no-dashboard", "--grpc-port", str(grpc_port),
+                             "--http-port", str(http_port)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         banner, deadline = [], time.monotonic() + 240
@@ -57,17 +86,18 @@ def test_a_replicas_own_port_answers_as_the_proxy_does_and_stops_quickly(capsys)
             if line.strip().startswith("HTTP http") or "no replica serves" in line or time.monotonic() > deadline:
                 break
         text = "".join(banner)
-        direct = re.search(r"direct +gRPC ([0-9.]+:\d+)", text)
-        http = re.search(r"^ +HTTP (http://[0-9.]+:\d+)/v1$", text, re.M)
+        direct = re.search(r"direct +gRPC ([0-9.]+:\d+), ([0-9.]+:\d+) ", text)
+        http = re.search(r"^ +HTTP (http://[0-9.]+:\d+)/v1, ", text, re.M)
         assert direct and http, text
-        assert direct.group(1) != f"127.0.0.1:{grpc_port}"
+        ports = sorted(direct.groups())
+        assert f"127.0.0.1:{grpc_port}" not in ports and len(set(ports)) == 2
 
         request = pb.GenerateRequest(prompt="123+456=", max_tokens=8)
         with Client(f"127.0.0.1:{grpc_port}", api_key=KEY) as proxy, Client(direct.group(1), api_key=KEY) as own:
             own.wait_ready(60)
             assert list(own.generate(request).token_ids) == list(proxy.generate(request).token_ids)
             # the proxy's ModelInfo names the replica's port, and `raymoe generate --direct` finds it there
-            assert list(proxy.model_info(timeout=30).direct_grpc_targets) == [direct.group(1)]
+            assert sorted(proxy.model_info(timeout=30).direct_grpc_targets) == ports
             from raymoe.cli.main import main
 
             capsys.readouterr()
@@ -78,8 +108,8 @@ def test_a_replicas_own_port_answers_as_the_proxy_does_and_stops_quickly(capsys)
             assert main(args) == 0
             assert via_direct["token_ids"] == json.loads(capsys.readouterr().out)["token_ids"]
             with Client.direct(f"127.0.0.1:{grpc_port}", api_key=KEY) as replicas:  # round robin over their ports
-                assert replicas.target == direct.group(1)
-                assert list(replicas.generate(request).token_ids) == via_direct["token_ids"]
+                assert sorted(replicas.target.split(",")) == ports
+                assert all(list(replicas.generate(request).token_ids) == via_direct["token_ids"] for _ in range(4))
 
             # a long stream through the replica's own port, while bad calls reach the same port
             long = pb.GenerateRequest(prompt="1+1=", max_tokens=200, ignore_eos=True)
@@ -100,6 +130,8 @@ def test_a_replicas_own_port_answers_as_the_proxy_does_and_stops_quickly(capsys)
             assert status == 200 and body["choices"][0]["text"] == via_proxy["choices"][0]["text"]
             streaming.join(120)
             assert len(got) == 200
+            with Client.direct(f"127.0.0.1:{grpc_port}", api_key=KEY) as replicas:  # last: it kills one
+                _streams_outlive_a_replica_killed_under_them(proc.pid, replicas, proxy)
 
         sent = time.monotonic()
         proc.send_signal(signal.SIGINT)
