@@ -25,11 +25,13 @@ SUSPECT_CHECK_S = 0.2  # how often an actor suspected dead is asked whether it i
 
 
 class Failover:
-    """The actors this process suspects dead (`down`), and the thread that clears them again."""
+    """The actors this process suspects dead (`down`; `dead`: those Ray reports dead for good), and
+    the thread that clears them again."""
 
     def __init__(self, group: "ActorGroup", metrics: Any) -> None:
         self.group, self.metrics = group, metrics  # metrics: the pool's DispatchMetrics (counts failovers)
         self.down: frozenset = frozenset()  # replaced whole, never changed in place: routes key on it
+        self.dead: frozenset = frozenset()  # those of `down` Ray reports dead for good (not merely silent)
         self._lock = threading.Lock()
         self._checker: threading.Thread | None = None
 
@@ -55,11 +57,16 @@ class Failover:
             actors = self.group.actors
             for actor in list(self.down):
                 handle = actors[actor] if actor < len(actors) else None
+                died = False
                 try:
                     back = handle is not None and ray.get(handle.progress.remote(), timeout=1.0)["state"] == "READY"
-                except Exception:  # noqa: BLE001 — still dead, or restarting
+                except ray.exceptions.ActorDiedError:  # no restart will come (until the pool replaces it)
+                    back, died = False, True
+                except Exception:  # noqa: BLE001 — silent (busy, or restarting)
                     back = False
-                if back or handle is None:
-                    with self._lock:
-                        self.down = self.down - {actor}
+                with self._lock:
+                    if back or handle is None:
+                        self.down, self.dead = self.down - {actor}, self.dead - {actor}
+                    elif died:
+                        self.dead = self.dead | {actor}
             time.sleep(SUSPECT_CHECK_S)

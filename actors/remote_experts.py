@@ -222,8 +222,9 @@ class RemoteExperts:
         return Pending(self, x, calls, sends, like, t0, version, route.spare, dead)
 
     def unavailable(self, actors: list[int], reason: str) -> ExpertsUnavailable:
-        """The experts of `actors` that no other actor holds (all of them, without copies)."""
-        down = set(actors) | set(self.pool.failover.down)
+        """The experts of `actors` that no other actor holds but one Ray reports dead for good (all of
+        them, without copies): a copy merely suspected (silent a while, on a loaded machine) still counts."""
+        down = set(actors) | set(self.pool.failover.dead)
         names = [self.pool.actor_name(a) for a in sorted(set(actors))]
         owners = self.pool.plan.owners(self.layer)
         hosted = sorted({e for a in set(actors) for e in self.pool.hosted(a, self.layer)})

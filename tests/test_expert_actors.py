@@ -210,7 +210,8 @@ def test_calls_in_flight_together_survive_a_restart(pool, ckpt):
 
 def test_a_dead_copy_fails_over_and_an_expert_without_copies_is_named(pool, ckpt):
     """3 actors × 2 copies (experts 0-5 | 0-2,6,7 | 3-7): with actor 1 dead for good its pairs go to
-    the other copies at once; with actor 2 dead too, experts 6 and 7 have no copy left and are named."""
+    the other copies at once; with actor 2 dead too, experts 6 and 7 have no copy left and are named
+    (only they, even while the live actor 0 is suspected: CI once saw all eight named so)."""
     cfg = pool.model_config
     deadline = time.monotonic() + 60
     while pool.failover.down and time.monotonic() < deadline:  # an actor restarted by an earlier test is back
@@ -230,6 +231,7 @@ def test_a_dead_copy_fails_over_and_an_expert_without_copies_is_named(pool, ckpt
     ray.kill(pool.actors[2], no_restart=True)
     t0 = time.monotonic()
     wait_dead(pool.actors[2])  # ray.kill returns at once; on a loaded machine the process answers a while
+    pool.suspect(0)  # as a busy machine can make it: a live copy merely suspected still holds experts 0-5
     with pytest.raises(ExpertsUnavailable) as err:
         for seed in range(20):  # until a call routes to the dead actor
             RemoteExperts(0, pool)(*routed(cfg, 16, seed=seed))
