@@ -31,34 +31,41 @@ def self_cpu_seconds() -> float:
     return t.user + t.system
 
 
-def _tree_and_cpu(root: int) -> tuple[dict[int, list[int]], dict[int, float]]:
-    """(pid → ids of its children, for `root` and every live process below it; pid → CPU seconds so
-    far of every process we can read), from one reading of /proc."""
+def _tree_and_rows(root: int, with_cmdline: bool = False) -> tuple[dict[int, list[int]], dict[int, tuple]]:
+    """(pid → ids of its children, for `root` and every live process below it; pid → its
+    `_proc_stats` row, for every process we can read), from one reading of /proc."""
     children: dict[int, list[int]] = {}
-    cpu: dict[int, float] = {}
-    for pid, parent, seconds in _proc_stats():
-        children.setdefault(parent, []).append(pid)
-        cpu[pid] = seconds
+    rows: dict[int, tuple] = {}
+    for row in _proc_stats(with_cmdline):
+        children.setdefault(row[1], []).append(row[0])
+        rows[row[0]] = row
     tree, todo = {}, [root]
     while todo:
         pid = todo.pop()
         tree[pid] = children.get(pid, [])
         todo += tree[pid]
-    return tree, cpu
+    return tree, rows
 
 
 def process_tree(root: int | None = None) -> dict[int, list[int]]:
     """pid → ids of its children, for `root` (default: this one) and every live process below it,
     read at one moment."""
-    return _tree_and_cpu(os.getpid() if root is None else root)[0]
+    return _tree_and_rows(os.getpid() if root is None else root)[0]
+
+
+def commands_below(root: int | None = None) -> dict[int, str]:
+    """pid → command line of every live process below `root` (default: this one), not `root` itself."""
+    root = os.getpid() if root is None else root
+    tree, rows = _tree_and_rows(root, with_cmdline=True)
+    return {pid: rows[pid][3] for pid in tree if pid != root and pid in rows}
 
 
 def descendants_cpu_seconds(root: int | None = None) -> float:
     """CPU seconds so far of every live process below `root` (default: this one), not `root` itself:
     the Ray instance a benchmark started (raylet, GCS, Serve's proxy and replicas, expert actors)."""
     root = os.getpid() if root is None else root
-    tree, cpu = _tree_and_cpu(root)
-    return sum(cpu.get(pid, 0.0) for pid in tree if pid != root)
+    tree, rows = _tree_and_rows(root)
+    return sum(rows[pid][2] for pid in tree if pid != root and pid in rows)
 
 
 class CpuWindow:

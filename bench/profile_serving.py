@@ -25,28 +25,9 @@ from pathlib import Path
 
 import torch
 
-from bench.machine import bench_environment, descendants_cpu_seconds, free_port, loadavg
+from bench.machine import bench_environment, commands_below, descendants_cpu_seconds, free_port, loadavg
 
 ROLES = {"replica": "ServeReplica", "proxy": "ProxyActor", "actor": "ExpertActor"}
-
-
-def own_processes(root: int) -> dict[int, str]:
-    """pid → command line of every process below `root`."""
-    parent, cmd = {}, {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                parent[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd[int(pid)] = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-    out, todo = {}, [p for p, pp in parent.items() if pp == root]
-    while todo:
-        pid = todo.pop()
-        out[pid] = cmd.get(pid, "")
-        todo += [p for p, pp in parent.items() if pp == pid]
-    return out
 
 
 def loop_streams(target: str, prompts: list[list[int]], n: int, stop: threading.Event, done: list[int]) -> None:
@@ -146,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
             load = threading.Thread(target=loop_streams, args=(target, prompts, args.new_tokens, stop, done), daemon=True)
             load.start()
             time.sleep(args.warmup)
-            procs = own_processes(os.getpid())
+            procs = commands_below()
             chosen = {role: next((p for p, c in sorted(procs.items()) if mark in c), None) for role, mark in ROLES.items()}
             t0, tok0, cpu0 = time.perf_counter(), done[0], descendants_cpu_seconds()
             spies = {}

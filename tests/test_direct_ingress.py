@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from bench.machine import free_port, process_tree
+from bench.machine import commands_below, free_port
 from raymoe.cluster.client import Client
 from raymoe.protos import generator_pb2 as pb
 
@@ -57,18 +57,11 @@ def _streams_outlive_a_replica_killed_under_them(server_pid: int, replicas: Clie
     deadline = time.monotonic() + 60
     while sum(map(len, got)) < 6 * 20 and time.monotonic() < deadline:  # each has begun, none has ended
         time.sleep(0.01)
-    victim = next(pid for pid in process_tree(server_pid) if b"ServeReplica:raymoe" in _cmdline(pid))
+    victim = next(pid for pid, cmd in commands_below(server_pid).items() if "ServeReplica:raymoe" in cmd)
     os.kill(victim, signal.SIGKILL)
     for run in runs:
         run.join(120)
     assert all(g == want for g in got), [len(g) for g in got]
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
 
 
 def test_a_replicas_own_port_answers_as_the_proxy_does_and_stops_quickly(capsys):
